@@ -1,0 +1,123 @@
+"""Command-line interface: ``s2bnn train | eval | demo | profile | data | report | export``.
+
+This module only parses arguments and dispatches; each command's work lives in the package it
+belongs to and is imported lazily, so ``s2bnn --help`` stays fast. A :class:`UserError` anywhere
+below becomes a one-line message on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from s2bnn import __version__
+from s2bnn.errors import UserError
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# --------------------------------------------------------------------------- train
+def _cmd_train(args: argparse.Namespace) -> int:
+    from s2bnn.config import load_config
+    from s2bnn.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(f"run dir: {run_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from s2bnn.data import dataset_info
+
+    info = dataset_info(args.name, root=args.root)
+    if args.json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:>12}: {value}")
+    return 0
+
+
+# --------------------------------------------------------------------------- profile
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from s2bnn.models import build_model
+    from s2bnn.models.profile import format_profile, profile_model
+
+    kwargs = {"num_classes": args.num_classes, "in_chans": args.in_chans}
+    for item in args.model_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"model argument '{item}' is not of the form key=value")
+        kwargs[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    model = build_model(args.name, **kwargs)
+    prof = profile_model(model, image_size=args.image_size, in_chans=args.in_chans)
+    if args.json:
+        _print_json(prof)
+    else:
+        print(format_profile(args.name, prof))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s2bnn",
+        description="Train small and 1-bit networks without labels by distilling a "
+        "self-supervised teacher (S2-BNN).",
+    )
+    parser.add_argument("--version", action="version", version=f"s2bnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one recipe: s2bnn train CONFIG.yaml [key=value ...]")
+    p.add_argument("config", help="recipe YAML, e.g. configs/fashion_mnist/s2bnn.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=runs/x epochs=5")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = dsub.add_parser("info", help="counts, classes and image shape of a dataset")
+    q.add_argument("name", help="fashion-mnist, synthetic, or an ImageFolder directory")
+    q.add_argument("--root", default=None, help="directory holding the Fashion-MNIST idx files")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_cmd_data_info)
+
+    p = sub.add_parser("profile", help="parameters, FLOPs, BOPs, OPs and size of a model")
+    p.add_argument("name", help="registry name, e.g. reactnet_a")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("model_args", nargs="*", help="extra builder arguments, e.g. width_mult=0.25")
+    p.set_defaults(func=_cmd_profile)
+
+    from s2bnn.eval.cli import add_eval_parsers
+
+    add_eval_parsers(sub)
+
+    from s2bnn.demo_cli import add_demo_parser
+
+    add_demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"s2bnn: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("s2bnn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""Configuration as data: a typed schema, YAML recipes and dotted ``key=value`` overrides.
+
+A recipe is a YAML file whose keys mirror :class:`Config`. Loading merges, in order, the schema's
+defaults, the recipe and the command-line overrides, and checks every key and type against the
+schema before any work starts. Errors name the offending key and what would have been accepted.
+
+The schema is plain dataclasses so the rest of the code reads ``cfg.optim.lr`` with type hints;
+OmegaConf does the merging and the type checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    GrammarParseError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from s2bnn.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "ModelConfig",
+    "TeacherConfig",
+    "MethodConfig",
+    "OptimConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "MISSING",
+]
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation of the training views. ``None`` means "the preset's value for this image size"."""
+
+    preset: str = "s2bnn_lite"  # mocov2 | s2bnn_lite | eval | multicrop
+    num_views: int = 2
+    crop_scale: Optional[list[float]] = None  # RandomResizedCrop scale range
+    color: Optional[bool] = None  # colour jitter/grayscale; None: on for RGB, off for grey images
+    blur: Optional[bool] = None  # Gaussian blur; None: preset default
+    local_crops: int = 0  # multi-crop (DINO): number of small local views
+    local_size: Optional[int] = None
+    local_crop_scale: Optional[list[float]] = None
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are fed."""
+
+    name: str = "fashion-mnist"  # fashion-mnist | synthetic | path to an ImageFolder tree
+    root: Optional[str] = None  # directory with the four Fashion-MNIST idx files
+    limit: Optional[int] = None  # use only the first N training images (smoke runs)
+    image_size: Optional[int] = None  # training/eval resolution; None: the dataset's own
+    num_workers: int = 0
+    skip_corrupt: bool = False  # skip and count unreadable images instead of stopping
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The student backbone, built by ``s2bnn.models.build_model(name, **kwargs)``."""
+
+    name: str = "reactnet_small"
+    binary_act: Optional[bool] = None  # None: the builder's default
+    binary_weight: Optional[bool] = None
+    width_mult: Optional[float] = None
+    stem_stride: Optional[int] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # any other builder argument
+    # Two-step binarization: initialise the backbone from a step-1 run dir or checkpoint.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class TeacherConfig:
+    """The real-valued teacher that S2-BNN and SEED distil from."""
+
+    kind: str = "offline"  # offline (frozen, loaded from `path`) | online (MoCo v2 in the same run)
+    path: Optional[str] = None  # run dir, s2bnn checkpoint, official MoCo v2 .pth.tar, safetensors
+    arch: str = "resnet50"  # registry name of the teacher backbone
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    head: str = "auto"  # auto: from the checkpoint | mlp | linear | none
+    proj_dim: int = 128
+
+
+@dataclass
+class MethodConfig:
+    """The self-supervised method and its loss hyper-parameters."""
+
+    name: str = "s2bnn"  # mocov2 | s2bnn | seed | dino
+    proj_dim: int = 128
+    proj_hidden_dim: Optional[int] = None  # None: the backbone's feature dimension
+    temperature: float = 0.2  # tau of InfoNCE and of S2-BNN's soft cross-entropy
+    # MoCo v2 (also the contrastive term of strategy 2 and the online teacher)
+    queue_size: int = 65536  # clipped to the number of training images
+    momentum: float = 0.999
+    shuffle_bn: str = "auto"  # auto | shuffle | syncbn | none
+    # S2-BNN
+    distill_weight: float = 1.0
+    contrastive_weight: float = 0.0  # > 0: strategy 2 (contrastive + distillation)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # SEED
+    seed_student_temp: float = 0.2
+    seed_teacher_temp: float = 0.07
+    # DINO
+    dino_out_dim: int = 4096
+    dino_student_temp: float = 0.1
+    dino_teacher_temp: float = 0.04
+    dino_warmup_teacher_temp: float = 0.04
+    dino_warmup_teacher_temp_epochs: int = 0
+    dino_center_momentum: float = 0.9
+    ema_momentum: float = 0.996  # start value, raised to 1 with a cosine schedule
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (per step, with warm-up)."""
+
+    name: str = "adam"  # adam | sgd | lars
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "linear"  # linear (decay to 0, S2-BNN's) | cosine | constant
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    exclude_bn_bias: bool = True  # no weight decay on BatchNorm, biases and scales
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class Config:
+    """One training run."""
+
+    output_dir: str = MISSING
+    resume: str = "never"  # never | auto
+    force: bool = False  # allow overwriting a finished run or resuming with a changed config
+    seed: int = 0
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many optimiser steps (dry runs)
+    batch_size: int = 256  # global batch, split across ranks
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPUs that support it) | fp32 | bf16
+    compile: bool = False
+    deterministic: bool = False
+    sync_bn: bool = False
+    log_every: int = 10  # steps between metrics.csv/TensorBoard rows
+    knn_every: int = 0  # epochs between kNN monitors (0: never); reported, never trained on
+    save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (0: only last.pt)
+    nan_policy: str = "stop"  # stop | skip
+    max_bad_steps: int = 10  # with nan_policy=skip, stop after this many skipped steps
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# Values a key may take; checked after merging so the message can list them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "resume": ("never", "auto"),
+    "precision": ("auto", "fp32", "bf16"),
+    "nan_policy": ("stop", "skip"),
+    "data.augment.preset": ("mocov2", "s2bnn_lite", "eval", "multicrop"),
+    "method.name": ("mocov2", "s2bnn", "seed", "dino"),
+    "method.shuffle_bn": ("auto", "shuffle", "syncbn", "none"),
+    "method.teacher.kind": ("offline", "online"),
+    "method.teacher.head": ("auto", "mlp", "linear", "none"),
+    "optim.name": ("adam", "sgd", "lars"),
+    "optim.schedule": ("linear", "cosine", "constant"),
+}
+
+POSITIVE: tuple[str, ...] = ("epochs", "batch_size", "method.proj_dim", "data.augment.num_views")
+
+
+def _schema() -> DictConfig:
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = _schema()
+        try:
+            if parent:
+                node = OmegaConf.select(node, parent)
+            known = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
+        except OmegaConfBaseException:
+            known = ""
+        hint = f" (known keys{' under ' + parent if parent else ''}: {known})" if known else ""
+        return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"bad value for config key '{key}' in {source}: {msg}")
+    if isinstance(err, GrammarParseError):
+        return ConfigError(f"cannot parse config value in {source}: {str(err).splitlines()[0]}")
+    return ConfigError(f"invalid config in {source}: {str(err).splitlines()[0]}")
+
+
+def _check_values(cfg: Config) -> None:
+    flat = config_to_dict(cfg)
+
+    def get(dotted: str) -> Any:
+        node: Any = flat
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    for key, allowed in CHOICES.items():
+        value = get(key)
+        if value not in allowed:
+            raise ConfigError(
+                f"config key '{key}' is '{value}'; allowed values: {', '.join(allowed)}"
+            )
+    for key in POSITIVE:
+        if get(key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get(key)}")
+    if cfg.data.limit is not None and cfg.data.limit <= 0:
+        raise ConfigError(f"config key 'data.limit' must be > 0, got {cfg.data.limit}")
+    for key in ("data.augment.crop_scale", "data.augment.local_crop_scale"):
+        value = get(key)
+        if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1] <= 1):
+            raise ConfigError(f"config key '{key}' must be [low, high] with 0 < low <= high <= 1")
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. epochs=10)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise _explain(err, "the command line") from None
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict against the schema and return a :class:`Config`."""
+    return _merge([(OmegaConf.create(data), source)])
+
+
+def _merge(layers: list[tuple[DictConfig, str]]) -> Config:
+    cfg = _schema()
+    for layer, source in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, source) from None
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or ""
+        if "Missing mandatory value" in str(err):
+            raise ConfigError(
+                f"config key '{key}' must be set (e.g. add {key}=runs/my_run)"
+            ) from None
+        raise _explain(err, "the merged config") from None
+    assert isinstance(obj, Config)
+    _check_values(obj)
+    return obj
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> Config:
+    """Load a recipe, apply ``key=value`` overrides and validate the result.
+
+    ``defaults`` (e.g. an ``output_dir`` chosen by the caller) sit between the schema and the recipe.
+    """
+    layers: list[tuple[DictConfig, str]] = []
+    if defaults:
+        layers.append((OmegaConf.create(defaults), "defaults"))
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (see configs/ for the recipes)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse YAML in {path}: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
+        layers.append((OmegaConf.create(data), str(path)))
+    layers.append((_parse_overrides(list(overrides)), "the command line"))
+    return _merge(layers)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain, YAML-safe dict of the config."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run dir's ``config.yaml``)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

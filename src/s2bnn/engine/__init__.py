@@ -1,0 +1,1 @@
+"""s2bnn.engine"""

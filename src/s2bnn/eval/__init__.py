@@ -1,0 +1,1 @@
+"""Evaluation of frozen backbones: features, linear probe, kNN, fine-tuning."""
