@@ -23,9 +23,10 @@ def _print_json(obj: object) -> None:
 # --------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
     from s2bnn.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validate before importing the heavy parts
     from s2bnn.engine import train
 
-    cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg)
     print(f"run dir: {run_dir}")
     return 0
