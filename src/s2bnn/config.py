@@ -45,7 +45,7 @@ __all__ = [
 
 @dataclass
 class AugmentConfig:
-    """Augmentation of the training views. ``None`` means "the preset's value for this image size"."""
+    """Augmentation of the training views; ``None`` means "the preset's value for this size"."""
 
     preset: str = "s2bnn_lite"  # mocov2 | s2bnn_lite | eval | multicrop
     num_views: int = 2
@@ -91,9 +91,11 @@ class TeacherConfig:
     kind: str = "offline"  # offline (frozen, loaded from `path`) | online (MoCo v2 in the same run)
     path: Optional[str] = None  # run dir, s2bnn checkpoint, official MoCo v2 .pth.tar, safetensors
     arch: str = "resnet50"  # registry name of the teacher backbone
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    head: str = "auto"  # auto: from the checkpoint | mlp | linear | none
-    proj_dim: int = 128
+    kwargs: dict[str, Any] = field(default_factory=dict)  # build_model kwargs of the teacher
+    # Offline: the projection head in the checkpoint. auto: whatever the checkpoint holds (none if
+    # it holds no head); mlp / linear: require that head; none: use pooled backbone features.
+    # Its output dimension must equal method.proj_dim (the online teacher's head outputs that).
+    head: str = "auto"
 
 
 @dataclass
@@ -107,7 +109,11 @@ class MethodConfig:
     # MoCo v2 (also the contrastive term of strategy 2 and the online teacher)
     queue_size: int = 65536  # clipped to the number of training images
     momentum: float = 0.999
+    # Against MoCo's BatchNorm shortcut. shuffle (= auto): keys are encoded in a shuffled order,
+    # across ranks under DDP, else in shuffle_bn_groups groups of one device's batch (queries in
+    # groups too); syncbn: no shuffle (set sync_bn=true); none: no shuffle.
     shuffle_bn: str = "auto"  # auto | shuffle | syncbn | none
+    shuffle_bn_groups: int = 2
     # S2-BNN
     distill_weight: float = 1.0
     contrastive_weight: float = 0.0  # > 0: strategy 2 (contrastive + distillation)
@@ -120,7 +126,7 @@ class MethodConfig:
     dino_student_temp: float = 0.1
     dino_teacher_temp: float = 0.04
     dino_warmup_teacher_temp: float = 0.04
-    dino_warmup_teacher_temp_epochs: int = 0
+    dino_warmup_teacher_temp_frac: float = 0.0  # fraction of the run's steps to warm up over
     dino_center_momentum: float = 0.9
     ema_momentum: float = 0.996  # start value, raised to 1 with a cosine schedule
 
@@ -138,7 +144,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     exclude_bn_bias: bool = True  # no weight decay on BatchNorm, biases and scales
-    grad_clip: Optional[float] = None
+    exclude_binary: bool = True  # no weight decay on the latent weights of binary layers
+    grad_clip: Optional[float] = None  # max global gradient norm (None: no clipping)
+    lars_eta: float = 0.001  # LARS trust coefficient
 
 
 @dataclass
@@ -159,6 +167,9 @@ class Config:
     sync_bn: bool = False
     log_every: int = 10  # steps between metrics.csv/TensorBoard rows
     knn_every: int = 0  # epochs between kNN monitors (0: never); reported, never trained on
+    knn_train_size: int = 5000  # labelled training images in the kNN monitor's memory bank
+    knn_test_size: int = 1000  # test images the kNN monitor classifies
+    knn_k: int = 20
     save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (0: only last.pt)
     nan_policy: str = "stop"  # stop | skip
     max_bad_steps: int = 10  # with nan_policy=skip, stop after this many skipped steps
@@ -183,7 +194,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("linear", "cosine", "constant"),
 }
 
-POSITIVE: tuple[str, ...] = ("epochs", "batch_size", "method.proj_dim", "data.augment.num_views")
+POSITIVE: tuple[str, ...] = (
+    "epochs", "batch_size", "method.proj_dim", "data.augment.num_views",
+    "method.queue_size", "method.shuffle_bn_groups", "method.temperature", "method.dino_out_dim",
+)
 
 
 def _schema() -> DictConfig:
@@ -282,7 +296,7 @@ def load_config(
 ) -> Config:
     """Load a recipe, apply ``key=value`` overrides and validate the result.
 
-    ``defaults`` (e.g. an ``output_dir`` chosen by the caller) sit between the schema and the recipe.
+    ``defaults`` (e.g. an ``output_dir`` chosen by the caller) sit between schema and recipe.
     """
     layers: list[tuple[DictConfig, str]] = []
     if defaults:
@@ -296,7 +310,9 @@ def load_config(
         except yaml.YAMLError as err:
             raise ConfigError(f"cannot parse YAML in {path}: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
+            raise ConfigError(
+                f"{path} must hold a mapping of config keys, not {type(data).__name__}"
+            )
         layers.append((OmegaConf.create(data), str(path)))
     layers.append((_parse_overrides(list(overrides)), "the command line"))
     return _merge(layers)

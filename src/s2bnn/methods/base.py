@@ -1,0 +1,137 @@
+"""The shared base of every self-supervised method, and the small parts methods share.
+
+A method is an ``nn.Module`` that owns the student ``backbone`` (the network evaluated after
+training), its projection head and whatever else its loss needs (a frozen teacher, a momentum
+key encoder, a queue, an EMA teacher, a centre). The engine drives it with three calls::
+
+    loss, logs = method(views)            # one training step's loss and detached scalar logs
+    loss.backward(); optimizer.step()
+    method.on_train_step_end(step, total_steps)   # momentum/EMA updates, queue bookkeeping
+
+Everything a resume needs is a parameter or a buffer, so ``state_dict()`` is the whole state.
+Modules that no optimiser may touch have ``requires_grad=False``; those listed by
+``ddp_ignored_names()`` (frozen teacher, momentum copies, queues) are left alone by DDP, which
+would otherwise broadcast them every step. The student's projection head is always the submodule
+``head`` (state-dict prefix ``head.``, :data:`s2bnn.teachers.PROJECTION_HEAD_PREFIX`), so a run of
+any method can later serve as a teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from s2bnn.distributed import all_gather_nograd
+from s2bnn.errors import ConfigError
+
+__all__ = [
+    "Method",
+    "mlp_head",
+    "queue_length",
+    "KeyQueue",
+    "frozen_copy",
+    "check_views",
+]
+
+QUEUE_MULTIPLE = 256  # queue lengths are rounded down to a multiple of this (a typical batch)
+
+
+class Method(nn.Module):
+    """Base class: a student ``backbone`` plus the parts one method's loss needs."""
+
+    name: str = "method"
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # Submodules kept in eval mode whatever method.train() is asked (the offline teacher).
+        self._always_eval: list[str] = []
+        # Submodule/buffer names (prefixes) whose parameters and buffers DDP must not touch.
+        self._ddp_ignored: list[str] = []
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training step on a list of augmented views: ``(loss, detached scalar logs)``."""
+        raise NotImplementedError
+
+    def on_train_step_end(self, step: int, total_steps: int) -> None:
+        """Called after ``optimizer.step()``: momentum/EMA updates and queue bookkeeping."""
+
+    def ddp_ignored_names(self) -> list[str]:
+        """Fully qualified names of the parameters and buffers DDP must leave alone."""
+        names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
+        return [n for n in names
+                if any(n == p or n.startswith(p + ".") for p in self._ddp_ignored)]
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for name in self._always_eval:
+            getattr(self, name).eval()
+        return self
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """MoCo v2's projection head: Linear(in, hidden), ReLU, Linear(hidden, out).
+
+    The layer indices (0 and 2) match the official MoCo v2 ``fc.0``/``fc.2`` keys.
+    """
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
+
+
+def queue_length(requested: int, num_train: int, multiple: int = QUEUE_MULTIPLE) -> int:
+    """The queue length actually used: at most the number of training images.
+
+    A queue longer than the dataset would hold several stale keys of the same image as
+    negatives. The result is rounded down to a multiple of ``multiple`` when it exceeds it,
+    so that usual batch sizes tile it (the enqueue wraps around in any case).
+    """
+    n = max(1, min(int(requested), int(num_train)))
+    return n - n % multiple if n >= multiple else n
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with every parameter's ``requires_grad`` off (momentum/EMA encoders)."""
+    clone = copy.deepcopy(module)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+def check_views(views: list[torch.Tensor], method: str, need: int) -> None:
+    """Raise a one-line :class:`ConfigError` when fewer than ``need`` views arrive."""
+    if not isinstance(views, (list, tuple)) or len(views) < need:
+        got = len(views) if isinstance(views, (list, tuple)) else "a bare tensor, not a list of"
+        raise ConfigError(
+            f"method '{method}' needs {need} augmented views per image, got {got}; "
+            f"set data.augment.num_views={need}"
+        )
+
+
+class KeyQueue(nn.Module):
+    """A FIFO of ``length`` unit vectors (``keys``: length x dim), filled from every rank.
+
+    Starts with random unit vectors drawn from a fixed-seed generator, so every rank starts
+    with the same queue without communication and the global RNG stream is not consumed.
+    """
+
+    def __init__(self, length: int, dim: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        keys = nn.functional.normalize(torch.randn(length, dim, generator=gen), dim=1)
+        self.register_buffer("keys", keys)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, batch: torch.Tensor) -> None:
+        """Append this step's keys from all ranks (rank order), overwriting the oldest."""
+        batch = all_gather_nograd(batch.detach().contiguous()).to(self.keys.dtype)
+        length = self.keys.shape[0]
+        if batch.shape[0] > length:
+            batch = batch[-length:]
+        # Index arithmetic on the device: no host sync to read the pointer.
+        idx = (torch.arange(batch.shape[0], device=batch.device) + self.ptr) % length
+        self.keys.index_copy_(0, idx, batch)
+        self.ptr.copy_((self.ptr + batch.shape[0]) % length)

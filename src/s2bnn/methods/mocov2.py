@@ -1,0 +1,177 @@
+"""MoCo v2 (strategy 1 of S2-BNN), and the momentum-contrast part other methods reuse.
+
+Query ``q = normalize(head(backbone(view 0)))``; key ``k`` from a momentum copy of backbone and
+head on view 1 (no gradient); loss = InfoNCE of ``q`` against ``k`` and a queue of past keys
+(:func:`s2bnn.losses.info_nce`, T 0.2). After each optimiser step the key encoder moves towards
+the query encoder (``theta_k <- m theta_k + (1 - m) theta_q``, m 0.999) and the keys are queued.
+
+BatchNorm shortcut ("shuffle BN"). Keys are encoded in train mode, with batch statistics; if a
+query and its key were normalised with statistics of the same sub-batch, the network could find
+its positive from those statistics alone instead of from the image. MoCo encodes keys in an order
+shuffled across GPUs, so a key's statistics come from other images than its query's. Here:
+
+* under DDP: the key views of all ranks are gathered, permuted (the same permutation on every rank,
+  from a generator seeded by the step counter, so no broadcast is needed), each rank encodes its
+  slice, and the keys are gathered back and un-permuted -- MoCo's per-rank shuffle;
+* on one device: the batch is treated as ``shuffle_bn_groups`` virtual devices. Queries are
+  encoded in that many contiguous groups (each with its own BN statistics) and keys in as many
+  groups of a shuffled order, which is exactly what G ranks would compute ("split BN"). It costs G
+  smaller forward passes instead of one; with ``shuffle_bn=syncbn`` or ``none`` nothing is done.
+
+The key encoder follows the method's train/eval mode (batch statistics in training, as in MoCo);
+it is (re)copied from the query encoder at the first training forward, after DDP has broadcast
+the student, so ranks start equal even if they were initialised differently.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s2bnn.distributed import all_gather_nograd, is_distributed, rank, world_size
+from s2bnn.losses import info_nce
+from s2bnn.methods.base import KeyQueue, Method, check_views, frozen_copy, mlp_head
+
+__all__ = ["MomentumContrast", "MoCoV2"]
+
+
+class MomentumContrast(nn.Module):
+    """Momentum key encoder + key queue + shuffle-BN for a query encoder (backbone, head).
+
+    The query encoder is not registered here (it belongs to the method); it is passed to the
+    calls that need it.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        *,
+        queue_len: int,
+        dim: int,
+        temperature: float,
+        momentum: float,
+        shuffle: bool,
+        groups: int,
+    ) -> None:
+        super().__init__()
+        self.key_backbone = frozen_copy(backbone)
+        self.key_head = frozen_copy(head)
+        self.queue = KeyQueue(queue_len, dim)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # seeds the shuffle
+        self.temperature = temperature
+        self.momentum = momentum
+        self.shuffle = shuffle
+        self.groups = groups
+        self._pending: torch.Tensor | None = None
+        self._synced = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._synced = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _local_groups(self, n: int) -> int:
+        if not self.shuffle or is_distributed() or self.groups <= 1:
+            return 1
+        return self.groups if n >= 2 * self.groups else 1  # BN needs >1 sample per group
+
+    @torch.no_grad()
+    def _sync_from(self, backbone: nn.Module, head: nn.Module) -> None:
+        if self._synced:
+            return
+        if not bool(self.initialized):
+            for src, dst in ((backbone, self.key_backbone), (head, self.key_head)):
+                dst.load_state_dict(src.state_dict())
+            self.initialized.fill_(True)
+        self._synced = True
+
+    def query(self, backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Normalised query embeddings, in BN groups on a single device (see module doc)."""
+        g = self._local_groups(x.shape[0])
+        if g == 1:
+            return F.normalize(head(backbone(x)), dim=1)
+        return torch.cat([F.normalize(head(backbone(c)), dim=1) for c in x.chunk(g)])
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.key_head(self.key_backbone(x)), dim=1)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor, backbone: nn.Module, head: nn.Module) -> torch.Tensor:
+        """Normalised keys of ``x`` from the momentum encoder, with shuffle-BN."""
+        if self.training:
+            self._sync_from(backbone, head)
+        gen = torch.Generator().manual_seed(1_000_003 + int(self.step))
+        if self.shuffle and is_distributed():
+            x_all = all_gather_nograd(x)
+            perm = torch.randperm(x_all.shape[0], generator=gen).to(x.device)
+            k_local = self._encode(x_all[perm].chunk(world_size())[rank()])
+            k_gathered = all_gather_nograd(k_local)
+            k_all = torch.empty_like(k_gathered)
+            k_all[perm] = k_gathered
+            return k_all.chunk(world_size())[rank()]
+        g = self._local_groups(x.shape[0])
+        if g == 1:
+            return self._encode(x)
+        perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        k_shuffled = torch.cat([self._encode(c) for c in x[perm].chunk(g)])
+        k = torch.empty_like(k_shuffled)
+        k[perm] = k_shuffled
+        return k
+
+    def loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of ``q`` against ``k`` and the queue; ``k`` is queued at the step's end."""
+        self._pending = k.detach()
+        return info_nce(q, k, self.queue.keys, self.temperature)
+
+    @torch.no_grad()
+    def step_end(self, backbone: nn.Module, head: nn.Module) -> None:
+        """Momentum update of the key encoder, then enqueue this step's keys."""
+        for src, dst in ((backbone, self.key_backbone), (head, self.key_head)):
+            k_params = list(dst.parameters())
+            q_params = [p.detach() for p in src.parameters()]
+            torch._foreach_lerp_(k_params, q_params, 1.0 - self.momentum)
+        if self._pending is not None:
+            self.queue.push(self._pending)
+            self._pending = None
+        self.step.add_(1)
+
+
+class MoCoV2(Method):
+    """MoCo v2: backbone + MLP head (feat -> hidden -> dim), momentum key encoder and queue."""
+
+    name = "mocov2"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        temperature: float = 0.2,
+        queue_len: int = 65536,
+        momentum: float = 0.999,
+        shuffle: bool = True,
+        groups: int = 2,
+    ) -> None:
+        super().__init__(backbone)
+        feat = int(backbone.feature_dim)
+        self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
+        self.moco = MomentumContrast(
+            backbone, self.head, queue_len=queue_len, dim=proj_dim, temperature=temperature,
+            momentum=momentum, shuffle=shuffle, groups=groups,
+        )
+        self._ddp_ignored = ["moco"]
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        check_views(views, self.name, 2)
+        q = self.moco.query(self.backbone, self.head, views[0])
+        k = self.moco.keys(views[1], self.backbone, self.head)
+        loss = self.moco.loss(q, k)
+        logs = {"loss_contrastive": loss.detach(),
+                "cosine": (q.detach().float() * k.float()).sum(1).mean()}
+        return loss, logs
+
+    def on_train_step_end(self, step: int, total_steps: int) -> None:
+        self.moco.step_end(self.backbone, self.head)

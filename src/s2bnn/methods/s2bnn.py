@@ -1,0 +1,133 @@
+"""S2-BNN (Shen et al., CVPR 2021): distil a real-valued self-supervised teacher into a student.
+
+For every view ``x`` of an image (the teacher sees the *same* augmented view as the student)::
+
+    s = normalize(head(backbone(x)))          # student: backbone + MLP head (feat -> feat -> D)
+    t = teacher(x)                             # frozen, eval mode, no autograd; unit vectors
+    L_distill = soft_cross_entropy(s, t, tau)  # -mean_n sum_c softmax(t/tau) log softmax(s/tau)
+
+    loss = distill_weight * mean_over_views(L_distill)                        # strategy 3
+         + contrastive_weight * info_nce(s_view0, key(view1), queue, tau)     # strategy 2, > 0
+
+With two views the distillation term is applied to both and averaged (each image then gives two
+student-teacher pairs per step; the loss keeps the scale of one view). The contrastive term,
+built only when ``contrastive_weight > 0``, is MoCo v2's (:mod:`.mocov2`) on the same student
+head; it needs two views.
+
+Teachers. ``offline`` (the paper): a :class:`s2bnn.teachers.Teacher` loaded from a checkpoint,
+frozen and never wrapped by DDP. ``online`` (the other scheme the paper discusses): a real-valued
+``teacher_backbone`` + ``teacher_head`` trained by MoCo v2 in the same run (its loss is added
+with weight 1, its optimiser is the student's), while the student distils from its detached
+query embeddings of the same views.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s2bnn.losses import soft_cross_entropy
+from s2bnn.methods.base import Method, check_views, mlp_head
+from s2bnn.methods.mocov2 import MomentumContrast
+
+__all__ = ["S2BNN"]
+
+
+class S2BNN(Method):
+    """Strategy 3 (distillation) and, with ``contrastive_weight > 0``, strategy 2."""
+
+    name = "s2bnn"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        teacher: nn.Module | None = None,
+        online_teacher: tuple[nn.Module, nn.Module] | None = None,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        temperature: float = 0.2,
+        distill_weight: float = 1.0,
+        contrastive_weight: float = 0.0,
+        queue_len: int = 65536,
+        momentum: float = 0.999,
+        shuffle: bool = True,
+        groups: int = 2,
+    ) -> None:
+        super().__init__(backbone)
+        if (teacher is None) == (online_teacher is None):
+            raise ValueError("S2BNN needs exactly one of teacher (offline) and online_teacher")
+        feat = int(backbone.feature_dim)
+        self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
+        self.temperature = temperature
+        self.distill_weight = distill_weight
+        self.contrastive_weight = contrastive_weight
+        moco_kw = dict(queue_len=queue_len, dim=proj_dim, temperature=temperature,
+                       momentum=momentum, shuffle=shuffle, groups=groups)
+        self.moco: MomentumContrast | None = None
+        if contrastive_weight > 0:
+            self.moco = MomentumContrast(backbone, self.head, **moco_kw)
+            self._ddp_ignored.append("moco")
+        self.teacher: nn.Module | None = teacher
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher.eval()
+            self._always_eval.append("teacher")
+            self._ddp_ignored.append("teacher")
+        self.teacher_moco: MomentumContrast | None = None
+        if online_teacher is not None:
+            self.teacher_backbone, self.teacher_head = online_teacher
+            self.teacher_moco = MomentumContrast(
+                self.teacher_backbone, self.teacher_head, **moco_kw)
+            self._ddp_ignored.append("teacher_moco")
+
+    def _student(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moco is not None:
+            return self.moco.query(self.backbone, self.head, x)
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    def _offline_targets(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        assert self.teacher is not None
+        with torch.no_grad():
+            if all(v.shape == views[0].shape for v in views):
+                return list(self.teacher(torch.cat(views)).chunk(len(views)))
+            return [self.teacher(v) for v in views]
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        check_views(views, self.name, 2 if self.moco or self.teacher_moco else 1)
+        logs: dict[str, torch.Tensor] = {}
+        loss_teacher = None
+        if self.teacher_moco is not None:
+            tm = self.teacher_moco
+            tq = [tm.query(self.teacher_backbone, self.teacher_head, v) for v in views]
+            tk = tm.keys(views[1], self.teacher_backbone, self.teacher_head)
+            loss_teacher = tm.loss(tq[0], tk)
+            targets = [t.detach() for t in tq]
+            logs["loss_teacher"] = loss_teacher.detach()
+        else:
+            targets = self._offline_targets(views)
+        students = [self._student(v) for v in views]
+        loss_distill = torch.stack([
+            soft_cross_entropy(s, t, self.temperature) for s, t in zip(students, targets)
+        ]).mean()
+        loss = self.distill_weight * loss_distill
+        logs["loss_distill"] = loss_distill.detach()
+        if self.moco is not None:
+            k = self.moco.keys(views[1], self.backbone, self.head)
+            loss_contrastive = self.moco.loss(students[0], k)
+            loss = loss + self.contrastive_weight * loss_contrastive
+            logs["loss_contrastive"] = loss_contrastive.detach()
+        if loss_teacher is not None:
+            loss = loss + loss_teacher
+        logs["cosine"] = torch.stack([
+            (s.detach().float() * t.float()).sum(1).mean() for s, t in zip(students, targets)
+        ]).mean()
+        return loss, logs
+
+    def on_train_step_end(self, step: int, total_steps: int) -> None:
+        if self.moco is not None:
+            self.moco.step_end(self.backbone, self.head)
+        if self.teacher_moco is not None:
+            self.teacher_moco.step_end(self.teacher_backbone, self.teacher_head)

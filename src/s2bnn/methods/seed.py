@@ -1,0 +1,74 @@
+"""SEED (Fang et al., ICLR 2021): self-supervised distillation through similarity distributions.
+
+The frozen teacher embeds each view; a queue holds past teacher embeddings. Student and teacher
+each turn their similarities to (the teacher's own embedding, then the queue) into a softmax with
+their own temperature, and the student matches the teacher's distribution
+(:func:`s2bnn.losses.seed_loss`). With several views the loss is averaged over views, as in
+:mod:`.s2bnn`; the teacher embeddings of the first view are queued after each step (gathered
+from all ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s2bnn.losses import seed_loss
+from s2bnn.methods.base import KeyQueue, Method, check_views, mlp_head
+
+__all__ = ["SEED"]
+
+
+class SEED(Method):
+    """Student backbone + MLP head distilled from a frozen teacher through a queue."""
+
+    name = "seed"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        teacher: nn.Module,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        queue_len: int = 65536,
+        student_temp: float = 0.2,
+        teacher_temp: float = 0.07,
+    ) -> None:
+        super().__init__(backbone)
+        feat = int(backbone.feature_dim)
+        self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
+        self.teacher = teacher
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        self.queue = KeyQueue(queue_len, proj_dim)
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self._always_eval = ["teacher"]
+        self._ddp_ignored = ["teacher", "queue"]
+        self._pending: torch.Tensor | None = None
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        check_views(views, self.name, 1)
+        with torch.no_grad():
+            if all(v.shape == views[0].shape for v in views):
+                targets = list(self.teacher(torch.cat(views)).chunk(len(views)))
+            else:
+                targets = [self.teacher(v) for v in views]
+        students = [F.normalize(self.head(self.backbone(v)), dim=1) for v in views]
+        loss = torch.stack([
+            seed_loss(s, t, self.queue.keys, self.student_temp, self.teacher_temp)
+            for s, t in zip(students, targets)
+        ]).mean()
+        self._pending = targets[0].detach()
+        cosine = torch.stack([
+            (s.detach().float() * t.float()).sum(1).mean() for s, t in zip(students, targets)
+        ]).mean()
+        return loss, {"loss_seed": loss.detach(), "cosine": cosine}
+
+    def on_train_step_end(self, step: int, total_steps: int) -> None:
+        if self._pending is not None:
+            self.queue.push(self._pending)
+            self._pending = None

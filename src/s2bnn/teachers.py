@@ -1,0 +1,312 @@
+"""Frozen real-valued teachers: images -> L2-normalised embeddings.
+
+:func:`load_teacher` reads (through :func:`s2bnn.checkpoint.load_checkpoint`, weights-only, never
+running pickled code) any of:
+
+(a) an official MoCo v2 checkpoint (``moco_v2_800ep_pretrain.pth.tar``): a dict with ``epoch``,
+    ``arch``, ``state_dict``, ``optimizer``; the query encoder ``module.encoder_q.*`` is kept (its
+    ``fc.0``/``fc.2`` MLP is the projection head), ``module.encoder_k.*``, ``module.queue`` and
+    ``module.queue_ptr`` are dropped on purpose, anything else is an error;
+(b) a torchvision-style state dict (optionally under ``state_dict``/``model``, optionally with a
+    ``module.`` prefix): backbone keys go to the backbone, the one remaining top-level group
+    (``fc.*`` for ResNets) is the head;
+(c) this project's training checkpoints (or a run dir, which means ``checkpoints/last.pt``):
+    ``ckpt["backbone"]`` rebuilds the backbone and the keys of ``ckpt["method"]`` under
+    :data:`PROJECTION_HEAD_PREFIX` (``head.``) are the head, which is where every method in
+    :mod:`s2bnn.methods` keeps the student's (query encoder's) projection head;
+(d) safetensors files holding a state dict as in (b) (metadata ``arch`` is checked if present).
+
+The head is rebuilt from the checkpoint's tensors: ``Linear`` layers (and ``BatchNorm1d``) at the
+indices of an ``nn.Sequential``, with a ReLU in every gap (MoCo v2: Linear, ReLU, Linear).
+Missing, unexpected or mis-shaped keys stop the load with a :class:`CheckpointError` that lists
+a few of them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s2bnn.checkpoint import load_checkpoint
+from s2bnn.errors import CheckpointError, ConfigError
+from s2bnn.models import build_model
+
+__all__ = ["PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "Teacher", "load_teacher", "input_channels"]
+
+# Key prefix of the student's projection head in every method's state_dict (see module docstring).
+PROJECTION_HEAD_PREFIX = "head."
+HEAD_CHOICES = ("auto", "mlp", "linear", "none")
+
+_MOCO_Q = "module.encoder_q."
+_MOCO_K = "module.encoder_k."
+_MOCO_IGNORED_EXACT = ("module.queue", "module.queue_ptr")
+_SHOW = 4  # keys listed in an error message
+
+
+def input_channels(module: nn.Module) -> int | None:
+    """Input channels of the first convolution (``None`` if the module has none)."""
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+            return int(weight.shape[1]) * int(getattr(m, "groups", 1))
+    return None
+
+
+class Teacher(nn.Module):
+    """A frozen ``backbone`` + projection ``head``; ``forward`` returns unit-length embeddings.
+
+    Always in eval mode (``train()`` keeps it there), no parameter requires grad, and the forward
+    pass runs under ``torch.no_grad``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, arch: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.arch = arch
+        self.in_chans = input_channels(backbone)
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        self.embed_dim = linears[-1].out_features if linears else int(backbone.feature_dim)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - frozen: always eval
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+def _few(keys: Any) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def _tensors(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _check_arch(found: Any, arch: str, path: Path) -> None:
+    if isinstance(found, str) and found and found != arch:
+        raise CheckpointError(
+            f"{path} holds a '{found}' teacher, not '{arch}'; set method.teacher.arch={found} "
+            f"or pass a checkpoint of a {arch}"
+        )
+
+
+def _split_checkpoint(
+    ckpt: dict[str, Any], arch: str, path: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """-> (backbone-ish flat state dict, head state dict if known, build kwargs)."""
+    # (c) this project's training checkpoint
+    if isinstance(ckpt.get("backbone"), dict) and "state_dict" in ckpt["backbone"]:
+        bb = ckpt["backbone"]
+        _check_arch(bb.get("name"), arch, path)
+        method_sd = ckpt.get("method") or {}
+        head = {k[len(PROJECTION_HEAD_PREFIX):]: v for k, v in method_sd.items()
+                if k.startswith(PROJECTION_HEAD_PREFIX)}
+        return dict(bb["state_dict"]), head, dict(bb.get("kwargs") or {})
+    # (d) safetensors: {"state_dict": tensors, "metadata": {...}}
+    if "metadata" in ckpt and _tensors(ckpt.get("state_dict")):
+        meta = ckpt["metadata"] or {}
+        _check_arch(meta.get("arch", meta.get("name")), arch, path)
+        flat = dict(ckpt["state_dict"])
+    elif _tensors(ckpt.get("state_dict")):
+        _check_arch(ckpt.get("arch"), arch, path)
+        flat = dict(ckpt["state_dict"])
+    elif _tensors(ckpt.get("model")):
+        flat = dict(ckpt["model"])
+    elif _tensors(ckpt):
+        flat = dict(ckpt)
+    else:
+        raise CheckpointError(
+            f"{path} is not a teacher checkpoint: expected an s2bnn checkpoint, an official "
+            "MoCo v2 checkpoint, a state dict or a safetensors file"
+        )
+    # (a) official MoCo v2 layout: keep the query encoder, drop key encoder and queue explicitly.
+    if any(k.startswith(_MOCO_Q) for k in flat):
+        kept: dict[str, torch.Tensor] = {}
+        stray: list[str] = []
+        for k, v in flat.items():
+            if k.startswith(_MOCO_Q):
+                kept[k[len(_MOCO_Q):]] = v
+            elif k.startswith(_MOCO_K) or k in _MOCO_IGNORED_EXACT:
+                continue
+            else:
+                stray.append(k)
+        if stray:
+            raise CheckpointError(f"{path}: unexpected keys in a MoCo v2 checkpoint: {_few(stray)}")
+        return kept, None, {}
+    # (b) plain state dict, possibly saved from a DDP-wrapped model
+    if all(k.startswith("module.") for k in flat):
+        flat = {k[len("module."):]: v for k, v in flat.items()}
+    return flat, None, {}
+
+
+def _best_prefixes(ckpt_keys: set[str], model_keys: set[str]) -> tuple[str, str]:
+    """(strip, add) such that ``add + key[len(strip):]`` maps most checkpoint keys onto the model.
+
+    Lets a torchvision state dict load into a registry model that wraps the torchvision net under
+    a prefix (or the reverse), without knowing the wrapper.
+    """
+    votes: Counter[tuple[str, str]] = Counter()
+    for keys_a, keys_b, as_add in ((model_keys, ckpt_keys, True), (ckpt_keys, model_keys, False)):
+        for key in keys_a:
+            parts = key.split(".")
+            for i in range(1, len(parts)):
+                if ".".join(parts[i:]) in keys_b:
+                    prefix = ".".join(parts[:i]) + "."
+                    votes[("", prefix) if as_add else (prefix, "")] += 1
+    best = ("", "")
+    best_n = len(ckpt_keys & model_keys)
+    for (strip, add), _ in votes.most_common(4):
+        n = sum(1 for k in ckpt_keys if k.startswith(strip) and add + k[len(strip):] in model_keys)
+        if n > best_n:
+            best, best_n = (strip, add), n
+    return best
+
+
+def _load_backbone(
+    backbone: nn.Module, flat: dict[str, torch.Tensor], head_known: bool, path: Path, arch: str
+) -> dict[str, torch.Tensor]:
+    """Strictly load the backbone part of ``flat``; return the leftover head keys."""
+    model_sd = backbone.state_dict()
+    model_keys = set(model_sd)
+    strip, add = _best_prefixes(set(flat), model_keys)
+    model_tops = {k[len(add):].split(".")[0] for k in model_keys if k.startswith(add)}
+    mapped: dict[str, torch.Tensor] = {}
+    leftover: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for k, v in flat.items():
+        name = add + k[len(strip):] if k.startswith(strip) else None
+        if name is not None and name in model_keys:
+            mapped[name] = v
+        elif (not head_known and name is not None
+              and name[len(add):].split(".")[0] not in model_tops):
+            leftover[k[len(strip):]] = v
+        else:
+            unexpected.append(k)
+    # Only one top-level group (fc / head / classifier) can be the head; others are strays.
+    groups = Counter(k.split(".")[0] for k in leftover)
+    if len(groups) > 1:
+        head_group = groups.most_common(1)[0][0]
+        unexpected += [strip + k for k in leftover if k.split(".")[0] != head_group]
+        leftover = {k: v for k, v in leftover.items() if k.split(".")[0] == head_group}
+    missing = model_keys - set(mapped)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_few(unexpected)}")
+        raise CheckpointError(
+            f"{path} does not fit a '{arch}' backbone ({'; '.join(parts)}); is it a checkpoint of "
+            "another architecture or of other model kwargs (method.teacher.kwargs)?"
+        )
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(model_sd[k].shape)}" for k, v in mapped.items()
+           if tuple(v.shape) != tuple(model_sd[k].shape)]
+    if bad:
+        raise CheckpointError(
+            f"{path} does not fit a '{arch}' backbone: shape mismatch (checkpoint vs model) for "
+            f"{_few(bad)}; another architecture, width or in_chans?"
+        )
+    backbone.load_state_dict(mapped, strict=True)
+    if not leftover:
+        return {}
+    head_group = next(iter(leftover)).split(".")[0]
+    n = len(head_group) + 1
+    return {k[n:] if k.startswith(head_group + ".") else "": v for k, v in leftover.items()}
+
+
+def _build_head(sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Rebuild a Linear / Sequential(Linear, ReLU, [BatchNorm1d], Linear, ...) head from tensors."""
+    if "" in sd:
+        raise CheckpointError(f"{path}: the projection head holds a bare tensor; cannot rebuild it")
+    if "weight" in sd and sd["weight"].dim() == 2:
+        extra = set(sd) - {"weight", "bias"}
+        if extra:
+            raise CheckpointError(f"{path}: unexpected keys in the projection head: {_few(extra)}")
+        w = sd["weight"]
+        head: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias="bias" in sd)
+        head.load_state_dict(sd)
+        return head
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        idx, _, rest = k.partition(".")
+        if not idx.isdigit() or not rest:
+            raise CheckpointError(f"{path}: cannot rebuild the projection head from key '{k}'")
+        by_index.setdefault(int(idx), {})[rest] = v
+    layers: list[nn.Module] = []
+    for i in range(max(by_index) + 1):
+        p = by_index.get(i)
+        if p is None:
+            layers.append(nn.ReLU(inplace=True))
+        elif "weight" in p and p["weight"].dim() == 2:
+            layers.append(nn.Linear(p["weight"].shape[1], p["weight"].shape[0], bias="bias" in p))
+        elif "running_mean" in p:
+            layers.append(nn.BatchNorm1d(p["running_mean"].shape[0], affine="weight" in p))
+        else:
+            raise CheckpointError(
+                f"{path}: cannot rebuild layer {i} of the projection head (keys {_few(p)})"
+            )
+    seq = nn.Sequential(*layers)
+    try:
+        seq.load_state_dict({f"{i}.{k}": v for i, p in by_index.items() for k, v in p.items()})
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: projection head does not load: "
+                              f"{str(err).splitlines()[0][:200]}") from None
+    return seq
+
+
+def load_teacher(
+    path: str | Path, arch: str, *, head: str = "auto", **model_kwargs: Any
+) -> Teacher:
+    """Load a frozen teacher mapping images to L2-normalised embeddings.
+
+    ``arch`` is a registry name (``s2bnn.models.build_model``); ``model_kwargs`` go to the builder
+    (on top of the kwargs an s2bnn checkpoint records; ``num_classes`` is always 0). ``head``:
+    ``auto`` takes the checkpoint's projection head if it has one (else pooled features),
+    ``mlp``/``linear`` require that kind of head in the checkpoint, ``none`` ignores any head.
+    Raises :class:`CheckpointError` for a missing file, another architecture, or missing,
+    unexpected or mis-shaped keys.
+    """
+    if head not in HEAD_CHOICES:
+        raise ConfigError(f"teacher head '{head}' unknown; allowed: {', '.join(HEAD_CHOICES)}")
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    flat, head_sd, kwargs = _split_checkpoint(ckpt, arch, path)
+    kwargs = {**kwargs, **model_kwargs, "num_classes": 0}
+    backbone = build_model(arch, **kwargs)
+    leftover = _load_backbone(backbone, flat, head_sd is not None, path, arch)
+    if head_sd is None:
+        head_sd = leftover
+    if head == "none" or not head_sd:
+        if head in ("mlp", "linear"):
+            raise CheckpointError(
+                f"{path} holds no projection head but method.teacher.head={head}; use head=auto or "
+                "head=none to distil from the pooled backbone features"
+            )
+        return Teacher(backbone, nn.Identity(), arch)
+    head_module = _build_head(head_sd, path)
+    linears = [m for m in head_module.modules() if isinstance(m, nn.Linear)]
+    if head == "mlp" and len(linears) < 2 or head == "linear" and len(linears) != 1:
+        raise CheckpointError(
+            f"{path} holds a projection head with {len(linears)} linear layer(s), not a {head} "
+            "head; set method.teacher.head=auto"
+        )
+    feat = int(getattr(backbone, "feature_dim", linears[0].in_features))
+    if linears[0].in_features != feat:
+        raise CheckpointError(
+            f"{path}: projection head takes {linears[0].in_features}-d input but the '{arch}' "
+            f"backbone gives {feat}-d features; another architecture?"
+        )
+    return Teacher(backbone, head_module, arch)

@@ -1,0 +1,368 @@
+"""Methods: each trains on synthetic data and its loss goes down; state survives a state_dict
+round trip; frozen parts stay frozen; DDP bookkeeping names exist; bad configs fail early.
+
+The student and teacher backbones are a tiny CNN defined here (patched into the registry per
+test where a builder name is needed), so these tests do not depend on ``s2bnn.models``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s2bnn.checkpoint import save_checkpoint
+from s2bnn.config import MethodConfig, TeacherConfig
+from s2bnn.errors import CheckpointError, ConfigError
+from s2bnn.losses import seed_loss
+from s2bnn.methods import DINO, S2BNN, SEED, MoCoV2, build_method
+from s2bnn.methods.base import KeyQueue, queue_length
+from s2bnn.methods.dino import cosine_momentum
+from s2bnn.methods.mocov2 import MomentumContrast
+from s2bnn.models.registry import _REGISTRY
+
+DIM = 32  # projection dimension in these tests
+N_IMAGES, BATCH = 128, 32
+
+
+class TinyNet(nn.Module):
+    """A tiny conv backbone with ``feature_dim`` (pooled features when num_classes == 0)."""
+
+    def __init__(self, in_chans: int = 1, width: int = 8, num_classes: int = 0,
+                 bn: bool = True) -> None:
+        super().__init__()
+        norm = nn.BatchNorm2d if bn else nn.Identity
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, 2, 1), norm(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1), norm(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.feature_dim = 2 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> object:
+    """Tiny tensors: thread start-up costs more than it saves (and the cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(_REGISTRY, "tiny_test_net", TinyNet)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir in this project's checkpoint layout holding a random tiny teacher."""
+    torch.manual_seed(123)
+    backbone = TinyNet(in_chans=1, width=8)
+    head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, DIM))
+    run = tmp_path_factory.mktemp("teacher_run")
+    save_checkpoint({
+        "format": "s2bnn", "version": 1, "config": {}, "epoch": 1, "step": 1,
+        "backbone": {"name": "tiny_test_net", "kwargs": {"in_chans": 1, "width": 8},
+                     "state_dict": backbone.state_dict()},
+        "method": {f"head.{k}": v for k, v in head.state_dict().items()},
+    }, run / "checkpoints" / "last.pt")
+    return run
+
+
+def _data() -> list[list[torch.Tensor]]:
+    """Fixed batches of two fixed views of smooth random 1x16x16 images."""
+    gen = torch.Generator().manual_seed(0)
+    images = F.interpolate(torch.randn(N_IMAGES, 1, 4, 4, generator=gen), size=16,
+                           mode="bilinear", align_corners=False)
+    v0 = images + 0.1 * torch.randn(images.shape, generator=gen)
+    v1 = images.flip(-1) + 0.1 * torch.randn(images.shape, generator=gen)
+    return [[a, b] for a, b in zip(v0.split(BATCH), v1.split(BATCH))]
+
+
+def _cfg(name: str, **kw: object) -> MethodConfig:
+    teacher = kw.pop("teacher", TeacherConfig())
+    return MethodConfig(name=name, proj_dim=DIM, queue_size=N_IMAGES, teacher=teacher,
+                        **kw)  # type: ignore[arg-type]
+
+
+def _teacher_cfg(run: Path | None, **kw: object) -> TeacherConfig:
+    path = str(run) if run is not None else None
+    return TeacherConfig(path=path, arch="tiny_test_net", **kw)  # type: ignore[arg-type]
+
+
+def _build(cfg: MethodConfig, seed: int = 0, total_steps: int = 100):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    return build_method(cfg, TinyNet(), num_train=N_IMAGES, total_steps=total_steps, in_chans=1)
+
+
+def _epoch_losses(method: nn.Module, epochs: int, lr: float = 3e-3) -> list[float]:
+    """Mean loss per pass over the fixed batches, after one gradient-free pass that fills queues."""
+    batches = _data()
+    method.train()
+    with torch.no_grad():
+        for views in batches:
+            method(views)
+            method.on_train_step_end(0, 1000)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
+    out, step = [], 0
+    for _ in range(epochs):
+        total = 0.0
+        for views in batches:
+            loss, logs = method(views)
+            assert all(not v.requires_grad and v.dim() == 0 for v in logs.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            method.on_train_step_end(step, epochs * len(batches))
+            total += loss.item()
+        out.append(total / len(batches))
+    return out
+
+
+CASES = {
+    "mocov2": lambda run: _cfg("mocov2", momentum=0.99),
+    "s2bnn": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(run)),
+    "s2bnn_contrastive": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(run),
+                                          contrastive_weight=1.0, momentum=0.99),
+    "s2bnn_online": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(None, kind="online"),
+                                     momentum=0.99),
+    "seed": lambda run: _cfg("seed", teacher=_teacher_cfg(run)),
+    "dino": lambda run: _cfg("dino", dino_out_dim=64, ema_momentum=0.99,
+                             dino_center_momentum=0.99),
+}
+# DINO on 128 tiny random images drifts towards the uniform output (loss -> log 64) at small
+# learning rates; a faster student and a slower centre keep it in the regime where it learns.
+LR = {"dino": 1e-2}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_loss_goes_down(case: str, registry: None, teacher_run: Path) -> None:
+    method = _build(CASES[case](teacher_run))
+    losses = _epoch_losses(method, epochs=6, lr=LR.get(case, 3e-3))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0], losses
+
+
+def test_distillation_raises_student_teacher_cosine(registry: None, teacher_run: Path) -> None:
+    method = _build(CASES["s2bnn"](teacher_run))
+    views = _data()[0]
+    before = method(views)[1]["cosine"].item()
+    _epoch_losses(method, epochs=4)
+    assert method(views)[1]["cosine"].item() > before
+
+
+def test_method_types_and_submodules(registry: None, teacher_run: Path) -> None:
+    assert isinstance(_build(CASES["mocov2"](teacher_run)), MoCoV2)
+    s2 = _build(CASES["s2bnn"](teacher_run))
+    assert isinstance(s2, S2BNN) and s2.moco is None  # no key encoder/queue without the term
+    s2c = _build(CASES["s2bnn_contrastive"](teacher_run))
+    assert isinstance(s2c.moco, MomentumContrast) and s2c.moco.queue.keys.shape == (128, DIM)
+    assert isinstance(_build(CASES["seed"](teacher_run)), SEED)
+    assert isinstance(_build(CASES["dino"](teacher_run)), DINO)
+
+
+def test_frozen_teacher_stays_frozen_and_gets_no_grad(registry: None, teacher_run: Path) -> None:
+    method = _build(CASES["s2bnn_contrastive"](teacher_run))
+    method.train()
+    assert method.training and method.backbone.training
+    assert not method.teacher.training
+    assert not any(m.training for m in method.teacher.modules())
+    assert method.moco.key_backbone.training  # key encoder: batch statistics, like MoCo
+    before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    loss, _ = method(_data()[0])
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+    assert all(p.grad is None for p in method.moco.parameters())
+    assert any(p.grad is not None for p in method.backbone.parameters())
+    for k, v in method.teacher.state_dict().items():  # BN running stats untouched too
+        torch.testing.assert_close(v, before[k])
+
+
+@pytest.mark.parametrize("case", ["mocov2", "s2bnn_contrastive", "s2bnn_online", "seed", "dino"])
+def test_ddp_ignored_names(case: str, registry: None, teacher_run: Path) -> None:
+    method = _build(CASES[case](teacher_run))
+    names = set(method.ddp_ignored_names())
+    all_names = {n for n, _ in method.named_parameters()} | {n for n, _ in method.named_buffers()}
+    assert names and names <= all_names
+    assert not any(n.startswith(("backbone.", "head.", "dino_head.")) for n in names)
+    # Every parameter the optimiser trains is left to DDP; every frozen one is ignored.
+    for n, p in method.named_parameters():
+        assert (n in names) == (not p.requires_grad), n
+
+
+@pytest.mark.parametrize("case", ["mocov2", "s2bnn_contrastive", "s2bnn_online", "seed", "dino"])
+def test_state_dict_round_trip(case: str, registry: None, teacher_run: Path) -> None:
+    method = _build(CASES[case](teacher_run), seed=0)
+    _epoch_losses(method, epochs=1)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    fresh = _build(CASES[case](teacher_run), seed=1)
+    fresh.load_state_dict(state)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # Training state that must survive: queues and their pointers, EMA weights, the centre.
+    moved = [k for k in state if k.endswith(("queue.keys", "queue.ptr", "center", "steps_done"))
+             or ".key_backbone." in k or k.startswith("ema_")]
+    assert moved
+    # The same next step from both: identical loss and identical state afterwards.
+    views = _data()[1]
+    for m in (method, fresh):
+        m.train()
+    loss_a, _ = method(views)
+    loss_b, _ = fresh(views)
+    assert loss_a.item() == loss_b.item()
+    method.on_train_step_end(5, 10)
+    fresh.on_train_step_end(5, 10)
+    for (k, a), b in zip(method.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_queue_is_updated_after_the_step(registry: None, teacher_run: Path) -> None:
+    method = _build(CASES["mocov2"](teacher_run))
+    before = method.moco.queue.keys.clone()
+    views = _data()[0]
+    method.train()
+    method(views)
+    torch.testing.assert_close(method.moco.queue.keys, before)  # forward alone changes nothing
+    method.on_train_step_end(1, 10)
+    assert int(method.moco.queue.ptr) == BATCH
+    assert not torch.equal(method.moco.queue.keys[:BATCH], before[:BATCH])
+    torch.testing.assert_close(method.moco.queue.keys[BATCH:], before[BATCH:])
+
+
+def test_shuffled_keys_are_unshuffled() -> None:
+    """Without BatchNorm, shuffle-BN must not change any key: row i is still image i's key."""
+    backbone = TinyNet(bn=False)
+    head = nn.Linear(16, 8)
+    mc = MomentumContrast(backbone, head, queue_len=16, dim=8, temperature=0.2, momentum=0.9,
+                          shuffle=True, groups=4)
+    x = torch.randn(16, 1, 16, 16)
+    with torch.no_grad():
+        plain = F.normalize(head(backbone(x)), dim=1)
+        torch.testing.assert_close(mc.keys(x, backbone, head), plain)
+        torch.testing.assert_close(mc.query(backbone, head, x), plain)
+
+
+def test_shuffle_bn_groups_use_their_own_statistics() -> None:
+    backbone = TinyNet()
+    head = nn.Linear(16, 8)
+    kw = dict(queue_len=16, dim=8, temperature=0.2, momentum=0.9)
+    grouped = MomentumContrast(backbone, head, shuffle=True, groups=2, **kw)
+    plain = MomentumContrast(backbone, head, shuffle=False, groups=2, **kw)
+    x = torch.randn(16, 1, 16, 16)
+    with torch.no_grad():
+        q_grouped = grouped.query(backbone, head, x)
+        q_plain = plain.query(backbone, head, x)
+        first_half = F.normalize(head(backbone(x[:8])), dim=1)
+    torch.testing.assert_close(q_grouped[:8], first_half)
+    assert not torch.allclose(q_grouped, q_plain)
+
+
+def test_key_queue_wraps_around() -> None:
+    q = KeyQueue(5, 2)
+    q.push(torch.ones(3, 2))
+    q.push(2 * torch.ones(3, 2))
+    assert int(q.ptr) == 1
+    assert q.keys[:, 0].tolist() == [2.0, 1.0, 1.0, 2.0, 2.0]
+    q.push(3 * torch.ones(7, 2))  # more keys than slots: the newest 5 fill the queue
+    assert q.keys[:, 0].tolist() == [3.0] * 5
+
+
+def test_queue_length() -> None:
+    assert queue_length(65536, 60000) == 59904  # clipped, multiple of 256
+    assert queue_length(65536, 1_281_167) == 65536
+    assert queue_length(4096, 100) == 100
+    assert queue_length(1000, 5000) == 768
+
+
+def test_dino_schedules_and_centre(registry: None, teacher_run: Path) -> None:
+    assert cosine_momentum(0.996, 0, 100) == pytest.approx(0.996)
+    assert cosine_momentum(0.996, 100, 100) == pytest.approx(1.0)
+    assert 0.996 < cosine_momentum(0.996, 50, 100) < 1.0
+    cfg = _cfg("dino", dino_out_dim=64, dino_warmup_teacher_temp=0.02, dino_teacher_temp=0.06,
+               dino_warmup_teacher_temp_frac=0.5)
+    method = _build(cfg, total_steps=100)
+    assert method.teacher_temp_at(0) == pytest.approx(0.02)
+    assert method.teacher_temp_at(25) == pytest.approx(0.04)
+    assert method.teacher_temp_at(80) == pytest.approx(0.06)
+    method.train()
+    method(_data()[0])
+    assert torch.count_nonzero(method.center) == 0
+    method.on_train_step_end(1, 100)
+    assert torch.count_nonzero(method.center) > 0 and int(method.steps_done) == 1
+
+
+def test_dino_multicrop_teacher_sees_global_views_only(registry: None) -> None:
+    method = _build(_cfg("dino", dino_out_dim=64))
+    seen: list[tuple[int, ...]] = []
+    method.ema_backbone.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    g = torch.randn(4, 1, 16, 16)
+    local = torch.randn(4, 1, 8, 8)
+    loss, _ = method.train()([g, g + 0.1, local, local + 0.1])
+    loss.backward()
+    assert seen == [(8, 1, 16, 16)]
+
+
+def test_two_view_distillation_averages_views(registry: None, teacher_run: Path) -> None:
+    method = _build(CASES["s2bnn"](teacher_run)).eval()  # eval: batch-independent outputs
+    a, b = _data()[0]
+    loss_a = method([a])[0]
+    loss_b = method([b])[0]
+    loss_ab = method([a, b])[0]
+    assert loss_ab.item() == pytest.approx((loss_a.item() + loss_b.item()) / 2, rel=1e-6)
+
+
+def test_errors(registry: None, teacher_run: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown method 'simclr'"):
+        _build(_cfg("simclr"))
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        _build(_cfg("s2bnn"))
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        _build(_cfg("seed"))
+    with pytest.raises(ConfigError, match="1-channel images but the data has 3"):
+        torch.manual_seed(0)
+        build_method(CASES["s2bnn"](teacher_run), TinyNet(in_chans=3), num_train=10,
+                     total_steps=10, in_chans=3)
+    with pytest.raises(ConfigError, match="set method.proj_dim=32"):
+        _build(MethodConfig(name="s2bnn", proj_dim=128, teacher=_teacher_cfg(teacher_run)))
+    with pytest.raises(ConfigError, match="offline teacher only"):
+        _build(_cfg("seed", teacher=_teacher_cfg(teacher_run, kind="online")))
+    method = _build(CASES["s2bnn_contrastive"](teacher_run))
+    with pytest.raises(ConfigError, match="num_views=2"):
+        method([_data()[0][0]])
+    with pytest.raises(ConfigError, match="momentum"):
+        _build(_cfg("mocov2", momentum=1.5))
+
+
+def test_seed_closes_the_gap_to_the_teacher(registry: None, teacher_run: Path) -> None:
+    """SEED's loss is floored by the teacher's entropy (near log(K+1) for a random teacher), so
+    check the gap to that floor, KL(p_T || p_S), which is what the student can reduce."""
+    method = _build(CASES["seed"](teacher_run))
+
+    def kl() -> float:
+        method.eval()
+        with torch.no_grad():
+            views = _data()[0]
+            t = method.teacher(views[0])
+            s = F.normalize(method.head(method.backbone(views[0])), dim=1)
+            q = method.queue.keys
+            gap = seed_loss(s, t, q, 0.2, 0.07) - seed_loss(t, t, q, 0.07, 0.07)
+        method.train()
+        return gap.item()
+
+    _epoch_losses(method, epochs=0)  # fill the queue
+    before = kl()
+    _epoch_losses(method, epochs=4)
+    assert kl() < 0.5 * before
+
+
+def test_missing_teacher_file_names_the_fix(registry: None, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="teacher not found: .*teacher_mocov2.yaml"):
+        _build(_cfg("s2bnn", teacher=_teacher_cfg(tmp_path / "no_such_run")))

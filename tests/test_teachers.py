@@ -1,0 +1,266 @@
+"""Teacher loading: official MoCo v2 layout, torchvision and safetensors state dicts, our own
+checkpoints, and the errors. Registry entries are patched in per test (``monkeypatch``), so these
+tests do not depend on which backbones ``s2bnn.models`` registers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from s2bnn.checkpoint import save_checkpoint, save_safetensors
+from s2bnn.errors import CheckpointError
+from s2bnn.models import list_models
+from s2bnn.models.registry import _REGISTRY
+from s2bnn.teachers import PROJECTION_HEAD_PREFIX, Teacher, load_teacher
+
+
+class TinyNet(nn.Module):
+    """A tiny conv backbone with ``feature_dim`` (pooled features when num_classes == 0)."""
+
+    def __init__(self, in_chans: int = 1, width: int = 8, num_classes: int = 0) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.feature_dim = 2 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _tv_builder(fn: Any, feat: int) -> Any:
+    """Registry builder: a torchvision ResNet whose fc is Identity (keys as torchvision's)."""
+
+    def build(num_classes: int = 0, in_chans: int = 3) -> nn.Module:
+        net = fn(weights=None)
+        if in_chans != 3:
+            net.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        net.fc = nn.Identity() if num_classes == 0 else nn.Linear(feat, num_classes)
+        net.feature_dim = feat
+        return net
+
+    return build
+
+
+class Wrapped(nn.Module):
+    """A registry model that keeps torchvision's net under a prefix (keys ``net.*``)."""
+
+    def __init__(self, num_classes: int = 0) -> None:
+        super().__init__()
+        self.net = torchvision.models.resnet18(weights=None)
+        self.net.fc = nn.Identity()
+        self.feature_dim = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> object:
+    """Small tensors: thread start-up costs more than it saves (and the cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(_REGISTRY, "resnet18", _tv_builder(torchvision.models.resnet18, 512))
+    monkeypatch.setitem(_REGISTRY, "resnet34", _tv_builder(torchvision.models.resnet34, 512))
+    monkeypatch.setitem(_REGISTRY, "resnet50", _tv_builder(torchvision.models.resnet50, 2048))
+    monkeypatch.setitem(_REGISTRY, "tiny_test_net", TinyNet)
+    monkeypatch.setitem(_REGISTRY, "wrapped_resnet18", Wrapped)
+
+
+def _moco_checkpoint(arch: str, feat: int, path: Path) -> tuple[nn.Module, nn.Module]:
+    """Write a checkpoint in the official MoCo v2 layout; return (encoder_q, its head)."""
+    torch.manual_seed(0)
+    enc = getattr(torchvision.models, arch)(weights=None)
+    enc.fc = nn.Sequential(nn.Linear(feat, feat), nn.ReLU(), nn.Linear(feat, 128))
+    state = {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": v.clone() for k, v in enc.state_dict().items()})
+    state["module.queue"] = F.normalize(torch.randn(128, 64), dim=0)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    torch.save({"epoch": 800, "arch": arch, "state_dict": state, "optimizer": {"state": {}}},
+               path)
+    return enc.eval(), enc.fc
+
+
+@pytest.fixture(scope="module")
+def moco18(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    """One official-layout ResNet-18 checkpoint shared by the tests that only read it."""
+    path = tmp_path_factory.mktemp("moco") / "moco_v2.pth.tar"
+    enc, _ = _moco_checkpoint("resnet18", 512, path)
+    return path, enc
+
+
+def _images(n: int = 2, chans: int = 3, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, chans, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_official_moco_v2_layout_resnet18(registry: None, moco18: tuple[Path, nn.Module]) -> None:
+    path, enc = moco18
+    teacher = load_teacher(path, "resnet18")
+    assert isinstance(teacher, Teacher)
+    assert teacher.embed_dim == 128 and teacher.in_chans == 3
+    assert [type(m) for m in teacher.head] == [nn.Linear, nn.ReLU, nn.Linear]
+    x = _images()
+    with torch.no_grad():
+        expected = F.normalize(enc(x), dim=1)
+    torch.testing.assert_close(teacher(x), expected)
+    assert torch.allclose(teacher(x).norm(dim=1), torch.ones(2))
+
+
+def test_official_moco_v2_layout_resnet50_head(registry: None, tmp_path: Path) -> None:
+    path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    enc, fc = _moco_checkpoint("resnet50", 2048, path)
+    teacher = load_teacher(path, "resnet50")
+    lin = [m for m in teacher.head if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lin] == [(2048, 2048), (2048, 128)]
+    torch.testing.assert_close(lin[1].weight, fc[2].weight)
+    # Outputs are compared in the ResNet-18 test; here the weights, to keep the test fast.
+    torch.testing.assert_close(teacher.backbone.layer4[2].conv3.weight, enc.layer4[2].conv3.weight)
+
+
+def test_teacher_is_frozen_and_stays_in_eval(
+    registry: None, moco18: tuple[Path, nn.Module]
+) -> None:
+    teacher = load_teacher(moco18[0], "resnet18")
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    x = _images().requires_grad_()
+    assert not teacher(x).requires_grad
+
+
+def test_moco_arch_mismatch_is_reported(registry: None, moco18: tuple[Path, nn.Module]) -> None:
+    with pytest.raises(CheckpointError, match="'resnet18' teacher, not 'resnet50'"):
+        load_teacher(moco18[0], "resnet50")
+
+
+def test_moco_missing_and_stray_keys_are_listed(
+    registry: None, moco18: tuple[Path, nn.Module], tmp_path: Path
+) -> None:
+    ckpt = torch.load(moco18[0], weights_only=True)
+    path = tmp_path / "broken.pth.tar"
+    del ckpt["state_dict"]["module.encoder_q.layer1.0.conv1.weight"]
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"missing keys: layer1\.0\.conv1\.weight"):
+        load_teacher(path, "resnet18")
+    ckpt["state_dict"]["module.something_else"] = torch.zeros(1)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="module.something_else"):
+        load_teacher(path, "resnet18")
+
+
+def test_torchvision_state_dict_of_another_architecture(registry: None, tmp_path: Path) -> None:
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(CheckpointError, match="missing keys: layer1.2"):
+        load_teacher(path, "resnet34")
+    tiny = tmp_path / "tiny.pth"
+    torch.save(TinyNet(in_chans=1).state_dict(), tiny)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_teacher(tiny, "tiny_test_net", in_chans=3)
+
+
+def test_torchvision_state_dict_heads(registry: None, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    path = tmp_path / "r18.pth"
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)  # DDP-saved
+    x = _images()
+    linear = load_teacher(path, "resnet18")  # auto: the fc layer in the checkpoint
+    assert isinstance(linear.head, nn.Linear) and linear.embed_dim == 10
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), F.normalize(net(x), dim=1))
+    none = load_teacher(path, "resnet18", head="none")
+    assert none.embed_dim == 512
+    net.fc = nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(none(x), F.normalize(net(x), dim=1))
+    with pytest.raises(CheckpointError, match="not a mlp head"):
+        load_teacher(path, "resnet18", head="mlp")
+    headless = tmp_path / "headless.pth"
+    torch.save(net.state_dict(), headless)
+    assert load_teacher(headless, "resnet18").embed_dim == 512
+    with pytest.raises(CheckpointError, match="no projection head"):
+        load_teacher(headless, "resnet18", head="linear")
+
+
+def test_state_dict_into_a_prefixed_registry_model(registry: None, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    teacher = load_teacher(path, "wrapped_resnet18")
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(_images()), F.normalize(net(_images()), dim=1))
+
+
+def test_safetensors_teacher(registry: None, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 64))
+    net.eval()
+    path = tmp_path / "teacher.safetensors"
+    save_safetensors(net.state_dict(), path, metadata={"arch": "resnet18"})
+    teacher = load_teacher(path, "resnet18", head="mlp")
+    assert teacher.embed_dim == 64
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(_images()), F.normalize(net(_images()), dim=1))
+    with pytest.raises(CheckpointError, match="not 'resnet34'"):
+        load_teacher(path, "resnet34")
+
+
+def _own_checkpoint(run_dir: Path, name: str = "tiny_test_net") -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    backbone = TinyNet(in_chans=1)
+    head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 32))
+    method_sd = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    method_sd.update({f"{PROJECTION_HEAD_PREFIX}{k}": v for k, v in head.state_dict().items()})
+    method_sd["moco.queue.keys"] = torch.randn(8, 32)
+    save_checkpoint({
+        "format": "s2bnn", "version": 1, "config": {}, "epoch": 1, "step": 10,
+        "backbone": {"name": name, "kwargs": {"in_chans": 1, "width": 8},
+                     "state_dict": backbone.state_dict()},
+        "method": method_sd,
+    }, run_dir / "checkpoints" / "last.pt")
+    return backbone.eval(), head
+
+
+def test_own_checkpoint_from_run_dir(registry: None, tmp_path: Path) -> None:
+    backbone, head = _own_checkpoint(tmp_path / "run")
+    teacher = load_teacher(tmp_path / "run", "tiny_test_net")
+    assert teacher.embed_dim == 32 and teacher.in_chans == 1
+    x = _images(4, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), F.normalize(head(backbone(x)), dim=1))
+    with pytest.raises(CheckpointError, match="'tiny_test_net' teacher, not 'resnet18'"):
+        load_teacher(tmp_path / "run", "resnet18")
+
+
+def test_missing_teacher_file(registry: None, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_teacher(tmp_path / "nope.pth.tar", "resnet18")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoints/last.pt"):
+        load_teacher(tmp_path / "empty_run", "resnet18")
+
+
+@pytest.mark.skipif("resnet18" not in list_models(), reason="s2bnn.models has no resnet18 yet")
+def test_official_layout_into_the_registry_resnet18(moco18: tuple[Path, nn.Module]) -> None:
+    """The real registry's resnet18 (not patched) takes torchvision keys."""
+    path, enc = moco18
+    teacher = load_teacher(path, "resnet18")
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(_images()), F.normalize(enc(_images()), dim=1))
