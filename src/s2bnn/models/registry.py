@@ -7,7 +7,8 @@ pooled feature vector its ``forward`` returns when ``num_classes == 0``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 

@@ -1,1 +1,38 @@
-"""s2bnn.nn"""
+"""Quantizers and quantized layers for binary networks."""
+
+from s2bnn.nn.cpu import tune_malloc
+from s2bnn.nn.layers import QuantConv2d, QuantLinear, RPReLU, RSign
+from s2bnn.nn.quantizers import (
+    QUANTIZERS,
+    HardTanh,
+    Identity,
+    Quantizer,
+    ReActSign,
+    ScaledSign,
+    SteSign,
+    get_quantizer,
+    is_binary,
+    react_sign,
+    scaled_sign,
+    ste_sign,
+)
+
+__all__ = [
+    "QUANTIZERS",
+    "HardTanh",
+    "Identity",
+    "QuantConv2d",
+    "QuantLinear",
+    "Quantizer",
+    "RPReLU",
+    "RSign",
+    "ReActSign",
+    "ScaledSign",
+    "SteSign",
+    "get_quantizer",
+    "is_binary",
+    "react_sign",
+    "scaled_sign",
+    "ste_sign",
+    "tune_malloc",
+]

@@ -1,0 +1,96 @@
+"""Helpers shared by the backbones: input checks and strict state-dict loading."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from s2bnn.errors import CheckpointError, ModelError
+
+__all__ = ["attach_input_check", "load_backbone_state", "act_weight_quantizers"]
+
+
+def _check_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ModelError(f"expected images of shape (N, C, H, W), got {shape}")
+    in_chans = module.in_chans
+    if x.shape[1] != in_chans:
+        raise ModelError(
+            f"model takes {in_chans}-channel images but got {x.shape[1]} channels; "
+            f"build it with in_chans={x.shape[1]} or convert the images"
+        )
+    size = min(x.shape[2], x.shape[3])
+    if size < module.min_image_size:
+        raise ModelError(
+            f"image size {x.shape[2]}x{x.shape[3]} is too small for this model; "
+            f"the minimum is {module.min_image_size} px"
+        )
+
+
+def attach_input_check(model: nn.Module, in_chans: int, min_image_size: int = 1) -> nn.Module:
+    """Record ``in_chans`` / ``min_image_size`` on ``model`` and check every input against them
+    (a forward pre-hook, so state-dict keys are unchanged). Bad inputs raise ModelError."""
+    model.in_chans = int(in_chans)
+    model.min_image_size = int(min_image_size)
+    model.register_forward_pre_hook(_check_input)
+    return model
+
+
+def act_weight_quantizers(
+    binary_act: bool, binary_weight: bool, act: str = "react_sign", real_act: str | None = None
+) -> tuple[str | None, str | None]:
+    """The (activation, weight) quantizer names for a binary net's mode.
+
+    Step 1 of two-step binarization is ``binary_act=True, binary_weight=False``; step 2 (or one-step
+    training) is both True; the real-valued counterpart is both False.
+    """
+    return (act if binary_act else real_act), ("scaled_sign" if binary_weight else None)
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def load_backbone_state(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Load ``state_dict`` into ``model`` strictly (every key, every shape).
+
+    A DDP ``module.`` prefix on every key is dropped. Anything else that does not match raises
+    :class:`CheckpointError` naming a few missing / unexpected keys and shape mismatches, so e.g. a
+    step-2 run pointed at another architecture's step-1 checkpoint fails in one line.
+    """
+    state = dict(state_dict)
+    own = model.state_dict()
+    if state and all(k.startswith("module.") for k in state) and not any(
+        k.startswith("module.") for k in own
+    ):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+        if mismatched:
+            parts.append(
+                f"{len(mismatched)} shape mismatch(es) (file vs model): {_few(mismatched)}"
+            )
+        raise CheckpointError(
+            f"weights from {source} do not fit this model ({'; '.join(parts)}); "
+            "check that the architecture and its arguments match the checkpoint"
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,162 @@
+"""ReActNet-A (Liu et al., ECCV 2020) and its small-image variant.
+
+Layout (MobileNetV1 channels, full 3x3 convolutions): a real 3x3 stride-2 conv + BN, then 13
+blocks with outputs 64, 128, 128, 256, 256, 512 x 6, 1024, 1024 (x ``width_mult``), stride 2 where
+channels go 64->128, 128->256, 256->512, 512->1024; average pooling and a real fc.
+
+Each block (``cin -> cout``)::
+
+    y = RPReLU(BN(conv3x3(RSign(x))) + shortcut(x))   # shortcut: x, or AvgPool2d(2) if stride 2
+    z = RPReLU(BN(conv1x1(RSign(y))) + y')            # y' = y, or cat(y, y) if cout == 2 cin
+
+Where channels double, the published network runs two ``cin -> cin`` 1x1 convs, each with its own
+BN and the shortcut ``y``, and concatenates them. One ``cin -> 2 cin`` conv followed by one BN over
+``2 cin`` channels and the shortcut ``cat(y, y)`` is the same function with the same parameter count
+(the scale alpha is per output channel, BN is per channel), and runs as one matrix product.
+Average pooling uses ``ceil_mode`` so odd sizes (7x7 at 28 px) keep the conv's output shape; for the
+even sizes of the 224 px network it is the published 2x2 pooling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from s2bnn.errors import ModelError
+from s2bnn.models.common import act_weight_quantizers, attach_input_check
+from s2bnn.models.registry import register_model
+from s2bnn.nn import QuantConv2d, RPReLU, RSign
+
+__all__ = ["ReActNet", "ReActBlock", "reactnet_a", "reactnet_small"]
+
+
+class ReActBlock(nn.Module):
+    """One ReActNet-A block; see the module docstring."""
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, act_q: str | None, weight_q: str | None
+    ) -> None:
+        super().__init__()
+        if cout not in (cin, 2 * cin):
+            raise ModelError(f"ReActNet block needs cout == cin or 2*cin, got {cin}->{cout}")
+        self.conv3 = QuantConv2d(
+            cin, cin, 3, stride, 1,
+            input_quantizer=RSign(cin, act_q), weight_quantizer=weight_q,
+        )
+        self.bn1 = nn.BatchNorm2d(cin)
+        # Only created where the forward uses it.
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else None
+        self.act1 = RPReLU(cin)
+        self.conv1 = QuantConv2d(
+            cin, cout, 1, input_quantizer=RSign(cin, act_q), weight_quantizer=weight_q
+        )
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = RPReLU(cout)
+        self.duplicate = cout == 2 * cin
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.pool is None else self.pool(x)
+        y = self.act1(self.bn1(self.conv3(x)) + shortcut)
+        shortcut = torch.cat((y, y), dim=1) if self.duplicate else y
+        return self.act2(self.bn2(self.conv1(y)) + shortcut)
+
+
+class ReActNet(nn.Module):
+    """ReActNet-A backbone; ``forward`` returns logits, or pooled features if ``num_classes == 0``.
+
+    Args:
+        num_classes: size of the real fc head; 0 for a feature extractor (``feature_dim`` wide).
+        in_chans: input channels.
+        binary_act / binary_weight: quantize activations (RSign) / weights (alpha * sign).
+            Step 1 of two-step training: (True, False); step 2: (True, True); real-valued
+            counterpart: (False, False). Parameter names are the same in every mode.
+        width_mult: multiplies every width (base 32 in the stem).
+        stem_stride: stride of the first conv (2 as published; 1 keeps full resolution).
+        mid_blocks: number of stride-1 blocks at 512 x ``width_mult`` channels (5 as published).
+        channels_last: keep weights and activations NHWC (faster on CPU; same results).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 0,
+        in_chans: int = 3,
+        binary_act: bool = True,
+        binary_weight: bool = True,
+        width_mult: float = 1.0,
+        stem_stride: int = 2,
+        mid_blocks: int = 5,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if width_mult <= 0 or stem_stride not in (1, 2) or mid_blocks < 0 or num_classes < 0:
+            raise ModelError(
+                "ReActNet needs width_mult > 0, stem_stride 1 or 2, mid_blocks >= 0 and "
+                f"num_classes >= 0 (got {width_mult}, {stem_stride}, {mid_blocks}, {num_classes})"
+            )
+        act_q, weight_q = act_weight_quantizers(binary_act, binary_weight)
+        c = max(1, round(32 * width_mult))
+        # (multiple of c out, stride); every stride-2 block doubles the channels.
+        plan = [(2, 1), (4, 2), (4, 1), (8, 2), (8, 1), (16, 2)]
+        plan += [(16, 1)] * mid_blocks + [(32, 2), (32, 1)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, c, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(c)
+        )
+        blocks, cin = [], c
+        for mult, stride in plan:
+            blocks.append(ReActBlock(cin, c * mult, stride, act_q, weight_q))
+            cin = c * mult
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = cin
+        self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else None
+        self.binary_act, self.binary_weight = binary_act, binary_weight
+        if channels_last:
+            # Conv weights in NHWC make every activation NHWC too: oneDNN convolutions and
+            # BatchNorm are markedly faster on CPU in that layout (same results, same state dict).
+            self.to(memory_format=torch.channels_last)
+        attach_input_check(self, in_chans)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Pooled features ``(N, feature_dim)``."""
+        return self.pool(self.blocks(self.stem(x))).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.forward_features(x)
+        return feats if self.fc is None else self.fc(feats)
+
+
+@register_model("reactnet_a")
+def reactnet_a(
+    num_classes: int = 0,
+    in_chans: int = 3,
+    binary_act: bool = True,
+    binary_weight: bool = True,
+    width_mult: float = 1.0,
+    stem_stride: int = 2,
+    mid_blocks: int = 5,
+    channels_last: bool = True,
+) -> ReActNet:
+    """ReActNet-A as published (224 px ImageNet layout)."""
+    return ReActNet(
+        num_classes, in_chans, binary_act, binary_weight, width_mult, stem_stride, mid_blocks,
+        channels_last,
+    )
+
+
+@register_model("reactnet_small")
+def reactnet_small(
+    num_classes: int = 0,
+    in_chans: int = 1,
+    binary_act: bool = True,
+    binary_weight: bool = True,
+    width_mult: float = 0.25,
+    stem_stride: int = 2,
+    mid_blocks: int = 5,
+    channels_last: bool = True,
+) -> ReActNet:
+    """ReActNet-A layout at 1/4 width for 28-32 px images (the demo student; 1 channel default)."""
+    return ReActNet(
+        num_classes, in_chans, binary_act, binary_weight, width_mult, stem_stride, mid_blocks,
+        channels_last,
+    )

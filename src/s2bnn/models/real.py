@@ -1,0 +1,163 @@
+"""Real-valued backbones: torchvision models by name and a small ResNet for 28-32 px images.
+
+torchvision models are built with ``weights=None`` (nothing is ever downloaded) and keep
+torchvision's parameter names, so torchvision / MoCo state dicts load into them. ``num_classes=0``
+replaces the classifier by an identity: ``forward`` then returns the globally pooled last feature
+map (``feature_dim``: 512 / 2048 for ResNet-18,34 / 50, 1280 for MobileNetV2, 576 / 960 for
+MobileNetV3 small / large). ``small_input=True`` makes the stem a 3x3 stride-1 conv without
+max-pooling (CIFAR-style), ``in_chans`` replaces the first conv for 1-channel images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from s2bnn.errors import ModelError
+from s2bnn.models.common import attach_input_check
+from s2bnn.models.registry import register_model
+
+__all__ = ["ResNetSmall", "resnet_small", "torchvision_model"]
+
+
+def _replace_conv(conv: nn.Conv2d, in_chans: int, kernel: int | None, stride: int | None):
+    k = conv.kernel_size[0] if kernel is None else kernel
+    s = conv.stride[0] if stride is None else stride
+    return nn.Conv2d(in_chans, conv.out_channels, k, s, k // 2, bias=conv.bias is not None)
+
+
+def torchvision_model(
+    arch: str, num_classes: int = 0, in_chans: int = 3, small_input: bool = False
+) -> nn.Module:
+    """A torchvision classification model by name, adapted as described in the module docstring."""
+    import torchvision.models as tvm  # lazily: importing torchvision costs seconds
+
+    ctor: Callable[..., nn.Module] = getattr(tvm, arch)
+    if num_classes < 0 or in_chans < 1:
+        raise ModelError(f"{arch} needs num_classes >= 0 and in_chans >= 1")
+    model = ctor(weights=None, num_classes=max(num_classes, 1))
+    if arch.startswith("resnet"):
+        if small_input or in_chans != 3:
+            model.conv1 = _replace_conv(
+                model.conv1, in_chans, 3 if small_input else None, 1 if small_input else None
+            )
+        if small_input:
+            model.maxpool = nn.Identity()
+        feature_dim = model.fc.in_features
+        if num_classes == 0:
+            model.fc = nn.Identity()
+    else:  # mobilenets: features[0] is Conv2dNormActivation(conv, bn, act)
+        first = model.features[0][0]
+        if small_input or in_chans != 3:
+            model.features[0][0] = _replace_conv(first, in_chans, None, 1 if small_input else None)
+        feature_dim = next(m for m in model.classifier if isinstance(m, nn.Linear)).in_features
+        if num_classes == 0:
+            model.classifier = nn.Identity()
+    model.feature_dim = int(feature_dim)
+    return attach_input_check(model, in_chans)
+
+
+def _register_torchvision(arch: str) -> None:
+    def builder(num_classes: int = 0, in_chans: int = 3, small_input: bool = False) -> nn.Module:
+        return torchvision_model(arch, num_classes, in_chans, small_input)
+
+    builder.__doc__ = f"torchvision {arch} (weights=None)."
+    register_model(arch)(builder)
+
+
+for _arch in (
+    "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"
+):
+    _register_torchvision(_arch)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with torchvision's parameter names."""
+
+    def __init__(self, cin: int, cout: int, stride: int, downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        sc = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + sc)
+
+
+class ResNetSmall(nn.Module):
+    """A small real ResNet for 28-32 px images: 3x3 stem conv (``stem_stride``) + BN + ReLU, then
+    stages of basic blocks with widths ``base * (1, 2, 4, 8)`` (``base`` = 24 x
+    ``width_mult``), stride 2 from the second stage on, global average pooling and an optional fc.
+    ``channels_last`` keeps weights and activations NHWC (faster on CPU).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 0,
+        in_chans: int = 1,
+        width_mult: float = 1.0,
+        stem_stride: int = 2,
+        layers: tuple[int, ...] | list[int] = (1, 1, 1, 1),
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if width_mult <= 0 or stem_stride not in (1, 2) or not layers or min(layers) < 1:
+            raise ModelError(
+                "resnet_small needs width_mult > 0, stem_stride 1 or 2 and >= 1 block per stage"
+            )
+        base = max(1, round(24 * width_mult))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, base, 3, stem_stride, 1, bias=False),
+            nn.BatchNorm2d(base),
+            nn.ReLU(inplace=True),
+        )
+        blocks: list[nn.Module] = []
+        cin = base
+        for stage, n in enumerate(layers):
+            cout = base * 2**stage
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                down = None
+                if stride != 1 or cin != cout:
+                    down = nn.Sequential(
+                        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                    )
+                blocks.append(BasicBlock(cin, cout, stride, down))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = cin
+        self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else None
+        if channels_last:  # NHWC weights -> NHWC activations: faster on CPU, same results
+            self.to(memory_format=torch.channels_last)
+        attach_input_check(self, in_chans)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Pooled features ``(N, feature_dim)``."""
+        return self.pool(self.blocks(self.stem(x))).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.forward_features(x)
+        return feats if self.fc is None else self.fc(feats)
+
+
+@register_model("resnet_small")
+def resnet_small(
+    num_classes: int = 0,
+    in_chans: int = 1,
+    width_mult: float = 1.0,
+    stem_stride: int = 2,
+    layers: tuple[int, ...] | list[int] = (1, 1, 1, 1),
+    channels_last: bool = True,
+) -> ResNetSmall:
+    """Small real ResNet (widths 24/48/96/192, one block per stage): the Fashion-MNIST teacher."""
+    return ResNetSmall(num_classes, in_chans, width_mult, stem_stride, layers, channels_last)

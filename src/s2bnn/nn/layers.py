@@ -1,0 +1,153 @@
+"""Quantized layers in larq's style, plus ReActNet's RSign and RPReLU.
+
+A real conv, a binary-activation conv and a fully binary conv are the same :class:`QuantConv2d`
+with different ``input_quantizer`` / ``weight_quantizer`` arguments, so two-step binarization
+(binary activations first, then binary weights) changes arguments, never parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from s2bnn.nn.quantizers import get_quantizer, is_binary
+
+__all__ = ["QuantConv2d", "QuantLinear", "RSign", "RPReLU"]
+
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose input and weight pass through quantizers before the convolution.
+
+    ``input_quantizer`` / ``weight_quantizer``: a quantizer name (see
+    :func:`s2bnn.nn.quantizers.get_quantizer`), a module (e.g. :class:`RSign`) or ``None`` (real).
+    Zero padding is applied after the input quantizer, as in ReActNet and Bi-Real.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        *,
+        input_quantizer: str | nn.Module | None = None,
+        weight_quantizer: str | nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
+        )
+        self.input_quantizer = get_quantizer(input_quantizer)
+        self.weight_quantizer = get_quantizer(weight_quantizer)
+
+    @property
+    def binary_input(self) -> bool:
+        return is_binary(self.input_quantizer)
+
+    @property
+    def binary_weight(self) -> bool:
+        return is_binary(self.weight_quantizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(
+            self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
+        )
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with input and weight quantizers (see :class:`QuantConv2d`)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        input_quantizer: str | nn.Module | None = None,
+        weight_quantizer: str | nn.Module | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.input_quantizer = get_quantizer(input_quantizer)
+        self.weight_quantizer = get_quantizer(weight_quantizer)
+
+    @property
+    def binary_input(self) -> bool:
+        return is_binary(self.input_quantizer)
+
+    @property
+    def binary_weight(self) -> bool:
+        return is_binary(self.weight_quantizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class RSign(nn.Module):
+    """ReActNet's RSign: sign(x + beta) with a learnable per-channel threshold ``beta``.
+
+    Use it as a conv's ``input_quantizer``. With ``quantizer=None`` (the real-valued
+    counterpart) it only shifts, so the parameter ``beta`` exists in every mode.
+    """
+
+    def __init__(self, channels: int, quantizer: str | nn.Module | None = "react_sign") -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.quantizer = get_quantizer(quantizer)
+
+    @property
+    def binary(self) -> bool:
+        return is_binary(self.quantizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantizer(x + self.beta.view(1, -1, 1, 1))
+
+
+class _RPReLUFn(torch.autograd.Function):
+    """PReLU(x - gamma) + zeta as one node: autograd's chain (sub, prelu, add) spends most of its
+    time in PReLU's generic backward and in negating a full-size gradient for gamma."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shift_in: Tensor, slope: Tensor, shift_out: Tensor) -> Tensor:
+        t = x - shift_in.view(1, -1, 1, 1)
+        ctx.save_for_backward(t, slope)
+        return F.prelu(t, slope).add_(shift_out.view(1, -1, 1, 1))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        t, slope = ctx.saved_tensors
+        g_pos = torch.ops.aten.threshold_backward(grad, t, 0.0)  # grad where t > 0
+        g_neg = grad - g_pos
+        dims = (0, 2, 3)
+        g_x = torch.addcmul(g_pos, g_neg, slope.view(1, -1, 1, 1))
+        g_slope = (g_neg * t).sum(dims)
+        return g_x, -g_x.sum(dims), g_slope, grad.sum(dims)
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU: PReLU(x - gamma) + zeta with per-channel gamma, slope and zeta.
+
+    ``fused`` (default) runs it as one autograd node; ``fused=False`` is the plain chain of
+    torch ops, kept as the reference for tests and benchmarks.
+    """
+
+    def __init__(self, channels: int, init_slope: float = 0.25, fused: bool = True) -> None:
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(channels))
+        self.slope = nn.Parameter(torch.full((channels,), init_slope))
+        self.shift_out = nn.Parameter(torch.zeros(channels))
+        self.fused = fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused and x.dim() == 4:
+            return _RPReLUFn.apply(x, self.shift_in, self.slope, self.shift_out)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = F.prelu(x - self.shift_in.view(shape), self.slope)
+        return y + self.shift_out.view(shape)

@@ -1,0 +1,179 @@
+"""Quantizers: the functions that turn real tensors into 1-bit ones, with their training gradients.
+
+Each quantizer is a single :class:`torch.autograd.Function` (one forward expression, one backward
+expression) wrapped in a tiny parameter-free module with a ``binary`` flag that the profiler reads.
+Sign quantizers map ``x >= 0`` to +1 and ``x < 0`` to -1 (never 0), so a binary layer only ever sees
++-1. The deliberately naive versions used to check these live in :mod:`s2bnn.nn.reference`.
+
+Names accepted by :func:`get_quantizer`:
+
+- ``"react_sign"``: sign(x); gradient 2+2x on [-1, 0), 2-2x on [0, 1), 0 elsewhere (ReActNet;
+  Bi-Real's ApproxSign).
+- ``"ste_sign"``: sign(x); gradient 1 on [-1, 1], 0 elsewhere (hardtanh straight-through, XNOR).
+- ``"scaled_sign"``: for weights: alpha * sign(W), alpha = mean |W| per output channel
+  (detached); gradient of clamp(W, -1, 1).
+- ``"hardtanh"``: clamp(x, -1, 1); the real-valued stand-in for a sign (not binary).
+- ``"identity"`` (or ``None``): real values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from s2bnn.errors import ModelError
+
+__all__ = [
+    "Quantizer",
+    "ReActSign",
+    "SteSign",
+    "ScaledSign",
+    "HardTanh",
+    "Identity",
+    "QUANTIZERS",
+    "get_quantizer",
+    "react_sign",
+    "ste_sign",
+    "scaled_sign",
+]
+
+
+def _pm_one(x: Tensor) -> Tensor:
+    # +1 for x >= 0, -1 for x < 0. torch.sign would give 0 at 0, and copysign alone -1 at -0.0
+    # (which ReLU / max-pool / conv algorithms produce or not, depending on memory layout);
+    # adding +0.0 turns -0.0 into +0.0 (IEEE round-to-nearest).
+    return torch.copysign(x.new_ones(()), x + 0.0)
+
+
+class _ReActSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return _pm_one(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        # d/dx of the piecewise quadratic: 2 - 2|x| inside [-1, 1], 0 outside.
+        return torch.rsub(x.abs(), 2.0, alpha=2.0).relu_().mul_(grad)
+
+
+class _SteSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return _pm_one(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        # One kernel: passes grad where -1 < x < 1 (the boundary itself has measure zero).
+        return torch.ops.aten.hardtanh_backward(grad, x, -1.0, 1.0)
+
+
+class _ScaledSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, w: Tensor) -> Tensor:
+        ctx.save_for_backward(w)
+        dims = tuple(range(1, w.dim()))
+        alpha = w.abs().mean(dim=dims, keepdim=True)
+        return _pm_one(w).mul_(alpha)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (w,) = ctx.saved_tensors
+        # Gradient of clamp(w, -1, 1) (alpha is treated as a constant).
+        return grad.masked_fill(w.abs() > 1.0, 0.0)
+
+
+def react_sign(x: Tensor) -> Tensor:
+    """sign(x) in {-1, +1} with ReActNet's polynomial straight-through gradient."""
+    return _ReActSignFn.apply(x)
+
+
+def ste_sign(x: Tensor) -> Tensor:
+    """sign(x) in {-1, +1} with the hardtanh straight-through gradient."""
+    return _SteSignFn.apply(x)
+
+
+def scaled_sign(w: Tensor) -> Tensor:
+    """alpha * sign(w), alpha = mean |w| over all but the first dim; gradient of clamp(w,-1,1)."""
+    return _ScaledSignFn.apply(w)
+
+
+class Quantizer(nn.Module):
+    """Base class: a parameter-free element-wise map; ``binary`` says whether outputs are 1-bit."""
+
+    binary: bool = False
+
+    def extra_repr(self) -> str:
+        return f"binary={self.binary}"
+
+
+class ReActSign(Quantizer):
+    """Sign with ReActNet's polynomial gradient."""
+
+    binary = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ReActSignFn.apply(x)
+
+
+class SteSign(Quantizer):
+    """Sign with the hardtanh straight-through gradient."""
+
+    binary = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _SteSignFn.apply(x)
+
+
+class ScaledSign(Quantizer):
+    """Weight binarization alpha * sign(W) with a per-output-channel, detached alpha."""
+
+    binary = True
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _ScaledSignFn.apply(w)
+
+
+class HardTanh(Quantizer):
+    """clamp(x, -1, 1): keeps a real-valued counterpart non-linear where a sign used to be."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.hardtanh(x)
+
+
+class Identity(Quantizer):
+    """No quantization."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "react_sign": ReActSign,
+    "ste_sign": SteSign,
+    "scaled_sign": ScaledSign,
+    "hardtanh": HardTanh,
+    "identity": Identity,
+}
+
+
+def get_quantizer(spec: str | nn.Module | None) -> nn.Module:
+    """A quantizer module from a name, a module (returned as is) or ``None`` (identity)."""
+    if spec is None:
+        return Identity()
+    if isinstance(spec, nn.Module):
+        return spec
+    if spec not in QUANTIZERS:
+        raise ModelError(f"unknown quantizer '{spec}'; known: {', '.join(sorted(QUANTIZERS))}")
+    return QUANTIZERS[spec]()
+
+
+def is_binary(module: nn.Module | None) -> bool:
+    """Whether a quantizer (or RSign) produces 1-bit values."""
+    return bool(getattr(module, "binary", False))
