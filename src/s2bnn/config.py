@@ -200,17 +200,19 @@ POSITIVE: tuple[str, ...] = (
 )
 
 
-def _schema() -> DictConfig:
-    cfg = OmegaConf.structured(Config)
+def _schema(schema: type = Config) -> DictConfig:
+    cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
 
-def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _explain(
+    err: OmegaConfBaseException, source: str, schema: type = Config
+) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = _schema()
+        node = _schema(schema)
         try:
             if parent:
                 node = OmegaConf.select(node, parent)
@@ -253,14 +255,14 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be [low, high] with 0 < low <= high <= 1")
 
 
-def _parse_overrides(overrides: list[str]) -> DictConfig:
+def _parse_overrides(overrides: list[str], schema: type = Config) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. epochs=10)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
-        raise _explain(err, "the command line") from None
+        raise _explain(err, "the command line", schema) from None
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -268,13 +270,13 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     return _merge([(OmegaConf.create(data), source)])
 
 
-def _merge(layers: list[tuple[DictConfig, str]]) -> Config:
-    cfg = _schema()
+def _merge(layers: list[tuple[DictConfig, str]], schema: type = Config) -> Any:
+    cfg = _schema(schema)
     for layer, source in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
-            raise _explain(err, source) from None
+            raise _explain(err, source, schema) from None
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
@@ -283,9 +285,10 @@ def _merge(layers: list[tuple[DictConfig, str]]) -> Config:
             raise ConfigError(
                 f"config key '{key}' must be set (e.g. add {key}=runs/my_run)"
             ) from None
-        raise _explain(err, "the merged config") from None
-    assert isinstance(obj, Config)
-    _check_values(obj)
+        raise _explain(err, "the merged config", schema) from None
+    assert isinstance(obj, schema)
+    if isinstance(obj, Config):
+        _check_values(obj)
     return obj
 
 
@@ -293,10 +296,12 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     defaults: dict[str, Any] | None = None,
-) -> Config:
+    schema: type = Config,
+) -> Any:
     """Load a recipe, apply ``key=value`` overrides and validate the result.
 
     ``defaults`` (e.g. an ``output_dir`` chosen by the caller) sit between schema and recipe.
+    ``schema`` is :class:`Config` for training runs; other dataclasses (the demo's plan) work too.
     """
     layers: list[tuple[DictConfig, str]] = []
     if defaults:
@@ -314,8 +319,8 @@ def load_config(
                 f"{path} must hold a mapping of config keys, not {type(data).__name__}"
             )
         layers.append((OmegaConf.create(data), str(path)))
-    layers.append((_parse_overrides(list(overrides)), "the command line"))
-    return _merge(layers)
+    layers.append((_parse_overrides(list(overrides), schema), "the command line"))
+    return _merge(layers, schema)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
