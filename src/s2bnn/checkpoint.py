@@ -79,7 +79,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run dir (``checkpoints/last.pt`` inside it) or a file; fail with a hint otherwise."""
+    """A run dir (its ``checkpoints/last.pt``) or a file; fail with a hint otherwise."""
     path = Path(path)
     if path.is_dir():
         candidate = path / "checkpoints" / "last.pt"

@@ -9,9 +9,10 @@
 5. write ``report.md``, PNG plots and ``results.json`` and print the summary.
 
 The stages' training configs mirror ``configs/fashion_mnist/{teacher_mocov2,s2bnn,
-mocov2_bnn_plus}.yaml`` (a test keeps them in step); :class:`DemoConfig` only sets sizes. A stage whose run dir already
-holds a finished run with the same config is reused, and an interrupted one resumes, so running
-the same command again after a crash finishes the job instead of starting over.
+mocov2_bnn_plus}.yaml`` (a test keeps them in step); :class:`DemoConfig` only sets sizes. A
+stage whose run dir already holds a finished run with the same config is reused, and an
+interrupted one resumes, so running the same command again after a crash finishes the job
+instead of starting over.
 """
 
 from __future__ import annotations

@@ -1,0 +1,746 @@
+"""One training loop for every method: data, optimiser, precision, DDP, checkpoints and logs.
+
+``train(cfg)`` runs a recipe into ``cfg.output_dir`` (layout in :mod:`s2bnn.engine.rundir`). The
+method (``s2bnn.methods``) owns the maths: ``method(views) -> (loss, logs)`` and
+``method.on_train_step_end(step, total_steps)`` after each optimiser step; this loop owns
+everything around it.
+
+Reproducibility: the global RNGs (torch, numpy, python) and the data loader's generator are
+re-seeded at the start of every epoch from ``(seed, rank, epoch)``, and the sampler's shuffle
+from ``(seed, epoch)``. Together with the model, method (queues, EMA weights, centres), optimiser
+and scheduler state in the checkpoint, this makes a run resumed from an epoch's checkpoint
+continue exactly as the uninterrupted run would have (bit for bit on CPU), on every rank, even
+though only rank 0 writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from s2bnn import distributed as D
+from s2bnn.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from s2bnn.config import Config, config_to_dict, save_config
+from s2bnn.engine.optim import build_optimizer, build_scheduler
+from s2bnn.engine.rundir import MetricsCSV, RunPlan, clear_run_dir, plan_run
+from s2bnn.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
+
+__all__ = ["Parts", "build_parts", "train", "resolve_device", "autocast_context"]
+
+
+# --------------------------------------------------------------------------- what is trained
+@dataclass
+class Parts:
+    """What the loop trains, built from a config by :func:`build_parts`.
+
+    Tests and embedding code can pass their own (e.g. a tiny dataset and method) to
+    :func:`train`. ``build_backbone`` and ``build_method`` are called after seeding;
+    ``build_method(backbone, total_steps)`` must return a method as described in the module
+    docstring. ``knn_sets()`` returns ``(memory bank, queries, num_classes)`` of labelled
+    eval-transformed images for the kNN monitor, or ``None`` when there is no labelled split.
+    """
+
+    train_set: Dataset
+    in_chans: int
+    image_size: int
+    backbone_name: str
+    backbone_kwargs: dict[str, Any]
+    build_backbone: Callable[[], nn.Module]
+    build_method: Callable[[nn.Module, int], nn.Module]
+    knn_sets: Callable[[], tuple[Dataset, Dataset, int] | None] | None = None
+
+
+def _seeded_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    n = len(dataset)  # type: ignore[arg-type]
+    if size >= n:
+        return dataset
+    gen = torch.Generator().manual_seed(seed)
+    return Subset(dataset, sorted(torch.randperm(n, generator=gen)[:size].tolist()))
+
+
+def build_parts(cfg: Config) -> Parts:
+    """Dataset with augmented views, backbone and method builders, kNN splits for ``cfg``."""
+    from s2bnn import data
+    from s2bnn.methods import build_method
+    from s2bnn.models import build_model
+
+    dc = cfg.data
+    train_set = data.build_dataset(
+        dc.name, "train", root=dc.root, limit=dc.limit, skip_corrupt=dc.skip_corrupt
+    )
+    in_chans = int(train_set.in_chans)  # type: ignore[attr-defined]
+    image_size = int(dc.image_size or data.default_image_size(dc.name))
+    mean, std = data.dataset_stats(dc.name)
+    aug = dc.augment
+    # The dataset was built first to learn its channels; both dataset classes apply `.transform`.
+    train_set.transform = data.build_train_transform(  # type: ignore[attr-defined]
+        aug.preset, image_size, in_chans, num_views=aug.num_views, crop_scale=aug.crop_scale,
+        color=aug.color, blur=aug.blur, local_crops=aug.local_crops, local_size=aug.local_size,
+        local_crop_scale=aug.local_crop_scale, mean=mean, std=std,
+    )
+
+    mc = cfg.model
+    kwargs: dict[str, Any] = dict(mc.kwargs)
+    for key in ("binary_act", "binary_weight", "width_mult", "stem_stride"):
+        value = getattr(mc, key)
+        if value is not None:
+            kwargs[key] = value
+    kwargs.update(num_classes=0, in_chans=in_chans)
+    num_train = len(train_set)  # type: ignore[arg-type]
+
+    def knn_sets() -> tuple[Dataset, Dataset, int] | None:
+        tf = data.build_eval_transform(image_size, in_chans, mean, std)
+        bank = data.build_dataset(
+            dc.name, "train", transform=tf, root=dc.root, limit=dc.limit,
+            skip_corrupt=dc.skip_corrupt,
+        )
+        try:
+            queries = data.build_dataset(
+                dc.name, "test", transform=tf, root=dc.root, skip_corrupt=dc.skip_corrupt
+            )
+        except DataError:
+            return None
+        if len(queries) == 0:  # type: ignore[arg-type]
+            return None
+        return (
+            _seeded_subset(bank, cfg.knn_train_size, cfg.seed),
+            _seeded_subset(queries, cfg.knn_test_size, cfg.seed + 1),
+            int(bank.num_classes),  # type: ignore[attr-defined]
+        )
+
+    return Parts(
+        train_set=train_set,
+        in_chans=in_chans,
+        image_size=image_size,
+        backbone_name=mc.name,
+        backbone_kwargs=kwargs,
+        build_backbone=lambda: build_model(mc.name, **kwargs),
+        build_method=lambda backbone, total: build_method(
+            cfg.method, backbone, num_train=num_train, total_steps=total, in_chans=in_chans
+        ),
+        knn_sets=knn_sets,
+    )
+
+
+# --------------------------------------------------------------------------- devices and seeds
+def resolve_device(pref: str) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU; ``cuda`` -> this rank's."""
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={pref} but no CUDA device is visible; use device=cpu or device=auto"
+            )
+        if pref == "cuda":
+            return torch.device("cuda", D.local_rank())
+        try:
+            dev = torch.device(pref)
+        except RuntimeError:
+            raise ConfigError(
+                f"config key 'device' is '{pref}'; use auto, cpu, cuda or cuda:N"
+            ) from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={pref} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+        return dev
+    raise ConfigError(f"config key 'device' is '{pref}'; allowed values: auto, cpu, cuda, cuda:N")
+
+
+def autocast_context(precision: str, device: torch.device) -> Callable[[], Any]:
+    """A factory of the autocast context for ``precision`` on ``device`` (bf16 needs no scaler)."""
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision=bf16 but this GPU has no bf16 support; use precision=fp32")
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker's torch and `random` RNGs from the loader's generator; numpy too:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    with contextlib.suppress(KeyError, TypeError, ValueError, RuntimeError):
+        torch.set_rng_state(state["torch"])
+        npst = state["numpy"]
+        np.random.set_state((
+            "MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+            npst["cached_gaussian"],
+        ))
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- distributed set-up
+def _init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when we created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _broadcast_plan(plan_fn: Callable[[], RunPlan]) -> RunPlan:
+    """Rank 0 decides what to do with the run dir; every rank gets the same answer or error."""
+    payload: list[Any] = [None]
+    if D.is_main_process():
+        try:
+            payload[0] = ("ok", plan_fn())
+        except UserError as err:
+            payload[0] = ("error", (type(err), str(err)))
+    if D.is_distributed():
+        dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "error":
+        cls, msg = value
+        raise cls(msg)
+    return value
+
+
+def _convert_sync_bn(module: nn.Module) -> nn.Module:
+    """SyncBatchNorm for every BatchNorm in training mode.
+
+    The frozen teacher is kept in eval mode by its method, so it keeps plain BatchNorm (it
+    uses running statistics and has nothing to synchronise); momentum encoders are in training
+    mode and are converted too, as in MoCo's SyncBN variant.
+    """
+    for name, child in module.named_children():
+        if not child.training:
+            continue
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        else:
+            _convert_sync_bn(child)
+    return module
+
+
+# --------------------------------------------------------------------------- the loop
+def _to_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean())
+    return float(value)
+
+
+def _non_finite_terms(logs: dict[str, Any]) -> list[str]:
+    bad = []
+    for key, value in logs.items():
+        try:
+            if not math.isfinite(_to_float(value)):
+                bad.append(key)
+        except (TypeError, ValueError):
+            continue
+    return bad
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, parts: Parts | Callable[[Config], Parts] | None) -> None:
+        self.cfg = cfg
+        self.parts_arg = parts
+        self.rank = D.rank()
+        self.world = D.world_size()
+        self.main = self.rank == 0
+        self.show = self.main and cfg.progress
+        self.run_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    def say(self, msg: str) -> None:
+        if self.show:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self, device: torch.device) -> None:
+        cfg = self.cfg
+        self.device = device
+        if cfg.batch_size < self.world:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} is smaller than the {self.world} ranks; "
+                f"use batch_size >= {self.world} (it is the global batch)"
+            )
+        if cfg.batch_size % self.world:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} does not split evenly over {self.world} ranks; "
+                f"use a multiple of {self.world}"
+            )
+        if cfg.log_every <= 0:
+            raise ConfigError(f"config key 'log_every' must be > 0, got {cfg.log_every}")
+        if cfg.max_steps is not None and cfg.max_steps <= 0:
+            raise ConfigError(f"config key 'max_steps' must be > 0, got {cfg.max_steps}")
+        if cfg.sync_bn and self.world > 1 and device.type != "cuda":
+            raise ConfigError("sync_bn=true needs CUDA devices under DDP; set sync_bn=false on CPU")
+        self.autocast = autocast_context(cfg.precision, device)
+
+        self.plan = _broadcast_plan(
+            lambda: plan_run(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.force)
+        )
+
+        _seed_all(cfg.seed)
+        parts = self.parts_arg
+        if parts is None:
+            parts = build_parts(cfg)
+        elif not isinstance(parts, Parts):
+            parts = parts(cfg)
+        self.parts = parts
+
+        per_rank = cfg.batch_size // self.world
+        self.sampler = DistributedSampler(
+            parts.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+            seed=cfg.seed, drop_last=True,
+        )
+        self.loader_gen = torch.Generator()
+        workers = cfg.data.num_workers
+        self.loader = DataLoader(
+            parts.train_set, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
+            drop_last=True, generator=self.loader_gen, worker_init_fn=_seed_worker,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"{len(parts.train_set)} training images give no full batch of "  # type: ignore
+                f"{cfg.batch_size}; lower batch_size or raise data.limit"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+        _seed_all(cfg.seed)
+        backbone = parts.build_backbone()
+        if cfg.model.init_from and self.plan.action == "fresh":
+            self._init_backbone(backbone, cfg.model.init_from)
+        method = parts.build_method(backbone, self.total_steps)
+        if not isinstance(getattr(method, "backbone", None), nn.Module):
+            raise TypeError("a method must expose its student backbone as `.backbone`")
+        if cfg.sync_bn and self.world > 1:
+            method = _convert_sync_bn(method)
+        self.method = method.to(device)
+
+        oc = cfg.optim
+        self.optimizer = build_optimizer(
+            self.method, oc.name, oc.lr, weight_decay=oc.weight_decay, momentum=oc.momentum,
+            betas=oc.betas, exclude_bn_bias=oc.exclude_bn_bias, exclude_binary=oc.exclude_binary,
+            lars_eta=oc.lars_eta,
+        )
+        self.warmup_steps = round(oc.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.total_steps, self.warmup_steps, oc.schedule, oc.lr, oc.min_lr
+        )
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        self.epoch = 0
+        self.step = 0
+        self.bad_steps = 0
+        if self.plan.action == "resume":
+            self._load(self.plan.checkpoint)
+
+        self.model: nn.Module = self.method
+        if cfg.compile:
+            # In place, so state_dict keys stay those of the plain module.
+            self.method.compile()
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ignored = list(getattr(self.method, "ddp_ignored_names", list)())
+            if ignored:
+                DDP._set_params_and_buffers_to_ignore_for_model(self.method, ignored)
+            # channels_last 1x1 conv weights get canonically strided gradients; DDP then copies
+            # them into its bucket (cheap, correct) and would warn about it on every run.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+            self.model = DDP(
+                self.method, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
+
+    def _init_backbone(self, backbone: nn.Module, source: str) -> None:
+        """Two-step binarization: start from the backbone of a step-1 run."""
+        ckpt = load_checkpoint(source)
+        entry = ckpt.get("backbone")
+        if not isinstance(entry, dict) or not isinstance(entry.get("state_dict"), dict):
+            raise CheckpointError(
+                f"model.init_from={source} is not an s2bnn training checkpoint (no backbone "
+                "entry); pass a step-1 run dir or one of its checkpoints/*.pt"
+            )
+        if entry.get("name") not in (None, self.parts.backbone_name):
+            raise CheckpointError(
+                f"model.init_from={source} holds a '{entry.get('name')}' backbone but model.name "
+                f"is '{self.parts.backbone_name}'; use the same architecture in both steps"
+            )
+        from s2bnn.models import load_backbone_state
+
+        load_backbone_state(backbone, entry["state_dict"], source)
+        self.say(f"backbone initialised from {source}")
+
+    def _load(self, path: Path | None) -> None:
+        assert path is not None
+        ckpt = load_checkpoint(path)
+        try:
+            self.method.load_state_dict(ckpt["method"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+            raise CheckpointError(
+                f"cannot resume from {path}: it does not match this model/optimiser ({first}); "
+                "use the config the run was made with, or another output_dir"
+            ) from None
+        self.epoch = int(ckpt["epoch"])
+        self.step = int(ckpt["step"])
+        self.bad_steps = int(ckpt.get("bad_steps", 0))
+        # The schedule may have been lengthened (epochs changed): take the lr from it, not the file.
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.step)
+        _set_rng_state(ckpt.get("rng") or {})
+        self.say(self.plan.note)
+
+    # ---------------------------------------------------------------- outputs
+    def open_outputs(self) -> None:
+        self.metrics: MetricsCSV | None = None
+        self.tb: Any = None
+        if not self.main:
+            return
+        resumed = self.plan.action == "resume"
+        if not resumed:
+            if self.plan.note:
+                self.say(self.plan.note)
+            if self.run_dir.is_dir():
+                clear_run_dir(self.run_dir)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsCSV(
+            self.run_dir / "metrics.csv", keep_until_step=self.step if resumed else None
+        )
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self.say("tensorboard is not installed: no tb/ events")
+            return
+        # purge_step drops events a crashed run wrote after its last checkpoint.
+        self.tb = SummaryWriter(
+            str(self.run_dir / "tb"), purge_step=self.step + 1 if resumed else None
+        )
+
+    def close_outputs(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+    def checkpoint(self, finished: bool) -> None:
+        if not self.main:
+            return
+        cfg = self.cfg
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config_to_dict(cfg),
+            "epoch": self.epoch,
+            "step": self.step,
+            "backbone": {
+                "name": self.parts.backbone_name,
+                "kwargs": dict(self.parts.backbone_kwargs),
+                "state_dict": self.method.backbone.state_dict(),
+            },
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "bad_steps": self.bad_steps,
+            "world_size": self.world,
+            "image_size": self.parts.image_size,
+            "in_chans": self.parts.in_chans,
+            "finished": finished,
+        }
+        save_checkpoint(state, self.ckpt_dir / "last.pt")
+        if cfg.save_every and self.epoch % cfg.save_every == 0:
+            save_checkpoint(state, self.ckpt_dir / f"epoch_{self.epoch}.pt")
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+
+    # ---------------------------------------------------------------- kNN monitor
+    def knn(self) -> float | None:
+        """kNN top-1 (%) of the student backbone on a small labelled split (rank 0 only)."""
+        if not hasattr(self, "_knn_data"):
+            fn = self.parts.knn_sets
+            self._knn_data = fn() if fn is not None else None
+            if self._knn_data is None:
+                self.say("kNN monitor: no labelled test split, skipped")
+        if self._knn_data is None:
+            return None
+        from s2bnn.eval.features import extract_features, make_loader
+        from s2bnn.eval.knn import knn_eval
+
+        bank, queries, num_classes = self._knn_data
+        bs = max(64, self.cfg.batch_size // self.world)
+        nw = self.cfg.data.num_workers
+        backbone = self.method.backbone
+        # A private RNG state: the monitor must not change what training draws next.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            tr_f, tr_y = extract_features(
+                backbone, make_loader(bank, bs, num_workers=nw, device=self.device), self.device
+            )
+            te_f, te_y = extract_features(
+                backbone, make_loader(queries, bs, num_workers=nw, device=self.device),
+                self.device,
+            )
+        res = knn_eval(tr_f, tr_y, te_f, te_y, num_classes=num_classes, k=self.cfg.knn_k)
+        return float(res["knn_top1"])
+
+    # ---------------------------------------------------------------- training
+    def _bad_step(self, logs: dict[str, Any], loss_val: float) -> None:
+        cfg = self.cfg
+        terms = _non_finite_terms(logs) or ["loss"]
+        where = f"step {self.step + 1} (epoch {self.epoch + 1})"
+        what = ", ".join(terms)
+        kept = (
+            f"the last good checkpoint {self.ckpt_dir / 'last.pt'} is kept"
+            if (self.ckpt_dir / "last.pt").is_file() else "no checkpoint was written yet"
+        )
+        if cfg.nan_policy == "stop":
+            raise TrainingError(
+                f"non-finite loss ({loss_val}) at {where} in term(s) {what}; {kept}; lower "
+                "optim.lr, set optim.grad_clip, or set nan_policy=skip"
+            )
+        self.bad_steps += 1
+        self.say(f"skipped {where}: non-finite {what} ({self.bad_steps}/{cfg.max_bad_steps})")
+        if self.bad_steps >= cfg.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} non-finite steps (last at {where}, term(s) {what}) reached "
+                f"max_bad_steps={cfg.max_bad_steps}; {kept}; lower optim.lr or set optim.grad_clip"
+            )
+
+    def _batches(self) -> Iterator[list[torch.Tensor]]:
+        for batch in self.loader:
+            views = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 2 else batch
+            if isinstance(views, torch.Tensor):
+                views = [views]
+            yield [v.to(self.device, non_blocking=True) for v in views]
+
+    def _train_step(self, views: list[torch.Tensor], sums: dict[str, torch.Tensor]) -> bool:
+        """One optimiser step; False when the step was skipped (non-finite loss, policy skip)."""
+        cfg = self.cfg
+        with self.autocast():
+            loss, logs = self.model(views)
+        loss_val = loss.detach().float()
+        finite = torch.isfinite(loss_val)
+        if self.world > 1:
+            # All ranks must agree, or one would wait forever in DDP's gradient all-reduce.
+            flag = finite.to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag[0] > 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if not bool(finite):
+            self._bad_step(logs, float(loss_val))
+            if self.world > 1:
+                (loss * 0).backward()  # join the all-reduce DDP expects; the grads are dropped
+                self.optimizer.zero_grad(set_to_none=True)
+            # Buffers the forward already changed (BatchNorm statistics, queues) are not rolled
+            # back; the schedule advances so it stays aligned with the data (torch warns when
+            # that happens before any optimiser step: intended here).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+            self.step += 1
+            return False
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.method.on_train_step_end(self.step, self.total_steps)
+        self.step += 1
+        sums["loss"] = sums.get("loss", 0) + loss_val
+        for key, value in logs.items():
+            v = value.detach().float().mean() if isinstance(value, torch.Tensor) else \
+                torch.tensor(float(value))
+            sums[key] = sums.get(key, 0) + v
+        return True
+
+    def _log_point(
+        self, sums: dict[str, torch.Tensor], good: int, steps: int, elapsed: float, knn: bool,
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "loss": float(sums["loss"]) / good if good else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": steps * self.cfg.batch_size / elapsed if elapsed > 0 else 0.0,
+        }
+        for key, value in sums.items():
+            if key != "loss":
+                row[key] = float(value) / good
+        if self.bad_steps:
+            row["bad_steps"] = self.bad_steps
+        if knn:
+            if self.main:
+                top1 = self.knn()
+                if top1 is not None:
+                    row["knn_top1"] = top1
+            D.barrier()
+        if self.main:
+            self.log_row(row)
+        return row
+
+    def _train_epoch(self) -> bool:
+        """Train until the epoch ends or max_steps is reached; True when max_steps was reached."""
+        cfg = self.cfg
+        from tqdm import tqdm
+
+        # Everything random in this epoch follows from (seed, rank, epoch): see the module doc.
+        _seed_all(_derive_seed(cfg.seed, self.rank, self.epoch))
+        self.loader_gen.manual_seed(_derive_seed(cfg.seed, self.rank, self.epoch, 1))
+        self.sampler.set_epoch(self.epoch)
+        bar = tqdm(
+            total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not self.show, dynamic_ncols=True, leave=False, file=sys.stderr,
+        )
+        sums: dict[str, torch.Tensor] = {}
+        good = steps = 0
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {}
+        reached = False
+        try:
+            for i, views in enumerate(self._batches()):
+                good += int(self._train_step(views, sums))
+                steps += 1
+                bar.update(1)
+                last = i + 1 == self.steps_per_epoch
+                reached = cfg.max_steps is not None and self.step >= cfg.max_steps
+                if self.step % cfg.log_every == 0 or last or reached:
+                    knn = last and cfg.knn_every > 0 and (self.epoch + 1) % cfg.knn_every == 0
+                    row = self._log_point(sums, good, steps, time.perf_counter() - t0, knn)
+                    post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
+                            "img/s": f"{row['img_per_s']:.0f}"}
+                    post.update({k: f"{v:.3f}" for k, v in row.items() if k.startswith("cos")})
+                    bar.set_postfix(post, refresh=False)
+                    sums, good, steps = {}, 0, 0
+                    t0 = time.perf_counter()
+                if reached and not last:
+                    return True
+        finally:
+            bar.close()
+        self.epoch += 1
+        if row:
+            self.say(
+                f"epoch {self.epoch}/{cfg.epochs} step {self.step}: loss {row['loss']:.4f}"
+                + (f", knn_top1 {row['knn_top1']:.2f}" if "knn_top1" in row else "")
+            )
+        return reached
+
+    def run(self) -> None:
+        cfg = self.cfg
+        lr0 = self.optimizer.param_groups[0]["lr"]
+        self.say(
+            f"training {cfg.epochs} epoch(s) x {self.steps_per_epoch} steps, batch "
+            f"{cfg.batch_size} on {self.world} x {self.device}, lr {lr0:.3g}; "
+            f"run dir {self.run_dir}"
+        )
+        reached = cfg.max_steps is not None and self.step >= cfg.max_steps
+        wrote = False
+        while self.epoch < cfg.epochs and not reached:
+            reached = self._train_epoch()
+            # A dry run stopped by max_steps mid-epoch is finished too (its checkpoint is not at
+            # an epoch boundary, so it is not meant to be resumed).
+            self.checkpoint(finished=reached or self.epoch >= cfg.epochs)
+            wrote = True
+        if not wrote:
+            # Nothing left to train (e.g. a resumed run whose epochs were lowered): mark finished.
+            self.checkpoint(finished=True)
+        D.barrier()
+
+
+def train(cfg: Config, *, parts: Parts | Callable[[Config], Parts] | None = None) -> Path:
+    """Run the recipe ``cfg`` into ``cfg.output_dir`` and return that directory.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each process joins the process group (NCCL on GPUs,
+    gloo on CPUs) and trains its share of every global batch; only rank 0 writes files. ``parts``
+    replaces what :func:`build_parts` would build from ``cfg`` (a :class:`Parts` or a function of
+    the config).
+    """
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    created = False
+    trainer: _Trainer | None = None
+    try:
+        device = resolve_device(cfg.device)
+        if cfg.deterministic:
+            # cuBLAS needs this before its first call to be deterministic.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        created = _init_distributed(device)
+        trainer = _Trainer(cfg, parts)
+        trainer.setup(device)
+        trainer.open_outputs()
+        trainer.run()
+        return trainer.run_dir
+    finally:
+        if trainer is not None and hasattr(trainer, "tb"):
+            trainer.close_outputs()
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.backends.cudnn.benchmark = prev_bench
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+

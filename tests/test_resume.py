@@ -1,0 +1,115 @@
+"""Resume equality: stop in epoch 2, resume with resume=auto, and end bit-identical (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import one_thread, read_metrics, tiny_cfg, tiny_parts  # noqa: F401
+
+from s2bnn.checkpoint import load_checkpoint
+from s2bnn.engine import train
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"tensor differs at {where}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_equals_uninterrupted_run(tmp_path: Path, workers: int) -> None:
+    common = {"deterministic": True, "data": {"num_workers": workers},
+              "optim": {"name": "adam", "lr": 0.02, "warmup_epochs": 0.5}}
+    full = tmp_path / "full"
+    train(tiny_cfg(full, **common), parts=tiny_parts())
+
+    run = tmp_path / "run"
+    # Crash mid-epoch 2 (call 11 of 12), after a metrics row for step 10 was written.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(run, **common), parts=tiny_parts(crash_at=11))
+    assert load_checkpoint(run)["epoch"] == 1
+    assert [r["step"] for r in read_metrics(run)][-1] == "10"
+    train(tiny_cfg(run, resume="auto", **common), parts=tiny_parts())
+
+    a, b = load_checkpoint(full), load_checkpoint(run)
+    assert b["finished"] and b["epoch"] == 2 and b["step"] == a["step"] == 12
+    for key in ("method", "backbone", "optimizer", "scheduler"):
+        assert_identical(a[key], b[key], key)
+    # The rows of the crashed part were dropped and re-logged once: same rows as uninterrupted.
+    rows_a, rows_b = read_metrics(full), read_metrics(run)
+    strip = [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows_a]
+    assert strip == [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows_b]
+
+
+def test_resume_in_a_three_epoch_run(tmp_path: Path) -> None:
+    """A crash early in epoch 2 of 3 (right after the first checkpoint) resumes exactly too."""
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        train(tiny_cfg(run, epochs=3), parts=tiny_parts(crash_at=7))
+    full = tmp_path / "full"
+    train(tiny_cfg(full, epochs=3), parts=tiny_parts())
+    train(tiny_cfg(run, epochs=3, resume="auto"), parts=tiny_parts())
+    assert_identical(load_checkpoint(full)["method"], load_checkpoint(run)["method"], "method")
+
+
+def test_resume_real_method_with_augmentation_and_knn(tmp_path: Path) -> None:
+    """The real MoCo v2 (key encoder, queue, shuffle BN) on a binary student, random
+    augmentations and the kNN monitor: the resumed run is bit-identical too."""
+    from s2bnn.config import config_from_dict
+    from s2bnn.engine import build_parts
+
+    def cfg(out: Path, **over):
+        base = {
+            "output_dir": str(out), "epochs": 2, "batch_size": 16, "progress": False,
+            "device": "cpu", "log_every": 1, "knn_every": 1, "knn_train_size": 32,
+            "knn_test_size": 16, "data": {"name": "synthetic:1:16:48:4"},
+            "model": {"name": "reactnet_small", "width_mult": 0.125},
+            "method": {"name": "mocov2", "queue_size": 32, "momentum": 0.9},
+        }
+        return config_from_dict({**base, **over})
+
+    calls = {"n": 0}
+
+    def crashing(c):
+        parts = build_parts(c)
+        inner = parts.build_method
+
+        def build(backbone, total):
+            method = inner(backbone, total)
+            forward = method.forward
+
+            def fwd(views):
+                calls["n"] += 1
+                if calls["n"] == 5:  # in epoch 2 (3 steps per epoch)
+                    raise RuntimeError("simulated crash")
+                return forward(views)
+
+            method.forward = fwd
+            return method
+
+        parts.build_method = build
+        return parts
+
+    train(cfg(tmp_path / "full"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg(tmp_path / "run"), parts=crashing)
+    train(cfg(tmp_path / "run", resume="auto"))
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "run")
+    for key in ("method", "optimizer", "scheduler"):
+        assert_identical(a[key], b[key], key)
+    knn = [r["knn_top1"] for r in read_metrics(tmp_path / "run") if r["knn_top1"]]
+    assert knn == [r["knn_top1"] for r in read_metrics(tmp_path / "full") if r["knn_top1"]]
+    assert len(knn) == 2
