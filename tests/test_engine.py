@@ -430,3 +430,39 @@ def test_precision_choices(tmp_path: Path) -> None:
         assert torch.is_autocast_enabled("cpu")
     train(tiny_cfg(tmp_path / "r", epochs=1, precision="bf16"), parts=tiny_parts())
     assert all(math.isfinite(float(r["loss"])) for r in read_metrics(tmp_path / "r"))
+
+
+def test_batch_augment_default_for_in_memory_data(tmp_path: Path) -> None:
+    from s2bnn.engine import build_parts
+
+    base = {"output_dir": str(tmp_path / "r"), "method": {"name": "mocov2"},
+            "model": {"name": "reactnet_small"}}
+    parts = build_parts(config_from_dict({**base, "data": {"name": "synthetic:1:16:64:4"}}))
+    assert parts.batch_transform is not None
+    image, _ = parts.train_set[0]
+    assert image.dtype == torch.uint8  # the loader hands raw images; views are made per batch
+    batch = torch.stack([parts.train_set[i][0] for i in range(4)])
+    views = parts.batch_transform(batch)
+    assert len(views) == 2 and views[0].shape == (4, 1, 16, 16)
+    assert views[0].dtype == torch.float32 and not torch.equal(views[0], views[1])
+
+    off = build_parts(config_from_dict(
+        {**base, "data": {"name": "synthetic:1:16:64:4", "batch_augment": False}}))
+    assert off.batch_transform is None
+    per_image, _ = off.train_set[0]
+    assert len(per_image) == 2 and per_image[0].shape == (1, 16, 16)
+
+
+def test_batch_augment_true_needs_in_memory_data(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from s2bnn.engine import build_parts
+
+    for split in ("train", "val"):
+        d = tmp_path / "data" / split / "a"
+        d.mkdir(parents=True)
+        Image.new("L", (8, 8)).save(d / "0.png")
+    cfg = config_from_dict({"output_dir": str(tmp_path / "r"),
+                            "data": {"name": str(tmp_path / "data"), "batch_augment": True}})
+    with pytest.raises(ConfigError, match="batch_augment"):
+        build_parts(cfg)

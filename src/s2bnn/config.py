@@ -67,6 +67,10 @@ class DataConfig:
     image_size: Optional[int] = None  # training/eval resolution; None: the dataset's own
     num_workers: int = 0
     skip_corrupt: bool = False  # skip and count unreadable images instead of stopping
+    # Augment whole uint8 batches on the training device instead of image by image in the
+    # loader. None (auto): on for in-memory datasets (Fashion-MNIST, synthetic), whose
+    # per-image augmentation would otherwise cost more than the training step on a CPU.
+    batch_augment: Optional[bool] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -329,5 +333,11 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run dir's ``config.yaml``)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (the run dir's ``config.yaml``), atomically.
+
+    A resumed run rewrites it; a crash mid-write must not leave a truncated recipe behind.
+    """
+    from s2bnn.checkpoint import atomic_write_bytes  # bottom layer too; imports torch, so lazily
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write_bytes(path, text.encode())

@@ -16,6 +16,7 @@ though only rank 0 writes the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import random
@@ -34,10 +35,23 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from s2bnn import distributed as D
-from s2bnn.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from s2bnn.checkpoint import (
+    FAULT_ENV,
+    FORMAT,
+    VERSION,
+    fault_point,
+    load_checkpoint,
+    save_checkpoint,
+)
 from s2bnn.config import Config, config_to_dict, save_config
 from s2bnn.engine.optim import build_optimizer, build_scheduler
-from s2bnn.engine.rundir import MetricsCSV, RunPlan, clear_run_dir, plan_run
+from s2bnn.engine.rundir import (
+    MetricsCSV,
+    RunPlan,
+    clear_run_dir,
+    plan_run,
+    remove_stale_temp_files,
+)
 from s2bnn.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 
 __all__ = ["Parts", "build_parts", "train", "resolve_device", "autocast_context"]
@@ -63,6 +77,8 @@ class Parts:
     build_backbone: Callable[[], nn.Module]
     build_method: Callable[[nn.Module, int], nn.Module]
     knn_sets: Callable[[], tuple[Dataset, Dataset, int] | None] | None = None
+    # Set when the loader yields raw uint8 batches that are augmented on the device.
+    batch_transform: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
 
 
 def _seeded_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
@@ -87,15 +103,33 @@ def build_parts(cfg: Config) -> Parts:
     image_size = int(dc.image_size or data.default_image_size(dc.name))
     mean, std = data.dataset_stats(dc.name)
     aug = dc.augment
-    # The dataset was built first to learn its channels; both dataset classes apply `.transform`.
-    train_set.transform = data.build_train_transform(  # type: ignore[attr-defined]
-        aug.preset, image_size, in_chans, num_views=aug.num_views, crop_scale=aug.crop_scale,
-        color=aug.color, blur=aug.blur, local_crops=aug.local_crops, local_size=aug.local_size,
+    aug_args = dict(
+        num_views=aug.num_views, crop_scale=aug.crop_scale, color=aug.color, blur=aug.blur,
+        local_crops=aug.local_crops, local_size=aug.local_size,
         local_crop_scale=aug.local_crop_scale, mean=mean, std=std,
     )
+    in_memory = isinstance(getattr(train_set, "images", None), torch.Tensor)
+    if dc.batch_augment and not in_memory:
+        raise ConfigError(
+            f"data.batch_augment=true needs a dataset held in memory as one uint8 tensor "
+            f"(fashion-mnist, synthetic); {dc.name} is decoded image by image: leave it unset"
+        )
+    batch_transform = None
+    if in_memory and dc.batch_augment is not False:
+        batch_transform = data.build_batch_train_transform(
+            aug.preset, image_size, in_chans, **aug_args)
+    else:
+        # The dataset was built first to learn its channels; every dataset applies `.transform`.
+        train_set.transform = data.build_train_transform(  # type: ignore[attr-defined]
+            aug.preset, image_size, in_chans, **aug_args)
 
     mc = cfg.model
     kwargs: dict[str, Any] = dict(mc.kwargs)
+    if "in_chans" in kwargs and kwargs["in_chans"] != in_chans:
+        raise ConfigError(
+            f"model.kwargs.in_chans={kwargs['in_chans']} but {dc.name} has {in_chans}-channel "
+            "images; drop model.kwargs.in_chans (the data sets it) or use matching data"
+        )
     for key in ("binary_act", "binary_weight", "width_mult", "stem_stride"):
         value = getattr(mc, key)
         if value is not None:
@@ -134,6 +168,7 @@ def build_parts(cfg: Config) -> Parts:
             cfg.method, backbone, num_train=num_train, total_steps=total, in_chans=in_chans
         ),
         knn_sets=knn_sets,
+        batch_transform=batch_transform,
     )
 
 
@@ -299,6 +334,9 @@ class _Trainer:
         self.show = self.main and cfg.progress
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Fault-injection test hook (s2bnn.checkpoint.fault_point); read once, so it costs
+        # nothing per step when unset.
+        self.fault_steps = os.environ.get(FAULT_ENV, "").startswith("kill-step:")
 
     def say(self, msg: str) -> None:
         if self.show:
@@ -461,6 +499,7 @@ class _Trainer:
             if self.run_dir.is_dir():
                 clear_run_dir(self.run_dir)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.run_dir)  # left by a run killed mid-write
         save_config(self.cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsCSV(
             self.run_dir / "metrics.csv", keep_until_step=self.step if resumed else None
@@ -504,9 +543,24 @@ class _Trainer:
             "in_chans": self.parts.in_chans,
             "finished": finished,
         }
-        save_checkpoint(state, self.ckpt_dir / "last.pt")
-        if cfg.save_every and self.epoch % cfg.save_every == 0:
-            save_checkpoint(state, self.ckpt_dir / f"epoch_{self.epoch}.pt")
+        last = self.ckpt_dir / "last.pt"
+        kept = (f"the previous checkpoint {last} is kept" if last.is_file()
+                else "no checkpoint was written yet")
+        target = last
+        try:
+            save_checkpoint(state, last)
+            if cfg.save_every and self.epoch % cfg.save_every == 0:
+                kept = f"{last} was written"
+                target = self.ckpt_dir / f"epoch_{self.epoch}.pt"
+                save_checkpoint(state, target)
+        except OSError as err:
+            # A full disk, a quota or a permission problem: the write was atomic, so nothing
+            # half-written replaced a good file.
+            raise TrainingError(
+                f"cannot write checkpoint {target} after epoch {self.epoch}: "
+                f"{err.strerror or err}; {kept}; free space (or fix the directory) and rerun "
+                "the same command with resume=auto"
+            ) from None
 
     def log_row(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -569,8 +623,12 @@ class _Trainer:
             )
 
     def _batches(self) -> Iterator[list[torch.Tensor]]:
+        augment = self.parts.batch_transform
         for batch in self.loader:
             views = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 2 else batch
+            if augment is not None:
+                yield augment(views.to(self.device, non_blocking=True))
+                continue
             if isinstance(views, torch.Tensor):
                 views = [views]
             yield [v.to(self.device, non_blocking=True) for v in views]
@@ -662,6 +720,8 @@ class _Trainer:
             for i, views in enumerate(self._batches()):
                 good += int(self._train_step(views, sums))
                 steps += 1
+                if self.fault_steps:
+                    fault_point("kill-step")
                 bar.update(1)
                 last = i + 1 == self.steps_per_epoch
                 reached = cfg.max_steps is not None and self.step >= cfg.max_steps
@@ -736,6 +796,13 @@ def train(cfg: Config, *, parts: Parts | Callable[[Config], Parts] | None = None
         trainer.open_outputs()
         trainer.run()
         return trainer.run_dir
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise TrainingError(
+            f"disk full while writing {err.filename or cfg.output_dir}: {err.strerror}; the last "
+            "complete checkpoint is kept; free space and rerun the same command with resume=auto"
+        ) from None
     finally:
         if trainer is not None and hasattr(trainer, "tb"):
             trainer.close_outputs()
