@@ -28,7 +28,10 @@ from s2bnn.checkpoint import atomic_write_bytes
 from s2bnn.config import Config, config_from_dict, config_to_dict, load_config
 from s2bnn.errors import DataError, RunDirError
 
-__all__ = ["DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES"]
+__all__ = [
+    "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
+    "result_row",
+]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
 
@@ -151,32 +154,33 @@ def _train_stage(cfg: Config) -> tuple[Path, float]:
     return Path(run_dir), time.perf_counter() - start
 
 
-def _eval_datasets(plan: DemoConfig, in_chans: int, image_size: int) -> dict[str, Any]:
+def eval_datasets(data: str, root: str | None, train_limit: int | None,
+                  test_limit: int | None, in_chans: int, image_size: int) -> dict[str, Any]:
+    """Labelled splits for the probes (eval transform) and for the raw-pixel baseline."""
     from s2bnn.data import build_dataset, build_eval_transform, dataset_stats
 
-    mean, std = dataset_stats(plan.data)
+    mean, std = dataset_stats(data)
     tf = build_eval_transform(image_size, in_chans, mean=mean, std=std)
     out = {
-        "train": build_dataset(plan.data, "train", transform=tf, root=plan.root,
-                               limit=plan.eval_train_limit),
-        "test": build_dataset(plan.data, "test", transform=tf, root=plan.root,
-                              limit=plan.eval_test_limit),
+        "train": build_dataset(data, "train", transform=tf, root=root, limit=train_limit),
+        "test": build_dataset(data, "test", transform=tf, root=root, limit=test_limit),
     }
     # Raw pixels: the uint8 images themselves where the dataset holds them in memory, else the
     # resized eval view (ImageFolder images differ in size).
-    raw_train = build_dataset(plan.data, "train", root=plan.root, limit=plan.eval_train_limit)
+    raw_train = build_dataset(data, "train", root=root, limit=train_limit)
     raw_ok = hasattr(raw_train, "images")
     out["pixels_train"] = raw_train if raw_ok else out["train"]
-    out["pixels_test"] = (build_dataset(plan.data, "test", root=plan.root,
-                                        limit=plan.eval_test_limit) if raw_ok else out["test"])
+    out["pixels_test"] = (build_dataset(data, "test", root=root, limit=test_limit)
+                          if raw_ok else out["test"])
     return out
 
 
 _ROW_KEYS = ("knn_top1", "linear_top1", "linear_top1_sgd", "linear_top1_adam")
 
 
-def _row(name: str, method: str | None, backbone: str | None, binary: Any,
-         result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def result_row(name: str, method: str | None, backbone: str | None, binary: Any,
+               result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One ``results.json`` row: identity, accuracies (with ``*_std`` when given) and extras."""
     row: dict[str, Any] = {"name": name, "method": method, "backbone": backbone,
                            "binary": binary}
     for key in _ROW_KEYS:
@@ -194,6 +198,26 @@ def _profile(backbone: Any, image_size: int, in_chans: int) -> dict[str, Any]:
     prof = profile_model(backbone, image_size=image_size, in_chans=in_chans)
     return {"params": prof.get("real_params", 0) + prof.get("binary_params", 0),
             "binary_params": prof.get("binary_params"), "ops": prof.get("ops")}
+
+
+def evaluate_run(name: str, run_dir: str | Path, ds: dict[str, Any], *, image_size: int,
+                 in_chans: int, **eval_kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate a run dir's backbone; returns (results row, report row with curves and maps)."""
+    from s2bnn.eval import evaluate_backbone, load_backbone
+    from s2bnn.report import read_metrics
+
+    backbone, binfo = load_backbone(run_dir)
+    res = evaluate_backbone(backbone, ds["train"], ds["test"], sample_size=2000, **eval_kwargs)
+    from s2bnn.eval.loading import read_run_config
+
+    prof = _profile(backbone, image_size, in_chans)
+    binary = bool(prof["binary_params"])  # 1-bit weights and activations somewhere in the net
+    method = ((read_run_config(run_dir) or {}).get("method") or {}).get("name")
+    row = result_row(name, method, binfo.get("name"), binary, res, **prof)
+    report_row = {**row, "sweep": res.get("linear"),
+                  "embedding_sample": res.get("embedding_sample"),
+                  "metrics": read_metrics(Path(run_dir) / "metrics.csv")}
+    return row, report_row
 
 
 def _check_claims(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -240,7 +264,7 @@ def _format_summary(rows: list[dict[str, Any]]) -> str:
 def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Run the whole pipeline into ``out``; returns the ``results.json`` content."""
     from s2bnn.data import dataset_info, default_image_size
-    from s2bnn.eval import evaluate_backbone, evaluate_pixels, evaluate_untrained, load_backbone
+    from s2bnn.eval import evaluate_pixels, evaluate_untrained, load_backbone
     from s2bnn.report import write_report
 
     out = Path(out)
@@ -275,44 +299,34 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
 
     _header(4, total, "evaluation: weighted kNN and linear probes (SGD and Adam LR sweeps)")
     t_eval = time.perf_counter()
-    ds = _eval_datasets(plan, in_chans, image_size)
+    ds = eval_datasets(plan.data, plan.root, plan.eval_train_limit, plan.eval_test_limit,
+                       in_chans, image_size)
     common = {"knn_k": plan.knn_k, "device": plan.device}
     results: dict[str, dict[str, Any]] = {}
     report_runs: dict[str, dict[str, Any]] = {}
 
     print("raw pixels ...", flush=True)
     res = evaluate_pixels(ds["pixels_train"], ds["pixels_test"], **common)
-    results["pixels"] = _row("pixels", None, "flattened image", False, res,
-                             params=0, ops=0)
+    results["pixels"] = result_row("pixels", None, "flattened image", False, res,
+                                   params=0, ops=0)
     report_runs["pixels"] = {**results["pixels"], "sweep": res.get("linear")}
 
-    student_kwargs: dict[str, Any] = {}
-    for name, run_dir, method in (("teacher", teacher_dir, "mocov2"),
-                                  ("mocov2", mocov2_dir, "mocov2"),
-                                  ("s2bnn", s2bnn_dir, "s2bnn")):
+    for name, run_dir in (("teacher", teacher_dir), ("mocov2", mocov2_dir),
+                          ("s2bnn", s2bnn_dir)):
         print(f"{name} ...", flush=True)
-        backbone, binfo = load_backbone(run_dir)
-        if name != "teacher":
-            student_kwargs = dict(binfo.get("kwargs") or {})
-        res = evaluate_backbone(backbone, ds["train"], ds["test"], sample_size=2000, **common)
-        cfg = configs[name]
-        binary = bool(cfg.model.binary_act and cfg.model.binary_weight) if name != "teacher" \
-            else False
-        results[name] = _row(name, method, binfo.get("name"), binary, res,
-                             **_profile(backbone, image_size, in_chans),
-                             train_seconds=round(timings[name], 1))
-        from s2bnn.report import read_metrics
-
-        report_runs[name] = {**results[name], "sweep": res.get("linear"),
-                             "embedding_sample": res.get("embedding_sample"),
-                             "metrics": read_metrics(Path(run_dir) / "metrics.csv")}
+        row, report_row = evaluate_run(name, run_dir, ds, image_size=image_size,
+                                       in_chans=in_chans, **common)
+        row["train_seconds"] = report_row["train_seconds"] = round(timings[name], 1)
+        results[name], report_runs[name] = row, report_row
 
     print(f"untrained {plan.student_model} ({plan.random_seeds} seeds) ...", flush=True)
-    res = evaluate_untrained(plan.student_model, {**student_kwargs, "num_classes": 0},
+    _, binfo = load_backbone(s2bnn_dir)
+    res = evaluate_untrained(plan.student_model, {**(binfo.get("kwargs") or {}),
+                                                  "num_classes": 0},
                              ds["train"], ds["test"], seeds=range(plan.random_seeds),
                              sample_size=2000, **common)
-    results["random_init"] = _row("random_init", None, plan.student_model, True, res,
-                                  seeds=plan.random_seeds)
+    results["random_init"] = result_row("random_init", None, plan.student_model, True, res,
+                                        seeds=plan.random_seeds)
     report_runs["random_init"] = {**results["random_init"], "sweep": res.get("linear"),
                                   "embedding_sample": res.get("embedding_sample")}
     timings["evaluation"] = time.perf_counter() - t_eval
