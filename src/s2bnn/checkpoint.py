@@ -10,15 +10,28 @@ A training checkpoint is a dict::
     {"format": "s2bnn", "version": 1, "config": {...}, "epoch": int, "step": int,
      "backbone": {"name": str, "kwargs": {...}, "state_dict": {...}},
      "method": state_dict, "optimizer": ..., "scheduler": ..., "rng": {...}, ...}
+
+Fault injection (tests only, see docs/RELIABILITY.md): ``S2BNN_FAULT=POINT[:FILE]:N`` makes the
+N-th matching event of the process fail. ``kill-step:N`` SIGKILLs after the N-th optimiser step
+(the engine checks it only when the variable is set); ``kill-write:FILE:N`` SIGKILLs half-way
+through writing the temporary file of the N-th atomic write of a file named FILE (e.g.
+``last.pt``); ``kill-rename:FILE:N`` SIGKILLs after that temporary file is complete, before the
+rename; ``enospc:FILE:N`` fails that write half-way with "No space left on device". Unset, it
+costs one environment lookup per write.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import io
 import json
 import os
 import pickle
+import signal
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +45,8 @@ VERSION = 1
 __all__ = [
     "FORMAT",
     "VERSION",
+    "FAULT_ENV",
+    "fault_point",
     "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
@@ -41,16 +56,69 @@ __all__ = [
 ]
 
 
+FAULT_ENV = "S2BNN_FAULT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(point: str, name: str = "", partial: Callable[[], object] | None = None) -> None:
+    """Test hook: fail here if ``$S2BNN_FAULT`` names this point (see the module docstring).
+
+    Counts the calls whose ``point`` (and file ``name``) match the variable; on the N-th one,
+    runs ``partial`` (e.g. write half a file), then raises ENOSPC (``enospc``) or SIGKILLs the
+    process (``kill-*``). Does nothing when the variable is unset or names another point.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    *where, nth = spec.split(":")
+    if where != ([point, name] if name else [point]):
+        return
+    _fault_counts[spec] = _fault_counts.get(spec, 0) + 1
+    if str(_fault_counts[spec]) != nth.strip():
+        return
+    if partial is not None:
+        partial()
+    if point == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.cache
+def _new_file_mode() -> int:
+    """What ``open()`` gives a new file (0o666 less the umask); ``mkstemp`` would give 0o600."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    faults = bool(os.environ.get(FAULT_ENV))
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _new_file_mode())
+            if faults:
+                def half() -> None:
+                    fh.write(data[: len(data) // 2])
+                    fh.flush()
+                    os.fsync(fh.fileno())
+
+                fault_point("kill-write", path.name, half)
+                fault_point("enospc", path.name, half)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if faults:
+            fault_point("kill-rename", path.name)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -93,6 +161,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _unpickling_detail(err: Exception) -> str:
+    """The informative line of torch's weights-only refusal (its first lines are boilerplate)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    useful = [line for line in lines if not line.startswith(skip)]
+    text = (useful or lines or ["unsafe content"])[0]
+    return text.removeprefix("WeightsUnpickler error:").strip()[:160] or "unsafe content"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without executing any pickled code.
 
@@ -102,12 +179,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # Noise before a refusal of an old-protocol pickle; the refusal says what matters.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
         raise CheckpointError(
-            f"refusing to load {path}: it holds objects that weights-only loading does not allow "
-            f"({first[:160]}); only load checkpoints you trust, re-saved as plain tensors"
+            f"refusing to load {path}: weights-only loading rejects its content "
+            f"({_unpickling_detail(err)}); it is not a PyTorch checkpoint of plain tensors, or it "
+            "holds pickled code or objects; only load checkpoints you trust, re-saved as plain "
+            "tensors (e.g. safetensors)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

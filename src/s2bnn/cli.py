@@ -107,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: UserError) -> str:
+    """The error's message on one line.
+
+    A ``UserError`` raised in a DataLoader worker comes back re-raised with the worker's
+    traceback in its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ..."); its own message is the last line, after ``module.ClassName: ``.
+    """
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    _, sep, message = last.partition(f"{type(err).__name__}: ")
+    return message.strip() if sep and message.strip() else " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"s2bnn: error: {err}", file=sys.stderr)
+        print(f"s2bnn: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("s2bnn: interrupted", file=sys.stderr)

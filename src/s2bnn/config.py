@@ -204,9 +204,22 @@ POSITIVE: tuple[str, ...] = (
 )
 
 
+def _open_free_dicts(node: DictConfig) -> None:
+    """Let ``dict[str, Any]`` fields (``model.kwargs``, ``method.teacher.kwargs``) take any key;
+    struct mode would refuse every key they were meant to hold."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if child._metadata.object_type is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_free_dicts(child)
+
+
 def _schema(schema: type = Config) -> DictConfig:
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    _open_free_dicts(cfg)
     return cfg
 
 

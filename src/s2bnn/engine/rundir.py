@@ -31,6 +31,7 @@ __all__ = [
     "plan_run",
     "config_differences",
     "clear_run_dir",
+    "remove_stale_temp_files",
     "MetricsCSV",
 ]
 
@@ -135,8 +136,27 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
     for name in ("metrics.csv", "config.yaml"):
         (run_dir / name).unlink(missing_ok=True)
-    if (run_dir / "tb").is_dir():
-        shutil.rmtree(run_dir / "tb")
+    tb = run_dir / "tb"
+    if tb.is_symlink():
+        tb.unlink()  # never delete what a link points to, outside the run dir
+    elif tb.is_dir():
+        shutil.rmtree(tb)
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes a killed run left behind; return them.
+
+    Only names :func:`s2bnn.checkpoint.atomic_write_bytes` makes (``.NAME.XXXX.tmp``) in the run
+    dir and its ``checkpoints/``: a checkpoint-sized file per crash would otherwise pile up.
+    """
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
 
 
 def _fmt(value: Any) -> str:
