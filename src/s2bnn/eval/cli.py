@@ -1,9 +1,260 @@
-"""`s2bnn eval ...`, `s2bnn report` and `s2bnn export` (argument parsing only)."""
+"""`s2bnn eval linear | knn | finetune`, `s2bnn report` and `s2bnn export` (parsing only).
+
+The work lives in :mod:`s2bnn.eval.runs`, :mod:`s2bnn.eval.loading` and :mod:`s2bnn.report`,
+imported inside the handlers so ``s2bnn --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from typing import Any
+
+from s2bnn.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return {
+        "data": args.data, "root": args.root, "image_size": args.image_size,
+        "device": args.device, "limit": args.limit, "test_limit": args.test_limit,
+        "batch_size": args.batch_size, "num_workers": args.workers, "out": args.out,
+    }
+
+
+def _show(result: dict[str, Any], args: argparse.Namespace, rows: list[tuple[str, Any]]) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['backbone']} from {result['source']} on {result['data']} "
+          f"({result['image_size']} px)")
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        text = f"{value:.2f}" if isinstance(value, float) else ("—" if value is None else value)
+        print(f"  {name:<{width}}  {text}")
+    print(f"written: {result['output']}")
+
+
+# --------------------------------------------------------------------------- handlers
+def _cmd_linear(args: argparse.Namespace) -> int:
+    from s2bnn.eval.runs import run_linear
+
+    if args.mode == "fast":
+        if args.sgd_lrs == [] and args.adam_lrs == []:
+            raise UserError("--sgd-lrs and --adam-lrs are both empty; give at least one LR")
+        if not 0.0 < args.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        sweep: dict[str, Any] = {"epochs": args.epochs or 10, "val_fraction": args.val_fraction}
+        if args.sweep_batch_size:
+            sweep["batch_size"] = args.sweep_batch_size
+        sweep["num_threads"] = args.sweep_threads or None
+        if args.sgd_lrs is not None:
+            sweep["sgd_lrs"] = args.sgd_lrs
+        if args.adam_lrs is not None:
+            sweep["adam_lrs"] = args.adam_lrs
+        res = run_linear(args.checkpoint, mode="fast", sweep_kwargs=sweep, **_common(args))
+        if args.json:
+            _show(res, args, [])
+            return 0
+        lin = res["linear"]
+        rows: list[tuple[str, Any]] = [("kNN top-1", res["knn_top1"])]
+        for opt in ("sgd", "adam"):
+            if opt in lin:
+                top5 = lin[opt]["top5"]
+                extra = f"top-5 {top5:.2f}, " if top5 is not None else ""
+                rows.append((f"linear {opt.upper() if opt == 'sgd' else 'Adam'} top-1",
+                             f"{lin[opt]['top1']:.2f}  ({extra}lr {lin[opt]['best_lr']:g})"))
+        rows.append(("linear top-1", res["linear_top1"]))
+        _show(res, args, rows)
+        print("  learning-rate sweep (held-out top-1 / test top-1):")
+        for opt in ("sgd", "adam"):
+            if opt in lin:
+                cells = ", ".join(f"{lr:g}: {v:.1f}/{t:.1f}" for lr, v, t in
+                                  zip(lin[opt]["lrs"], lin[opt]["val_top1"],
+                                      lin[opt]["test_top1"]))
+                print(f"    {opt:>4}: {cells}")
+        return 0
+    protocol: dict[str, Any] = {"epochs": args.epochs or 100, "lr": args.lr,
+                                "momentum": args.momentum, "weight_decay": args.weight_decay,
+                                "feature_norm": not args.no_feature_norm}
+    if args.milestones is not None:
+        protocol["milestones"] = args.milestones
+    res = run_linear(args.checkpoint, mode="protocol", protocol_kwargs=protocol,
+                     log=None if args.json else _log, **_common(args))
+    _show(res, args, [("linear top-1", res["top1"]), ("linear top-5", res["top5"]),
+                      ("backbone unchanged", "yes")])
+    return 0
+
+
+def _cmd_knn(args: argparse.Namespace) -> int:
+    from s2bnn.eval.runs import run_knn
+
+    res = run_knn(args.checkpoint, k=args.k, temperature=args.temperature, **_common(args))
+    _show(res, args, [("kNN top-1", res["knn_top1"]), ("kNN top-5", res["knn_top5"]),
+                      ("k / T", f"{res['knn']['k']} / {res['knn']['temperature']:g}")])
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from s2bnn.eval.finetune import check_label_fraction
+    from s2bnn.eval.runs import run_finetune
+
+    fraction = check_label_fraction(args.label_fraction)  # fail before loading anything
+    ft = {"epochs": args.epochs or 30, "lr": args.lr, "optimizer": args.optimizer,
+          "weight_decay": args.weight_decay, "recalibrate_bn": not args.no_bn_recalibration}
+    res = run_finetune(args.checkpoint, label_fraction=fraction, seed=args.seed,
+                       finetune_kwargs=ft, log=None if args.json else _log, **_common(args))
+    _show(res, args, [("labelled images", str(res["num_labelled"])),
+                      ("fine-tune top-1", res["top1"]), ("fine-tune top-5", res["top5"])])
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from s2bnn.report import collect_run, write_report
+
+    runs = [collect_run(path, profile=not args.no_profile) for path in args.run_dirs]
+    datasets = {r.get("dataset") for r in runs if r.get("dataset")}
+    class_names = None
+    if datasets == {"fashion-mnist"}:
+        from s2bnn.data import FASHION_MNIST_CLASSES
+
+        class_names = list(FASHION_MNIST_CLASSES)
+    report = write_report(runs, args.out, title=args.title,
+                          dataset=", ".join(sorted(datasets)) or None,
+                          embedding=args.embedding, class_names=class_names)
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from s2bnn.eval.loading import export_backbone
+
+    out = export_backbone(args.run_dir, args.out, force=args.force)
+    print(f"exported: {out}")
+    return 0
+
+
+def _cmd_eval_missing(args: argparse.Namespace) -> int:
+    raise UserError("choose an evaluation: s2bnn eval linear | knn | finetune RUN_DIR")
+
+
+# --------------------------------------------------------------------------- parsers
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="run dir, checkpoint .pt, or .safetensors from `s2bnn export`")
+    p.add_argument("--data", default=None,
+                   help="dataset (default: the run's data.name, else fashion-mnist)")
+    p.add_argument("--root", default=None, help="directory holding the Fashion-MNIST idx files")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="evaluation resolution (default: the run's)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy CPU)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="use only the first N training images")
+    p.add_argument("--test-limit", type=_positive_int, default=None,
+                   help="use only the first N test images")
+    p.add_argument("--out", default=None,
+                   help="JSON output file (default: eval_<kind>.json in the run dir)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register the eval, report and export sub-commands (filled in by the evaluation work)."""
+    """Register ``eval linear|knn|finetune``, ``report`` and ``export``."""
+    p = sub.add_parser("eval", help="evaluate a trained backbone: linear, knn, finetune")
+    p.set_defaults(func=_cmd_eval_missing)
+    esub = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+
+    q = esub.add_parser("linear", help="linear probe: fast LR sweep (default) or the paper's")
+    _add_common(q)
+    q.add_argument("--mode", choices=("fast", "protocol"), default="fast",
+                   help="fast: cached features, SGD+Adam LR sweep; protocol: frozen backbone, "
+                        "augmented crops, SGD lr 0.1, 100 epochs")
+    q.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs (default: 10 fast, 100 protocol)")
+    q.add_argument("--lr", type=_positive_float, default=0.1, help="protocol learning rate")
+    q.add_argument("--momentum", type=float, default=0.9, help="protocol SGD momentum")
+    q.add_argument("--weight-decay", type=float, default=0.0, help="protocol weight decay")
+    q.add_argument("--milestones", type=_positive_int, nargs="+", default=None,
+                   help="protocol epochs where lr drops x0.1 (default: 60 %% and 80 %% of epochs)")
+    q.add_argument("--no-feature-norm", action="store_true",
+                   help="protocol: a bare linear layer (default: parameter-free BatchNorm first)")
+    q.add_argument("--sgd-lrs", type=_positive_float, nargs="*", default=None,
+                   help="fast-mode SGD grid (default 0.01 ... 30); empty to skip SGD")
+    q.add_argument("--adam-lrs", type=_positive_float, nargs="*", default=None,
+                   help="fast-mode Adam grid (default 1e-4 ... 0.1); empty to skip Adam")
+    q.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fast mode: share of training features held out to choose the LR")
+    q.add_argument("--sweep-batch-size", type=_positive_int, default=None,
+                   help="fast mode: minibatch of the heads (default 1024)")
+    q.add_argument("--sweep-threads", type=int, default=1,
+                   help="fast mode: torch threads for the heads (default 1: robust on a busy "
+                        "CPU; 0 keeps torch's setting)")
+    q.set_defaults(func=_cmd_linear)
+
+    q = esub.add_parser("knn", help="weighted kNN on L2-normalised features")
+    _add_common(q)
+    q.add_argument("--k", type=_positive_int, default=200, help="neighbours (default 200)")
+    q.add_argument("--temperature", type=_positive_float, default=0.1,
+                   help="vote temperature T, weights exp(sim/T) (default 0.1)")
+    q.set_defaults(func=_cmd_knn)
+
+    q = esub.add_parser("finetune", help="fine-tune the whole student on a labelled fraction")
+    _add_common(q)
+    q.add_argument("--label-fraction", type=float, required=True,
+                   help="share of training labels used, in (0, 1], e.g. 0.01 or 0.1")
+    q.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 30)")
+    q.add_argument("--lr", type=_positive_float, default=2e-3,
+                   help="Adam learning rate of backbone and head (default 2e-3)")
+    q.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    q.add_argument("--weight-decay", type=float, default=0.0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the labelled subset and init")
+    q.add_argument("--no-bn-recalibration", action="store_true",
+                   help="test with the running BatchNorm statistics left by training")
+    q.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("report", help="Markdown table and PNG plots from run dirs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory for report.md and PNGs")
+    p.add_argument("--title", default="s2bnn report")
+    p.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
+                   help="2-D map of test features (t-SNE takes longer)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip rebuilding models to count parameters and OPs")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="backbone weights + metadata as .safetensors")
+    p.add_argument("run_dir", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--out", required=True, help="target FILE.safetensors")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_cmd_export)

@@ -1,0 +1,85 @@
+"""Seconds of the fast linear-probe LR sweep, and the raw-pixel baseline on Fashion-MNIST.
+
+    .venv/bin/python benchmarks/bench_eval.py [--epochs 10] [--no-pixels] [--sweep-threads N]
+
+1. The sweep alone on Fashion-MNIST-sized cached features (60,000 x 256 train, 10,000 test,
+   10 classes; Gaussian class clusters, so the accuracy printed is meaningless, the time is
+   the point): 8 SGD + 7 Adam heads trained together, LR chosen on a held-out 10 %.
+2. The raw-pixel baseline (flattened 28x28 images, kNN k 200 T 0.1 and the same sweep) on the
+   real Fashion-MNIST when its idx files are found: the row every self-supervised run must beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from s2bnn.errors import DataError
+from s2bnn.eval.baselines import evaluate_pixels
+from s2bnn.eval.knn import knn_eval
+from s2bnn.eval.linear import fast_linear_sweep
+
+
+def synthetic_features(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, c, (n,), generator=gen)
+    return 0.3 * centres[y] + torch.randn(n, d, generator=gen), y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--no-pixels", action="store_true", help="skip the Fashion-MNIST part")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--sweep-threads", type=int, default=1,
+                        help="threads of the sweep's heads (0: torch's setting)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"(sweep heads: {args.sweep_threads or torch.get_num_threads()})")
+
+    x, y = synthetic_features(60_000, 256, 10, seed=1)
+    xt, yt = synthetic_features(10_000, 256, 10, seed=2)
+    t0 = time.perf_counter()
+    knn_eval(x, y, xt, yt, k=200, temperature=0.1)
+    t_knn = time.perf_counter() - t0
+    sweep_threads = args.sweep_threads or None
+    res = fast_linear_sweep(x, y, xt, yt, epochs=args.epochs, batch_size=args.batch_size,
+                            num_threads=sweep_threads)
+    heads = len(res["sgd"]["lrs"]) + len(res["adam"]["lrs"])
+    print("\ncached features 60,000 x 256 -> 10 classes")
+    print(f"  kNN (k 200, 10,000 queries)      {t_knn:6.2f} s")
+    print(f"  fast sweep ({heads} heads, {args.epochs} epochs)  {res['seconds']:6.2f} s  "
+          f"(SGD lr {res['sgd']['best_lr']:g}, Adam lr {res['adam']['best_lr']:g})")
+
+    if args.no_pixels:
+        return
+    try:
+        from s2bnn.data import build_dataset
+
+        train = build_dataset("fashion-mnist", "train")
+        test = build_dataset("fashion-mnist", "test")
+    except DataError as err:
+        print(f"\nraw-pixel baseline skipped: {err}")
+        return
+    t0 = time.perf_counter()
+    pix = evaluate_pixels(train, test, device="cpu",
+                          sweep_kwargs={"epochs": args.epochs, "batch_size": args.batch_size,
+                                        "num_threads": sweep_threads})
+    total = time.perf_counter() - t0
+    lin = pix["linear"]
+    print("\nraw pixels, Fashion-MNIST (60,000 x 784)")
+    print(f"  kNN top-1                 {pix['knn_top1']:6.2f}")
+    print(f"  linear top-1 SGD          {lin['sgd']['top1']:6.2f}  (lr {lin['sgd']['best_lr']:g})")
+    print(f"  linear top-1 Adam         {lin['adam']['top1']:6.2f}  "
+          f"(lr {lin['adam']['best_lr']:g})")
+    print(f"  time (kNN + sweep)        {total:6.2f} s  (sweep {lin['seconds']:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Feature extraction from a frozen backbone, and the small tensor helpers evaluation shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "resolve_device",
+    "to_float_images",
+    "make_loader",
+    "extract_features",
+    "extract_pixels",
+    "standardize",
+    "topk_accuracy",
+    "dataset_targets",
+    "num_classes_of",
+]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/``None`` -> the first CUDA device when there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_float_images(x: Any) -> torch.Tensor:
+    """A batch as float: uint8 images are scaled to [0, 1]; a list of views keeps the first."""
+    if isinstance(x, (list, tuple)):
+        # A train transform returns a list of views; evaluation uses one.
+        x = x[0]
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int = 256, shuffle: bool = False, num_workers: int = 0,
+    drop_last: bool = False, seed: int = 0, device: torch.device | None = None,
+) -> DataLoader:
+    """A ``DataLoader`` with a seeded shuffle and pinned memory when feeding a GPU."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        drop_last=drop_last, generator=gen,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``backbone`` over ``loader`` in eval mode without gradients.
+
+    Returns ``(features, labels)`` on the CPU: float32 ``(N, D)`` and int64 ``(N,)``. The module's
+    train/eval mode is restored afterwards.
+    """
+    device = resolve_device(device)
+    was_training = backbone.training
+    backbone.eval()
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    try:
+        for x, y in loader:
+            x = to_float_images(x).to(device, non_blocking=True)
+            out = backbone(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            feats.append(out.flatten(1).float().cpu())
+            labels.append(torch.as_tensor(y).long().cpu())
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def extract_pixels(loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened images as features (the raw-pixel baseline): float32 ``(N, C*H*W)``."""
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for x, y in loader:
+        feats.append(to_float_images(x).flatten(1))
+        labels.append(torch.as_tensor(y).long())
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def standardize(
+    train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, ...]:
+    """Z-score every column with the mean and std of ``train`` only (no test statistics leak)."""
+    mean = train.mean(0, keepdim=True)
+    std = train.std(0, keepdim=True, unbiased=False).clamp_min(eps)
+    return tuple((t - mean) / std for t in (train, *others))
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """Top-k accuracies in percent; ``k`` larger than the number of classes is skipped."""
+    out: dict[str, float] = {}
+    n = max(len(labels), 1)
+    num_classes = scores.shape[-1]
+    for k in ks:
+        if k > num_classes:
+            continue
+        top = scores.topk(k, dim=-1).indices
+        hit = (top == labels.view(-1, 1)).any(dim=-1)
+        out[f"top{k}"] = 100.0 * hit.sum().item() / n
+    return out
+
+
+def dataset_targets(dataset: Dataset) -> torch.Tensor | None:
+    """The labels of a dataset without loading its images, when it exposes them."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None and hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
+        parent = dataset_targets(dataset.dataset)
+        if parent is not None:
+            return parent[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if targets is None and hasattr(dataset, "tensors"):
+        targets = dataset.tensors[-1]
+    if targets is None:
+        return None
+    return torch.as_tensor(targets).long()
+
+
+def num_classes_of(dataset: Dataset, *labels: torch.Tensor) -> int:
+    """``dataset.num_classes`` when present, else one more than the largest label seen."""
+    n = getattr(dataset, "num_classes", None)
+    if n is None and hasattr(dataset, "dataset"):
+        n = getattr(dataset.dataset, "num_classes", None)
+    if n is not None:
+        return int(n)
+    seen = [int(t.max()) + 1 for t in labels if t.numel()]
+    if not seen:
+        targets = dataset_targets(dataset)
+        if targets is not None and targets.numel():
+            seen.append(int(targets.max()) + 1)
+    return max(seen) if seen else 0
