@@ -21,7 +21,7 @@ from s2bnn.demo import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist"
-TINY = ["teacher_epochs=1", "student_epochs=1", "batch_size=16", "random_seeds=2",
+TINY = ["teacher_epochs=1", "s2bnn_epochs=1", "mocov2_epochs=1", "batch_size=16", "random_seeds=2",
         "eval_train_limit=null", "knn_k=5", "progress=false", "teacher_model=resnet_small",
         "student_model=reactnet_small"]
 

@@ -51,7 +51,9 @@ class DemoConfig:
     teacher_model: str = "resnet_small"
     teacher_epochs: int = 3
     student_model: str = "reactnet_small"
-    student_epochs: int = 2
+    # Equal wall time for the two students: S2-BNN distils one view per image, MoCo v2 needs two.
+    s2bnn_epochs: int = 3
+    mocov2_epochs: int = 2
     eval_train_limit: Optional[int] = 20000  # labelled images the probes train on (None: all)
     eval_test_limit: Optional[int] = None  # test images (None: all)
     random_seeds: int = 3  # untrained-student baseline: one evaluation per seed
@@ -70,19 +72,19 @@ TEACHER_RECIPE: dict[str, Any] = {
               "warmup_epochs": 0.1},
 }
 S2BNN_RECIPE: dict[str, Any] = {
-    "data": {"augment": {"preset": "s2bnn_lite"}},
+    "data": {"augment": {"preset": "s2bnn_lite", "num_views": 1}},
     "model": {"name": "reactnet_small", "binary_act": True, "binary_weight": True},
     "method": {"name": "s2bnn", "temperature": 0.2, "distill_weight": 1.0,
                "contrastive_weight": 0.0,
                "teacher": {"kind": "offline", "arch": "resnet_small"}},
-    "optim": {"name": "adam", "lr": 3.0e-4, "weight_decay": 0.0, "schedule": "linear"},
+    "optim": {"name": "adam", "lr": 3.0e-3, "weight_decay": 0.0, "schedule": "linear"},
 }
 MOCOV2_RECIPE: dict[str, Any] = {  # the enhanced baseline: S2-BNN's optimiser and augmentation
     "data": {"augment": {"preset": "s2bnn_lite"}},
     "model": {"name": "reactnet_small", "binary_act": True, "binary_weight": True},
     "method": {"name": "mocov2", "proj_dim": 128, "temperature": 0.2, "queue_size": 4096,
                "momentum": 0.99},
-    "optim": {"name": "adam", "lr": 3.0e-4, "weight_decay": 0.0, "schedule": "linear"},
+    "optim": {"name": "adam", "lr": 3.0e-3, "weight_decay": 0.0, "schedule": "linear"},
 }
 
 
@@ -115,11 +117,11 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False) -> dict[str,
             **common, "output_dir": str(teacher_dir), "epochs": plan.teacher_epochs,
             "model": {"name": plan.teacher_model}}),
         "s2bnn": _merge(S2BNN_RECIPE, {
-            **common, "output_dir": str(out / "runs" / "s2bnn"), "epochs": plan.student_epochs,
+            **common, "output_dir": str(out / "runs" / "s2bnn"), "epochs": plan.s2bnn_epochs,
             "model": {"name": plan.student_model},
             "method": {"teacher": {"path": str(teacher_dir), "arch": plan.teacher_model}}}),
         "mocov2": _merge(MOCOV2_RECIPE, {
-            **common, "output_dir": str(out / "runs" / "mocov2"), "epochs": plan.student_epochs,
+            **common, "output_dir": str(out / "runs" / "mocov2"), "epochs": plan.mocov2_epochs,
             "model": {"name": plan.student_model}}),
     }
     return {name: config_from_dict(cfg, f"demo stage '{name}'") for name, cfg in stages.items()}
@@ -291,10 +293,10 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
                       f"({plan.teacher_epochs} epochs)")
     teacher_dir, timings["teacher"] = _train_stage(configs["teacher"])
     _header(2, total, f"S2-BNN: distil binary {plan.student_model} from the frozen teacher "
-                      f"({plan.student_epochs} epochs, strategy 3)")
+                      f"({plan.s2bnn_epochs} epochs, strategy 3)")
     s2bnn_dir, timings["s2bnn"] = _train_stage(configs["s2bnn"])
     _header(3, total, f"MoCo v2: the same binary {plan.student_model} without a teacher "
-                      f"({plan.student_epochs} epochs, strategy 1)")
+                      f"({plan.mocov2_epochs} epochs, strategy 1)")
     mocov2_dir, timings["mocov2"] = _train_stage(configs["mocov2"])
 
     _header(4, total, "evaluation: weighted kNN and linear probes (SGD and Adam LR sweeps)")
