@@ -1,0 +1,85 @@
+"""Run the speed benchmarks one after another and collect their printed figures.
+
+    python benchmarks/run_all.py [--quick] [--out docs/BENCHMARKS.md]
+
+Each benchmark runs in its own process (so one's thread or allocator settings do not leak into
+the next) and its output is copied verbatim into the Markdown file, under the machine it ran on.
+Run it on a quiet machine: the figures are wall-clock throughputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+BENCHES: list[tuple[str, list[str], str]] = [
+    ("bench_models.py", [], "Backbones: training step and forward images/s (28x28x1, batch 256)"),
+    ("bench_step.py", [], "S2-BNN step, ReActNet-A + ResNet-50 teacher, 128 px, batch 16: "
+                          "fused vs straightforward quantizers"),
+    ("bench_methods.py", [], "Strategies 1-3 on the Fashion-MNIST recipe: images/s per step"),
+    ("bench_loader.py", ["--datasets", "fashion-mnist", "--workers", "0", "1"],
+     "Data loader alone: images/s per augmentation preset"),
+    ("bench_eval.py", [], "Fast linear-probe sweep and the raw-pixel baseline"),
+]
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} CPU cores, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="pass --quick where a script has it")
+    ap.add_argument("--out", default=str(HERE.parent / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--only", nargs="+", default=None, help="script names to run")
+    args = ap.parse_args()
+    sections = [
+        "# Benchmarks", "",
+        f"Produced by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
+        f"{machine()}, {dt.date.today().isoformat()}. Wall-clock figures of one run each.", "",
+    ]
+    failed = 0
+    for script, extra, title in BENCHES:
+        if args.only and script not in args.only:
+            continue
+        cmd = [sys.executable, str(HERE / script), *extra]
+        if args.quick and script in ("bench_models.py", "bench_step.py", "bench_methods.py"):
+            cmd.append("--quick")
+        print(f"== {script}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        took = time.perf_counter() - start
+        print(proc.stdout, flush=True)
+        if proc.returncode != 0:
+            failed += 1
+            print(proc.stderr[-2000:], file=sys.stderr)
+        sections += [f"## {title}", "", f"`python benchmarks/{script} {' '.join(cmd[2:])}`"
+                     f" ({took:.0f} s, exit {proc.returncode})", "", "```",
+                     proc.stdout.strip(), "```", ""]
+    Path(args.out).write_text("\n".join(sections))
+    print(f"wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
