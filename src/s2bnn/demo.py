@@ -340,7 +340,8 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
     notes = [*claims, f"wall time {wall:.0f} s (" + ", ".join(
         f"{k} {v:.0f} s" for k, v in timings.items()) + ")"]
     report = write_report([report_runs[n] for n in order], out, title="s2bnn demo",
-                          dataset=info["name"], class_names=None, notes=notes)
+                          dataset=info["name"], notes=notes,
+                          class_names=getattr(ds["test"], "classes", None))
     payload = {
         "dataset": info["name"],
         "runs": [results[n] for n in order],
