@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from run_all import machine  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "fashion_mnist"
@@ -43,20 +41,6 @@ STRATEGIES: dict[str, tuple[str, list[str], str]] = {
     "dino": ("dino.yaml", [], "DINO"),
     "mocov2_real": ("mocov2_real.yaml", [], "real-valued student, MoCo v2"),
 }
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} CPU cores, {dev}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
 
 
 def _train(recipe: str, overrides: list[str]) -> Path:
@@ -180,7 +164,7 @@ def main() -> int:
         "# Results: the paper's claims on Fashion-MNIST", "",
         f"Produced by `python benchmarks/{Path(__file__).name}"
         + (" --quick" if args.quick else "") + (" --gpu-full" if args.gpu_full else "")
-        + f"` on {_machine()}; wall time {wall / 60:.1f} min.", "",
+        + f"` on {machine()}; wall time {wall / 60:.1f} min.", "",
         f"Sizes: {args.limit} training images per run, teacher "
         + (f"reused from {args.teacher}" if args.teacher else f"{args.teacher_epochs} epochs")
         + ", "
@@ -238,7 +222,7 @@ def main() -> int:
                  dataset="fashion-mnist")
     doc.write_text("\n".join(lines))
     (doc.parent / "results" / "paper_claims.json").write_text(json.dumps(
-        {"args": vars(args), "machine": _machine(), "wall_seconds": wall, "rows": rows,
+        {"args": vars(args), "machine": machine(), "wall_seconds": wall, "rows": rows,
          "train_seconds": seconds}, indent=2, default=str))
     print("\n".join(lines))
     print(f"\nwrote {doc}")

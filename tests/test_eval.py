@@ -51,7 +51,7 @@ class TinyNet(nn.Module):
         return f if self.fc is None else self.fc(f)
 
 
-if TINY not in list_models():
+if TINY not in list_models(include_private=True):
     register_model(TINY)(TinyNet)
 
 

@@ -220,3 +220,13 @@ def test_channels_last_is_a_pure_speed_option(name: str) -> None:
     nchw.eval()
     x = torch.randn(3, 1, 16, 16)
     torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-4, atol=1e-5)
+
+
+def test_private_models_are_not_listed() -> None:
+    from s2bnn.models import register_model
+
+    name = "_private_listing_check"
+    if name not in list_models(include_private=True):
+        register_model(name)(lambda num_classes=0: nn.Identity())
+    assert name not in list_models()
+    assert name in list_models(include_private=True)

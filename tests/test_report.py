@@ -34,7 +34,7 @@ class Tiny(nn.Module):
         return self.net(x)
 
 
-if TINY not in list_models():
+if TINY not in list_models(include_private=True):
     register_model(TINY)(Tiny)
 
 

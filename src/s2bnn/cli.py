@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("model_args", nargs="*", help="extra builder arguments, e.g. width_mult=0.25")
+    p.add_argument("model_args", nargs="*",
+                   help="extra builder arguments right after NAME, e.g. width_mult=0.25")
     p.set_defaults(func=_cmd_profile)
 
     from s2bnn.eval.cli import add_eval_parsers

@@ -30,9 +30,13 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
-def list_models() -> list[str]:
-    """The names ``build_model`` accepts, sorted."""
-    return sorted(_REGISTRY)
+def list_models(include_private: bool = False) -> list[str]:
+    """The names ``build_model`` accepts, sorted.
+
+    Names starting with ``_`` are private (e.g. tiny models that tests register) and are listed
+    only with ``include_private``, so test helpers never leak into user-facing lists.
+    """
+    return sorted(n for n in _REGISTRY if include_private or not n.startswith("_"))
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
