@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,7 +29,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from s2bnn.engine import train
 
     run_dir = train(cfg)
-    print(f"run dir: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only the first process reports
+        print(f"run dir: {run_dir}")
     return 0
 
 
