@@ -30,7 +30,7 @@ from s2bnn.errors import DataError, RunDirError
 
 __all__ = [
     "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
-    "result_row",
+    "result_row", "train_stage", "finished_with_same_config",
 ]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
@@ -131,7 +131,7 @@ def _header(step: int, total: int, text: str) -> None:
     print(f"\n== [{step}/{total}] {text}", flush=True)
 
 
-def _finished_with_same_config(cfg: Config) -> bool:
+def finished_with_same_config(cfg: Config) -> bool:
     """True when the stage's run dir holds a finished run of exactly this config."""
     from s2bnn.checkpoint import load_checkpoint
 
@@ -145,10 +145,10 @@ def _finished_with_same_config(cfg: Config) -> bool:
     return bool(ckpt.get("finished")) and old == new
 
 
-def _train_stage(cfg: Config) -> tuple[Path, float]:
+def train_stage(cfg: Config) -> tuple[Path, float]:
     from s2bnn.engine import train
 
-    if _finished_with_same_config(cfg):
+    if finished_with_same_config(cfg):
         print(f"reusing the finished run in {cfg.output_dir}", flush=True)
         return Path(cfg.output_dir), 0.0
     start = time.perf_counter()
@@ -291,13 +291,13 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
     t0 = time.perf_counter()
     _header(1, total, f"teacher: MoCo v2 on real-valued {plan.teacher_model} "
                       f"({plan.teacher_epochs} epochs)")
-    teacher_dir, timings["teacher"] = _train_stage(configs["teacher"])
+    teacher_dir, timings["teacher"] = train_stage(configs["teacher"])
     _header(2, total, f"S2-BNN: distil binary {plan.student_model} from the frozen teacher "
                       f"({plan.s2bnn_epochs} epochs, strategy 3)")
-    s2bnn_dir, timings["s2bnn"] = _train_stage(configs["s2bnn"])
+    s2bnn_dir, timings["s2bnn"] = train_stage(configs["s2bnn"])
     _header(3, total, f"MoCo v2: the same binary {plan.student_model} without a teacher "
                       f"({plan.mocov2_epochs} epochs, strategy 1)")
-    mocov2_dir, timings["mocov2"] = _train_stage(configs["mocov2"])
+    mocov2_dir, timings["mocov2"] = train_stage(configs["mocov2"])
 
     _header(4, total, "evaluation: weighted kNN and linear probes (SGD and Adam LR sweeps)")
     t_eval = time.perf_counter()
