@@ -94,3 +94,33 @@ def load_backbone_state(
             "check that the architecture and its arguments match the checkpoint"
         )
     model.load_state_dict(state, strict=True)
+
+
+class PooledBackbone(nn.Module):
+    """``stem -> blocks -> global average pool [-> fc]``, the shape of every small backbone here.
+
+    Subclasses build ``self.stem`` and ``self.blocks``, then call :meth:`_finish`, which adds the
+    pool and the optional classifier and sets ``feature_dim``.
+    """
+
+    stem: nn.Module
+    blocks: nn.Module
+
+    def _finish(self, feature_dim: int, num_classes: int, in_chans: int,
+                channels_last: bool) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = feature_dim
+        self.fc = nn.Linear(feature_dim, num_classes) if num_classes > 0 else None
+        if channels_last:
+            # Conv weights in NHWC make every activation NHWC too: oneDNN convolutions and
+            # BatchNorm are markedly faster on CPU in that layout (same results, same state dict).
+            self.to(memory_format=torch.channels_last)
+        attach_input_check(self, in_chans)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, feature_dim)``."""
+        return self.pool(self.blocks(self.stem(x))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.forward_features(x)
+        return feats if self.fc is None else self.fc(feats)

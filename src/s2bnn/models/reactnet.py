@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from s2bnn.errors import ModelError
-from s2bnn.models.common import act_weight_quantizers, attach_input_check
+from s2bnn.models.common import PooledBackbone, act_weight_quantizers
 from s2bnn.models.registry import register_model
 from s2bnn.nn import QuantConv2d, RPReLU, RSign
 
@@ -62,7 +62,7 @@ class ReActBlock(nn.Module):
         return self.act2(self.bn2(self.conv1(y)) + shortcut)
 
 
-class ReActNet(nn.Module):
+class ReActNet(PooledBackbone):
     """ReActNet-A backbone; ``forward`` returns logits, or pooled features if ``num_classes == 0``.
 
     Args:
@@ -107,23 +107,8 @@ class ReActNet(nn.Module):
             blocks.append(ReActBlock(cin, c * mult, stride, act_q, weight_q))
             cin = c * mult
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = cin
-        self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else None
         self.binary_act, self.binary_weight = binary_act, binary_weight
-        if channels_last:
-            # Conv weights in NHWC make every activation NHWC too: oneDNN convolutions and
-            # BatchNorm are markedly faster on CPU in that layout (same results, same state dict).
-            self.to(memory_format=torch.channels_last)
-        attach_input_check(self, in_chans)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Pooled features ``(N, feature_dim)``."""
-        return self.pool(self.blocks(self.stem(x))).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        feats = self.forward_features(x)
-        return feats if self.fc is None else self.fc(feats)
+        self._finish(cin, num_classes, in_chans, channels_last)
 
 
 @register_model("reactnet_a")

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from s2bnn.errors import ModelError
-from s2bnn.models.common import attach_input_check
+from s2bnn.models.common import PooledBackbone, attach_input_check
 from s2bnn.models.registry import register_model
 
 __all__ = ["ResNetSmall", "resnet_small", "torchvision_model"]
@@ -93,7 +92,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + sc)
 
 
-class ResNetSmall(nn.Module):
+class ResNetSmall(PooledBackbone):
     """A small real ResNet for 28-32 px images: 3x3 stem conv (``stem_stride``) + BN + ReLU, then
     stages of basic blocks with widths ``base * (1, 2, 4, 8)`` (``base`` = 24 x
     ``width_mult``), stride 2 from the second stage on, global average pooling and an optional fc.
@@ -134,20 +133,7 @@ class ResNetSmall(nn.Module):
                 blocks.append(BasicBlock(cin, cout, stride, down))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = cin
-        self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else None
-        if channels_last:  # NHWC weights -> NHWC activations: faster on CPU, same results
-            self.to(memory_format=torch.channels_last)
-        attach_input_check(self, in_chans)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Pooled features ``(N, feature_dim)``."""
-        return self.pool(self.blocks(self.stem(x))).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        feats = self.forward_features(x)
-        return feats if self.fc is None else self.fc(feats)
+        self._finish(cin, num_classes, in_chans, channels_last)
 
 
 @register_model("resnet_small")

@@ -19,12 +19,11 @@ conv + BN + 3x3 max-pool;
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from s2bnn.errors import ModelError
-from s2bnn.models.common import act_weight_quantizers, attach_input_check
+from s2bnn.models.common import PooledBackbone, act_weight_quantizers
 from s2bnn.models.registry import register_model
 from s2bnn.nn import QuantConv2d
 
@@ -89,7 +88,7 @@ class XnorBlock(nn.Module):
         return self.bn2(self.conv2(self.bn1(self.conv1(x)))) + sc
 
 
-class BinaryResNet(nn.Module):
+class BinaryResNet(PooledBackbone):
     """A binary ResNet-18-like backbone (``style`` "bireal" or "xnor"); see the module docstring.
 
     ``channels_last`` keeps weights and activations NHWC (faster on CPU). ``layers`` gives
@@ -133,21 +132,8 @@ class BinaryResNet(nn.Module):
                     blocks.append(XnorBlock(cin, cout, stride, act_q, w_q))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = cin
-        self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else None
         self.binary_act, self.binary_weight = binary_act, binary_weight
-        if channels_last:  # NHWC weights -> NHWC activations: faster on CPU, same results
-            self.to(memory_format=torch.channels_last)
-        attach_input_check(self, in_chans)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Pooled features ``(N, feature_dim)``."""
-        return self.pool(self.blocks(self.stem(x))).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        feats = self.forward_features(x)
-        return feats if self.fc is None else self.fc(feats)
+        self._finish(cin, num_classes, in_chans, channels_last)
 
 
 @register_model("birealnet18")
