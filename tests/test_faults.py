@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import assert_identical
 
 from s2bnn import checkpoint as ckpt
 from s2bnn.checkpoint import FAULT_ENV, load_checkpoint
@@ -70,20 +70,6 @@ def rows(run: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in csv.DictReader(fh)]
 
 
-def assert_identical(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a, b), f"tensor differs at {where}"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"keys differ at {where}"
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def killed(proc: subprocess.CompletedProcess) -> None:

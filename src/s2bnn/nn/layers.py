@@ -20,7 +20,22 @@ __all__ = ["QuantConv2d", "QuantLinear", "RSign", "RPReLU"]
 
 
 
-class QuantConv2d(nn.Conv2d):
+class _Quantized:
+    """What a layer with an input and a weight quantizer reports about itself."""
+
+    input_quantizer: nn.Module
+    weight_quantizer: nn.Module
+
+    @property
+    def binary_input(self) -> bool:
+        return is_binary(self.input_quantizer)
+
+    @property
+    def binary_weight(self) -> bool:
+        return is_binary(self.weight_quantizer)
+
+
+class QuantConv2d(_Quantized, nn.Conv2d):
     """``nn.Conv2d`` whose input and weight pass through quantizers before the convolution.
 
     ``input_quantizer`` / ``weight_quantizer``: a quantizer name (see
@@ -48,21 +63,13 @@ class QuantConv2d(nn.Conv2d):
         self.input_quantizer = get_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
 
-    @property
-    def binary_input(self) -> bool:
-        return is_binary(self.input_quantizer)
-
-    @property
-    def binary_weight(self) -> bool:
-        return is_binary(self.weight_quantizer)
-
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(
             self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
         )
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_Quantized, nn.Linear):
     """``nn.Linear`` with input and weight quantizers (see :class:`QuantConv2d`)."""
 
     def __init__(
@@ -77,14 +84,6 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias)
         self.input_quantizer = get_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
-
-    @property
-    def binary_input(self) -> bool:
-        return is_binary(self.input_quantizer)
-
-    @property
-    def binary_weight(self) -> bool:
-        return is_binary(self.weight_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
