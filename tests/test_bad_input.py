@@ -133,6 +133,9 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
      ("takes 1-channel images", "has 3")),
     ("eval on data with other channels",
      _argv("eval", "knn", "{ws}/done", "--data", "synthetic:3:8:32:4"), ("3-channel",)),
+    ("too few views for an online teacher",
+     _train("method.name=s2bnn", "method.teacher.kind=online", "data.augment.num_views=1"),
+     ("needs 2 augmented views", "but data.augment.num_views=1")),
     # teachers and checkpoints
     ("teacher file missing", _train(*S2BNN, "method.teacher.path={ws}/no_teacher.pt"),
      ("teacher not found",)),
@@ -183,6 +186,16 @@ def test_bad_input_is_one_line_and_touches_nothing(ws: Path, case, capsys) -> No
     # Only the case's own new output dir may have appeared (a run that fails while training).
     fresh = [k for k in after if k not in before and not k.startswith(out.name + os.sep)]
     assert fresh == [], fresh
+
+
+def test_too_few_views_is_refused_before_the_run_dir_exists(ws: Path, capsys) -> None:
+    out = ws / "new_views"
+    argv = ["train", str(ws / "tiny.yaml"), f"output_dir={out}", "method.name=s2bnn",
+            "method.contrastive_weight=1", f"method.teacher.path={ws / 'done'}",
+            "method.teacher.arch=reactnet_small", "data.augment.num_views=1"]
+    assert main(argv) == 2
+    assert "needs 2 augmented views" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_full_disk_during_checkpoint_keeps_the_previous_one(ws: Path, tmp_path: Path,

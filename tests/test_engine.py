@@ -25,6 +25,7 @@ from s2bnn.config import config_from_dict, load_config
 from s2bnn.engine import Parts, train
 from s2bnn.engine.optim import LARS, build_optimizer, lr_factor, param_groups
 from s2bnn.errors import CheckpointError, ConfigError, RunDirError, TrainingError
+from s2bnn.methods import Method
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +72,7 @@ class TinyBackbone(nn.Module):
         return self.net(x)
 
 
-class TinyMethod(nn.Module):
+class TinyMethod(Method):
     """Momentum encoder + queue; loss = alignment of q and k plus a queue term.
 
     ``nan_at`` / ``crash_at``: the global forward call (1-based) at which the loss becomes NaN /
@@ -80,8 +81,7 @@ class TinyMethod(nn.Module):
 
     def __init__(self, backbone: nn.Module, nan_at: tuple[int, ...] = (), crash_at: int = 0,
                  queue: int = 16) -> None:
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone)
         self.key = copy.deepcopy(backbone)
         for p in self.key.parameters():
             p.requires_grad = False

@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import TinyNet
 
 from s2bnn.checkpoint import save_checkpoint
 from s2bnn.config import MethodConfig, TeacherConfig
 from s2bnn.errors import CheckpointError, ConfigError
 from s2bnn.losses import seed_loss
-from s2bnn.methods import DINO, S2BNN, SEED, MoCoV2, build_method
+from s2bnn.methods import DINO, S2BNN, SEED, MoCoV2, build_method, views_needed
 from s2bnn.methods.base import KeyQueue, queue_length
 from s2bnn.methods.dino import cosine_momentum
 from s2bnn.methods.mocov2 import MomentumContrast
@@ -26,24 +27,6 @@ from s2bnn.models.registry import _REGISTRY
 
 DIM = 32  # projection dimension in these tests
 N_IMAGES, BATCH = 128, 32
-
-
-class TinyNet(nn.Module):
-    """A tiny conv backbone with ``feature_dim`` (pooled features when num_classes == 0)."""
-
-    def __init__(self, in_chans: int = 1, width: int = 8, num_classes: int = 0,
-                 bn: bool = True) -> None:
-        super().__init__()
-        norm = nn.BatchNorm2d if bn else nn.Identity
-        self.features = nn.Sequential(
-            nn.Conv2d(in_chans, width, 3, 2, 1), norm(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, 2, 1), norm(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.feature_dim = 2 * width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -222,6 +205,46 @@ def test_state_dict_round_trip(case: str, registry: None, teacher_run: Path) -> 
     fresh.on_train_step_end(5, 10)
     for (k, a), b in zip(method.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("case", ["s2bnn", "s2bnn_contrastive", "seed"])
+def test_training_state_leaves_the_offline_teacher_out(
+    case: str, registry: None, teacher_run: Path
+) -> None:
+    method = _build(CASES[case](teacher_run), seed=0)
+    _epoch_losses(method, epochs=1)
+    state = method.training_state()
+    assert not [k for k in state if k.startswith("teacher.")]
+    assert set(state) == {k for k in method.state_dict() if not k.startswith("teacher.")}
+    fresh = _build(CASES[case](teacher_run), seed=1)
+    fresh.load_training_state(state)
+    assert fresh.frozen_fingerprint() == method.frozen_fingerprint() is not None
+    for k, v in method.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    # A checkpoint written before this change held the teacher too: still accepted.
+    fresh.load_training_state(method.state_dict())
+    with pytest.raises(RuntimeError, match="missing keys"):
+        fresh.load_training_state({k: v for k, v in state.items() if k.startswith("head.")})
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        fresh.load_training_state({**state, "bogus.weight": torch.zeros(1)})
+    # Another teacher gives another fingerprint.
+    with torch.no_grad():
+        next(fresh.teacher.parameters()).add_(1e-3)
+    assert fresh.frozen_fingerprint() != method.frozen_fingerprint()
+
+
+def test_methods_without_a_frozen_teacher_checkpoint_everything(
+    registry: None, teacher_run: Path
+) -> None:
+    for case in ("mocov2", "s2bnn_online", "dino"):
+        method = _build(CASES[case](teacher_run))
+        assert set(method.training_state()) == set(method.state_dict())
+        assert method.frozen_fingerprint() is None
+
+
+def test_views_needed() -> None:
+    assert [views_needed(CASES[c](None)) for c in sorted(CASES)] == [
+        2, 2, 1, 2, 2, 1]  # dino mocov2 s2bnn s2bnn_contrastive s2bnn_online seed
 
 
 def test_queue_is_updated_after_the_step(registry: None, teacher_run: Path) -> None:

@@ -52,7 +52,6 @@ def test_resume_real_method_with_augmentation_and_knn(tmp_path: Path) -> None:
     """The real MoCo v2 (key encoder, queue, shuffle BN) on a binary student, random
     augmentations and the kNN monitor: the resumed run is bit-identical too."""
     from s2bnn.config import config_from_dict
-    from s2bnn.engine import build_parts
 
     def cfg(out: Path, **over):
         base = {
@@ -64,28 +63,7 @@ def test_resume_real_method_with_augmentation_and_knn(tmp_path: Path) -> None:
         }
         return config_from_dict({**base, **over})
 
-    calls = {"n": 0}
-
-    def crashing(c):
-        parts = build_parts(c)
-        inner = parts.build_method
-
-        def build(backbone, total):
-            method = inner(backbone, total)
-            forward = method.forward
-
-            def fwd(views):
-                calls["n"] += 1
-                if calls["n"] == 5:  # in epoch 2 (3 steps per epoch)
-                    raise RuntimeError("simulated crash")
-                return forward(views)
-
-            method.forward = fwd
-            return method
-
-        parts.build_method = build
-        return parts
-
+    crashing = _crashing_parts(5)  # in epoch 2 (3 steps per epoch)
     train(cfg(tmp_path / "full"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg(tmp_path / "run"), parts=crashing)
@@ -96,3 +74,75 @@ def test_resume_real_method_with_augmentation_and_knn(tmp_path: Path) -> None:
     knn = [r["knn_top1"] for r in read_metrics(tmp_path / "run") if r["knn_top1"]]
     assert knn == [r["knn_top1"] for r in read_metrics(tmp_path / "full") if r["knn_top1"]]
     assert len(knn) == 2
+
+
+def test_offline_teacher_is_reloaded_not_checkpointed(tmp_path: Path) -> None:
+    """S2-BNN checkpoints leave the frozen teacher out (it is reloaded from its own file), a
+    resume still ends bit-identical, and a resume whose teacher file changed is refused."""
+    import shutil
+
+    from s2bnn.config import config_from_dict
+    from s2bnn.errors import CheckpointError
+
+    def cfg(out: Path, name: str = "s2bnn", seed: int = 0, **over):
+        base = {
+            "output_dir": str(out), "epochs": 2, "batch_size": 16, "progress": False,
+            "device": "cpu", "knn_every": 0, "seed": seed,
+            "data": {"name": "synthetic:1:16:48:4", "augment": {"num_views": 1}},
+            "model": {"name": "reactnet_small", "width_mult": 0.125},
+            "method": {"name": name, "queue_size": 32, "teacher": {
+                "path": str(tmp_path / "teacher"), "arch": "reactnet_small",
+                "kwargs": {"width_mult": 0.125}}},
+        }
+        if name == "mocov2":
+            base["data"]["augment"]["num_views"] = 2
+            base["epochs"] = 1
+        return config_from_dict({**base, **over})
+
+    train(cfg(tmp_path / "teacher", "mocov2"))
+    train(cfg(tmp_path / "full"))
+    ckpt = load_checkpoint(tmp_path / "full")
+    assert ckpt["method"] and not [k for k in ckpt["method"] if k.startswith("teacher.")]
+    assert ckpt["frozen_fingerprint"]
+
+    crashing = _crashing_parts(4)  # in epoch 2 (3 steps per epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg(tmp_path / "run"), parts=crashing)
+    train(cfg(tmp_path / "run", resume="auto"))
+    for key in ("method", "optimizer", "scheduler"):
+        assert_identical(ckpt[key], load_checkpoint(tmp_path / "run")[key], key)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg(tmp_path / "moved"), parts=crashing)
+    train(cfg(tmp_path / "other_teacher", "mocov2", seed=1))
+    shutil.rmtree(tmp_path / "teacher")
+    shutil.copytree(tmp_path / "other_teacher", tmp_path / "teacher")
+    with pytest.raises(CheckpointError, match="teacher's weights differ"):
+        train(cfg(tmp_path / "moved", resume="auto"))
+
+
+def _crashing_parts(n: int):
+    """``parts`` for :func:`train` whose method raises at its ``n``-th forward call."""
+    from s2bnn.engine import build_parts
+
+    def parts(cfg):
+        built = build_parts(cfg)
+        inner = built.build_method
+
+        def build(backbone, total):
+            method = inner(backbone, total)
+            forward, calls = method.forward, {"n": 0}
+
+            def fwd(views):
+                calls["n"] += 1
+                if calls["n"] == n:
+                    raise RuntimeError("simulated crash")
+                return forward(views)
+
+            method.forward = fwd
+            return method
+
+        built.build_method = build
+        return built
+
+    return parts

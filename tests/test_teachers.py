@@ -12,28 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from helpers import TinyNet
 
 from s2bnn.checkpoint import save_checkpoint, save_safetensors
-from s2bnn.errors import CheckpointError
+from s2bnn.errors import CheckpointError, ConfigError
 from s2bnn.models import list_models
 from s2bnn.models.registry import _REGISTRY
 from s2bnn.teachers import PROJECTION_HEAD_PREFIX, Teacher, load_teacher
-
-
-class TinyNet(nn.Module):
-    """A tiny conv backbone with ``feature_dim`` (pooled features when num_classes == 0)."""
-
-    def __init__(self, in_chans: int = 1, width: int = 8, num_classes: int = 0) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_chans, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.feature_dim = 2 * width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
 
 
 def _tv_builder(fn: Any, feat: int) -> Any:
@@ -264,3 +249,36 @@ def test_official_layout_into_the_registry_resnet18(moco18: tuple[Path, nn.Modul
     teacher = load_teacher(path, "resnet18")
     with torch.no_grad():
         torch.testing.assert_close(teacher(_images()), F.normalize(enc(_images()), dim=1))
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_teacher_precision_and_layout(precision: str) -> None:
+    """The teacher runs channels-last (same function) in the precision asked for; bf16 targets
+    differ from fp32 ones by rounding only, and come back as float32."""
+    torch.manual_seed(0)
+    backbone, head = TinyNet(in_chans=3, width=8), nn.Linear(16, 8)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = F.normalize(head(backbone.eval()(x)), dim=1)
+    teacher = Teacher(backbone, head, "tiny", precision=precision)
+    conv = teacher.backbone.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    out = teacher(x)
+    assert out.dtype == torch.float32
+    tol = 3e-2 if precision == "bf16" else 1e-5
+    torch.testing.assert_close(out, expected, atol=tol, rtol=0)
+    if precision == "bf16":
+        assert not torch.equal(out, expected)  # it did run in bf16
+    # Under a bf16 autocast (precision=bf16 training), auto follows it and fp32 opts out.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inner = teacher(x)
+    if precision == "fp32":
+        torch.testing.assert_close(inner, expected, atol=1e-5, rtol=0)
+    else:
+        assert not torch.equal(inner, expected)
+        torch.testing.assert_close(inner, expected, atol=3e-2, rtol=0)
+
+
+def test_teacher_precision_unknown() -> None:
+    with pytest.raises(ConfigError, match="precision 'fp16' unknown"):
+        Teacher(TinyNet(), nn.Identity(), "tiny", precision="fp16")

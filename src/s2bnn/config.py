@@ -100,6 +100,10 @@ class TeacherConfig:
     # it holds no head); mlp / linear: require that head; none: use pooled backbone features.
     # Its output dimension must equal method.proj_dim (the online teacher's head outputs that).
     head: str = "auto"
+    # Precision of the frozen offline teacher's forward. auto: that of the training step
+    # (`precision`); bf16: always bf16 (much faster on CPUs with AMX / AVX512-BF16, see
+    # benchmarks/bench_step.py; targets differ from fp32 ones by rounding only); fp32: always fp32.
+    precision: str = "auto"
 
 
 @dataclass
@@ -194,6 +198,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.shuffle_bn": ("auto", "shuffle", "syncbn", "none"),
     "method.teacher.kind": ("offline", "online"),
     "method.teacher.head": ("auto", "mlp", "linear", "none"),
+    "method.teacher.precision": ("auto", "fp32", "bf16"),
     "optim.name": ("adam", "sgd", "lars"),
     "optim.schedule": ("linear", "cosine", "constant"),
 }

@@ -64,9 +64,10 @@ class Parts:
 
     Tests and embedding code can pass their own (e.g. a tiny dataset and method) to
     :func:`train`. ``build_backbone`` and ``build_method`` are called after seeding;
-    ``build_method(backbone, total_steps)`` must return a method as described in the module
-    docstring. ``knn_sets()`` returns ``(memory bank, queries, num_classes)`` of labelled
-    eval-transformed images for the kNN monitor, or ``None`` when there is no labelled split.
+    ``build_method(backbone, total_steps)`` must return a :class:`s2bnn.methods.Method`
+    (the engine checkpoints its ``training_state()``). ``knn_sets()`` returns ``(memory bank,
+    queries, num_classes)`` of labelled eval-transformed images for the kNN monitor, or ``None``
+    when there is no labelled split.
     """
 
     train_set: Dataset
@@ -92,9 +93,17 @@ def _seeded_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
 def build_parts(cfg: Config) -> Parts:
     """Dataset with augmented views, backbone and method builders, kNN splits for ``cfg``."""
     from s2bnn import data
-    from s2bnn.methods import build_method
+    from s2bnn.methods import build_method, views_needed
     from s2bnn.models import build_model
 
+    need = views_needed(cfg.method)
+    if cfg.data.augment.num_views < need:
+        # Checked here, before any data or teacher is loaded, not at the first forward pass.
+        raise ConfigError(
+            f"method '{cfg.method.name}' with these settings needs {need} augmented views per "
+            f"image, but data.augment.num_views={cfg.data.augment.num_views}; "
+            f"set data.augment.num_views={need}"
+        )
     dc = cfg.data
     train_set = data.build_dataset(
         dc.name, "train", root=dc.root, limit=dc.limit, skip_corrupt=dc.skip_corrupt
@@ -467,8 +476,15 @@ class _Trainer:
     def _load(self, path: Path | None) -> None:
         assert path is not None
         ckpt = load_checkpoint(path)
+        saved = ckpt.get("frozen_fingerprint")
+        if saved is not None and saved != self.method.frozen_fingerprint():
+            raise CheckpointError(
+                f"cannot resume from {path}: the teacher's weights differ from those the run "
+                f"started with (method.teacher.path={self.cfg.method.teacher.path} changed?); "
+                "point at the original teacher or start a new output_dir"
+            )
         try:
-            self.method.load_state_dict(ckpt["method"])
+            self.method.load_training_state(ckpt["method"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (KeyError, RuntimeError, ValueError) as err:
@@ -533,7 +549,8 @@ class _Trainer:
                 "kwargs": dict(self.parts.backbone_kwargs),
                 "state_dict": self.method.backbone.state_dict(),
             },
-            "method": self.method.state_dict(),
+            "method": self.method.training_state(),  # the frozen teacher is reloaded, not saved
+            "frozen_fingerprint": self.method.frozen_fingerprint(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),

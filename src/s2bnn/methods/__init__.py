@@ -25,7 +25,7 @@ from s2bnn.methods.seed import SEED
 if TYPE_CHECKING:
     from s2bnn.config import MethodConfig, TeacherConfig
 
-__all__ = ["Method", "MoCoV2", "S2BNN", "SEED", "DINO", "METHODS", "build_method"]
+__all__ = ["Method", "MoCoV2", "S2BNN", "SEED", "DINO", "METHODS", "build_method", "views_needed"]
 
 METHODS = ("mocov2", "s2bnn", "seed", "dino")
 
@@ -43,7 +43,9 @@ def _offline_teacher(tcfg: TeacherConfig, method: str, in_chans: int, proj_dim: 
             f"teacher not found: {tcfg.path}; train it first (e.g. s2bnn train "
             "configs/fashion_mnist/teacher_mocov2.yaml) or set method.teacher.path"
         )
-    teacher = load_teacher(tcfg.path, tcfg.arch, head=tcfg.head, **dict(tcfg.kwargs))
+    teacher = load_teacher(
+        tcfg.path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, **dict(tcfg.kwargs)
+    )
     t_chans = getattr(teacher, "in_chans", None)
     if t_chans is not None and t_chans != in_chans:
         raise ConfigError(
@@ -65,6 +67,17 @@ def _online_teacher(tcfg: TeacherConfig, in_chans: int, proj_dim: int) -> tuple[
     backbone = build_model(tcfg.arch, **kwargs)
     feat = int(backbone.feature_dim)
     return backbone, mlp_head(feat, feat, proj_dim)
+
+
+def views_needed(cfg: MethodConfig) -> int:
+    """Augmented views per image the method ``cfg`` trains on: 2 for the contrastive and
+    self-distillation losses (MoCo v2, DINO, a contrastive term, an online MoCo v2 teacher),
+    else 1 (distillation from an offline teacher)."""
+    if cfg.name in ("mocov2", "dino"):
+        return 2
+    if cfg.name == "s2bnn" and (cfg.contrastive_weight > 0 or cfg.teacher.kind == "online"):
+        return 2
+    return 1
 
 
 def build_method(

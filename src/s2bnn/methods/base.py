@@ -8,7 +8,8 @@ key encoder, a queue, an EMA teacher, a centre). The engine drives it with three
     loss.backward(); optimizer.step()
     method.on_train_step_end(step, total_steps)   # momentum/EMA updates, queue bookkeeping
 
-Everything a resume needs is a parameter or a buffer, so ``state_dict()`` is the whole state.
+Everything a resume needs is a parameter or a buffer, so ``training_state()`` (the state dict
+less the offline teacher, which is reloaded from its own file) is the whole state.
 Modules that no optimiser may touch have ``requires_grad=False``; those listed by
 ``ddp_ignored_names()`` (frozen teacher, momentum copies, queues) are left alone by DDP, which
 would otherwise broadcast them every step. The student's projection head is always the submodule
@@ -50,6 +51,9 @@ class Method(nn.Module):
         self._always_eval: list[str] = []
         # Submodule/buffer names (prefixes) whose parameters and buffers DDP must not touch.
         self._ddp_ignored: list[str] = []
+        # Submodules loaded from a file of their own and never changed (the offline teacher):
+        # left out of checkpoints, which would otherwise carry e.g. a ResNet-50 (~100 MB) each.
+        self._frozen: list[str] = []
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training step on a list of augmented views: ``(loss, detached scalar logs)``."""
@@ -63,6 +67,53 @@ class Method(nn.Module):
         names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
         return [n for n in names
                 if any(n == p or n.startswith(p + ".") for p in self._ddp_ignored)]
+
+    def attach_offline_teacher(self, teacher: nn.Module) -> None:
+        """Hold ``teacher`` as the frozen submodule ``teacher``: no grad, always in eval mode,
+        ignored by DDP and left out of :meth:`training_state`."""
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher.eval()
+        self._always_eval.append("teacher")
+        self._ddp_ignored.append("teacher")
+        self._frozen.append("teacher")
+
+    def offline_targets(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The offline teacher's embedding of each view (one batched forward when shapes allow)."""
+        with torch.no_grad():
+            if all(v.shape == views[0].shape for v in views):
+                return list(self.teacher(torch.cat(views)).chunk(len(views)))
+            return [self.teacher(v) for v in views]
+
+    def _is_frozen(self, key: str) -> bool:
+        return any(key.startswith(prefix + ".") for prefix in self._frozen)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """``state_dict()`` without the frozen submodules: what a checkpoint must hold."""
+        return {k: v for k, v in self.state_dict().items() if not self._is_frozen(k)}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`training_state` (frozen keys in ``state``, as older checkpoints hold
+        them, are ignored). Raises ``RuntimeError`` on any other missing or unexpected key."""
+        state = {k: v for k, v in state.items() if not self._is_frozen(k)}
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not self._is_frozen(k)]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"missing keys {missing[:3]}, unexpected keys {result.unexpected_keys[:3]}"
+            )
+
+    def frozen_fingerprint(self) -> str | None:
+        """A cheap digest of the frozen submodules' tensors (``None`` when there are none), so a
+        resume can tell that the teacher file changed under a run."""
+        if not self._frozen:
+            return None
+        total = torch.zeros((), dtype=torch.float64)
+        for key, value in self.state_dict().items():
+            if self._is_frozen(key) and value.is_floating_point():
+                v = value.detach().double()
+                total += v.sum() + (v * v).sum() * 1e-3 + v.numel()
+        return f"{total.item():.10e}"
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)

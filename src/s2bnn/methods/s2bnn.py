@@ -69,13 +69,9 @@ class S2BNN(Method):
         if contrastive_weight > 0:
             self.moco = MomentumContrast(backbone, self.head, **moco_kw)
             self._ddp_ignored.append("moco")
-        self.teacher: nn.Module | None = teacher
+        self.teacher: nn.Module | None = None
         if teacher is not None:
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            teacher.eval()
-            self._always_eval.append("teacher")
-            self._ddp_ignored.append("teacher")
+            self.attach_offline_teacher(teacher)
         self.teacher_moco: MomentumContrast | None = None
         if online_teacher is not None:
             self.teacher_backbone, self.teacher_head = online_teacher
@@ -87,13 +83,6 @@ class S2BNN(Method):
         if self.moco is not None:
             return self.moco.query(self.backbone, self.head, x)
         return F.normalize(self.head(self.backbone(x)), dim=1)
-
-    def _offline_targets(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        assert self.teacher is not None
-        with torch.no_grad():
-            if all(v.shape == views[0].shape for v in views):
-                return list(self.teacher(torch.cat(views)).chunk(len(views)))
-            return [self.teacher(v) for v in views]
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_views(views, self.name, 2 if self.moco or self.teacher_moco else 1)
@@ -107,7 +96,7 @@ class S2BNN(Method):
             targets = [t.detach() for t in tq]
             logs["loss_teacher"] = loss_teacher.detach()
         else:
-            targets = self._offline_targets(views)
+            targets = self.offline_targets(views)
         students = [self._student(v) for v in views]
         loss_distill = torch.stack([
             soft_cross_entropy(s, t, self.temperature) for s, t in zip(students, targets)

@@ -39,24 +39,16 @@ class SEED(Method):
         super().__init__(backbone)
         feat = int(backbone.feature_dim)
         self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
-        self.teacher = teacher
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        teacher.eval()
+        self.attach_offline_teacher(teacher)
         self.queue = KeyQueue(queue_len, proj_dim)
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
-        self._always_eval = ["teacher"]
-        self._ddp_ignored = ["teacher", "queue"]
+        self._ddp_ignored.append("queue")
         self._pending: torch.Tensor | None = None
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_views(views, self.name, 1)
-        with torch.no_grad():
-            if all(v.shape == views[0].shape for v in views):
-                targets = list(self.teacher(torch.cat(views)).chunk(len(views)))
-            else:
-                targets = [self.teacher(v) for v in views]
+        targets = self.offline_targets(views)
         students = [F.normalize(self.head(self.backbone(v)), dim=1) for v in views]
         loss = torch.stack([
             seed_loss(s, t, self.queue.keys, self.student_temp, self.teacher_temp)
