@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 BENCHES: list[tuple[str, list[str], str]] = [
     ("bench_models.py", [], "Backbones: training step and forward images/s (28x28x1, batch 256)"),
-    ("bench_step.py", [], "S2-BNN step, ReActNet-A + ResNet-50 teacher, 128 px, batch 16: "
-                          "fused vs straightforward quantizers"),
+    ("bench_step.py", ["--profile"], "S2-BNN step, ReActNet-A + ResNet-50 teacher, 128 px, "
+                                     "batch 16: this library's step vs a straightforward one"),
     ("bench_methods.py", [], "Strategies 1-3 on the Fashion-MNIST recipe: images/s per step"),
     ("bench_loader.py", ["--datasets", "fashion-mnist", "--workers", "0", "1"],
      "Data loader alone: images/s per augmentation preset"),
