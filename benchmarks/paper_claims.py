@@ -46,7 +46,11 @@ STRATEGIES: dict[str, tuple[str, list[str], str]] = {
 }
 
 
-def _train(recipe: str, overrides: list[str]) -> tuple[Path, float]:
+# The recipes that distil from the frozen teacher (method.teacher.path is set for these only).
+OFFLINE_TEACHER = ("s2bnn", "s2bnn_contrastive", "seed")
+
+
+def train_recipe(recipe: str, overrides: list[str]) -> tuple[Path, float]:
     """Train one recipe and return (run dir, seconds); a finished run of the same config is
     reused, with the seconds its first training stored in ``train_seconds.txt`` (0 if none)."""
     from s2bnn.config import load_config
@@ -59,6 +63,19 @@ def _train(recipe: str, overrides: list[str]) -> tuple[Path, float]:
     elif stamp.is_file():
         secs = float(stamp.read_text())
     return run_dir, secs
+
+
+def train_teacher(out: Path, reuse: str | None, limit: int, epochs: int,
+                  common: list[str]) -> Path:
+    """The teacher run dir: ``reuse`` if given, else MoCo v2 trained into ``out/teacher``."""
+    if reuse:
+        print(f"== teacher: reusing {reuse}", flush=True)
+        return Path(reuse)
+    print(f"== teacher (MoCo v2, resnet_small, {epochs} epochs, {limit} images)", flush=True)
+    teacher_dir = out / "teacher"
+    train_recipe("teacher_mocov2.yaml", [*common, f"output_dir={teacher_dir}",
+                                         f"epochs={epochs}"])
+    return teacher_dir
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -109,14 +126,7 @@ def main() -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     common = [f"data.limit={args.limit}", "progress=false", "knn_every=0", "resume=auto"]
-    if args.teacher:
-        teacher_dir = Path(args.teacher)
-        print(f"== teacher: reusing {teacher_dir}", flush=True)
-    else:
-        print(f"== teacher (MoCo v2, resnet_small, {args.teacher_epochs} epochs)", flush=True)
-        teacher_dir = out / "teacher"
-        _train("teacher_mocov2.yaml", [*common, f"output_dir={teacher_dir}",
-                                       f"epochs={args.teacher_epochs}"])
+    teacher_dir = train_teacher(out, args.teacher, args.limit, args.teacher_epochs, common)
     runs: dict[str, list[Path]] = {name: [] for name in args.strategies}
     seconds: dict[str, list[float]] = {name: [] for name in args.strategies}
     for seed in args.seeds:
@@ -124,12 +134,12 @@ def main() -> int:
             recipe, extra, _ = STRATEGIES[name]
             print(f"== {name}, seed {seed}", flush=True)
             overrides = [*common, f"output_dir={out / f'{name}_seed{seed}'}", f"seed={seed}",
-                         f"method.teacher.path={teacher_dir}", *extra]
+                         *extra]
+            if name in OFFLINE_TEACHER:
+                overrides.append(f"method.teacher.path={teacher_dir}")
             if args.epochs is not None:
                 overrides.append(f"epochs={args.epochs}")
-            if name in ("mocov2_bnn", "mocov2_bnn_plus", "mocov2_real", "dino"):
-                overrides.remove(f"method.teacher.path={teacher_dir}")
-            run_dir, secs = _train(recipe, overrides)
+            run_dir, secs = train_recipe(recipe, overrides)
             runs[name].append(run_dir)
             if secs > 0:
                 seconds[name].append(secs)

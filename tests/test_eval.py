@@ -158,6 +158,19 @@ def test_fast_sweep_chooses_lr_on_heldout_split_not_test():
         assert other[opt]["test_top1"] != res[opt]["test_top1"]
 
 
+def test_fast_sweep_standardisation_hides_the_feature_scale():
+    """Standardised, a feature scale of 1 or 300 gives the same sweep; raw, SGD's best LR moves
+    with the scale (the effect the paper's probe-LR remarks are about)."""
+    x, y = blobs(400, 16, 4, seed=4, spread=3.0)
+    xt, yt = blobs(200, 16, 4, seed=5, spread=3.0)
+    lrs, kw = [1e-4, 1e-2, 1.0], dict(adam_lrs=[], epochs=5)
+    std = [fast_linear_sweep(s * x, y, s * xt, yt, sgd_lrs=lrs, **kw) for s in (1.0, 300.0)]
+    assert std[0]["sgd"]["test_top1"] == pytest.approx(std[1]["sgd"]["test_top1"], abs=0.6)
+    raw = [fast_linear_sweep(s * x, y, s * xt, yt, sgd_lrs=lrs, standardize_features=False, **kw)
+           for s in (1.0, 300.0)]
+    assert raw[1]["sgd"]["best_lr"] < raw[0]["sgd"]["best_lr"]
+
+
 def test_fast_sweep_refit_and_single_optimiser():
     x, y = blobs(200, 8, 3, seed=0)
     xt, yt = blobs(90, 8, 3, seed=1)

@@ -186,12 +186,15 @@ def fast_linear_sweep(
     seed: int = 0,
     device: str | torch.device = "cpu",
     num_threads: int | None = 1,
+    standardize_features: bool = True,
 ) -> dict:
     """Sweep linear-probe learning rates for SGD and Adam on cached features.
 
-    Features are standardised with training statistics. The heads train on ``1 - val_fraction``
-    of the training features; the LR with the best held-out top-1 is chosen per optimiser; with
-    ``refit`` the chosen heads are retrained on all training features before the test.
+    Features are standardised with training statistics (``standardize_features=False`` keeps
+    them raw: the best LR then depends on the features' scale, as in the paper's protocol). The
+    heads train on ``1 - val_fraction`` of the training features; the LR with the best held-out
+    top-1 is chosen per optimiser; with ``refit`` the chosen heads are retrained on all training
+    features before the test.
 
     Returns a JSON-able dict: per optimiser ``lrs``, ``val_top1`` and ``test_top1`` (the whole
     curve), ``best_lr``, ``top1``, ``top5``; overall ``linear_top1``/``linear_top5`` of the
@@ -216,7 +219,8 @@ def fast_linear_sweep(
                                   num_classes=num_classes, sgd_lrs=sgd_lrs, adam_lrs=adam_lrs,
                                   epochs=epochs, batch_size=batch_size, momentum=momentum,
                                   betas=betas, weight_decay=weight_decay,
-                                  val_fraction=val_fraction, refit=refit, seed=seed, dev=dev)
+                                  val_fraction=val_fraction, refit=refit, seed=seed, dev=dev,
+                                  standardize_features=standardize_features)
     finally:
         torch.set_num_threads(threads)
 
@@ -239,13 +243,16 @@ def _fast_linear_sweep(
     refit: bool,
     seed: int,
     dev: torch.device,
+    standardize_features: bool = True,
 ) -> dict:
     t0 = time.perf_counter()
     train_labels = train_labels.long()
     test_labels = test_labels.long()
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    xtr, xte = standardize(train_feats.float(), test_feats.float())
+    xtr, xte = train_feats.float(), test_feats.float()
+    if standardize_features:
+        xtr, xte = standardize(xtr, xte)
     xtr, xte = xtr.to(dev), xte.to(dev)
     ytr, yte = train_labels.to(dev), test_labels.to(dev)
     fit_idx, val_idx = _split_train_val(train_labels, val_fraction, seed)
