@@ -8,6 +8,9 @@
 3. **Probe learning rate.** For an SGD-pre-trained student (strategy 1) and Adam-pre-trained ones
    (enhanced 1, 3), the SGD- and Adam-probe test top-1 against the probe LR, on standardised
    features (this project's probe) and on raw features (the paper's protocol).
+4. **The untrained baseline.** The same untrained student with binary weights and activations,
+   binary activations only, and real values: how much of a random network's features survive
+   binarization (the bar every method has to clear).
 
 Writes ``docs/CLAIMS_FOLLOWUP.md`` and ``docs/results/followup_*.png``; every number in it comes
 from this run. Finished runs in ``--out`` are reused (same config), so an interrupted run resumes.
@@ -24,7 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paper_claims import CONFIGS, OFFLINE_TEACHER, STRATEGIES, train_recipe, train_teacher
+from paper_claims import (
+    CONFIGS,
+    OFFLINE_TEACHER,
+    STRATEGIES,
+    pretrain_optimizer,
+    train_recipe,
+    train_teacher,
+)
 from run_all import machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,9 +162,16 @@ def main() -> int:
         probes[name] = _probe_curves(_run(name, out / f"{name}_x1", teacher, common, []), ds)
 
     _, binfo = load_backbone(out / "s2bnn_x1")
-    rand = evaluate_untrained("reactnet_small", {**(binfo.get("kwargs") or {}), "num_classes": 0},
-                              ds["train"], ds["test"], seeds=range(args.random_seeds))
-    random_top1 = float(rand["linear_top1"])
+    student_kw = {**(binfo.get("kwargs") or {}), "num_classes": 0}
+    untrained: dict[str, tuple[float, float]] = {}
+    for label, over in (("binary weights and activations", {}),
+                        ("binary activations, real weights", {"binary_weight": False}),
+                        ("real-valued", {"binary_weight": False, "binary_act": False})):
+        print(f"== untrained student: {label}", flush=True)
+        res = evaluate_untrained("reactnet_small", {**student_kw, **over}, ds["train"],
+                                 ds["test"], seeds=range(args.random_seeds))
+        untrained[label] = (float(res["linear_top1"]), float(res["linear_top1_std"]))
+    random_top1 = untrained["binary weights and activations"][0]
     wall = time.perf_counter() - t0
 
     figs = Path(args.doc).parent / "results"
@@ -196,7 +213,7 @@ def main() -> int:
               "| run | pre-training optimiser | features | SGD probe: best LR, top-1 | "
               "Adam probe: best LR, top-1 |", "|---|---|---|---|---|"]
     for name, per in probes.items():
-        opt = "SGD" if name == "mocov2_bnn" else "Adam"
+        opt = pretrain_optimizer(name)
         for kind, c in per.items():
             lines.append(f"| {labels[name]} | {opt} | {kind} | {c['sgd']['best_lr']:g}, "
                          f"{c['sgd']['top1']:.1f} | {c['adam']['best_lr']:g}, "
@@ -207,11 +224,16 @@ def main() -> int:
         for kind, c in per.items():
             lines.append(f"- {labels[name]}, {kind}: "
                          + ", ".join(f"{a:.1f}" for a in c["sgd"]["test_top1"]))
-    lines += ["", "![probe LR](results/followup_probe_lr.png)", ""]
+    lines += ["", "![probe LR](results/followup_probe_lr.png)", "",
+              "## 4. The untrained baseline", "",
+              f"Untrained `reactnet_small`, linear top-1, mean ± std over {args.random_seeds} "
+              "seeds:", "", "| untrained student | linear top-1 |", "|---|---|"]
+    lines += [f"| {label} | {m:.1f} ± {sd:.1f} |" for label, (m, sd) in untrained.items()]
+    lines.append("")
     Path(args.doc).write_text("\n".join(lines))
     (figs / "claims_followup.json").write_text(json.dumps(
         {"args": vars(args), "machine": machine(), "wall_seconds": wall, "schedule": schedule,
-         "taus": taus, "probes": probes, "random_init": random_top1}, indent=2, default=str))
+         "taus": taus, "probes": probes, "untrained": untrained}, indent=2, default=str))
     print("\n".join(lines))
     print(f"\nwrote {args.doc}")
     return 0

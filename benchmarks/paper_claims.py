@@ -78,6 +78,20 @@ def train_teacher(out: Path, reuse: str | None, limit: int, epochs: int,
     return teacher_dir
 
 
+def pretrain_optimizer(name: str | None) -> str:
+    """The optimiser a run of ``name`` (a STRATEGIES key or ``teacher``) was pre-trained with,
+    read from its recipe; "—" for the baselines that are not trained."""
+    from s2bnn.config import load_config
+
+    if name == "teacher":
+        recipe, extra = "teacher_mocov2.yaml", []
+    elif name in STRATEGIES:
+        recipe, extra, _ = STRATEGIES[name]
+    else:
+        return "—"
+    return str(load_config(CONFIGS / recipe, extra).optim.name).upper().replace("ADAM", "Adam")
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
@@ -171,6 +185,9 @@ def main() -> int:
     report_rows.append({**result_row("random_init", None, "reactnet_small", True, rand),
                         "sweep": rand.get("linear")})
     wall = time.perf_counter() - t0
+    stamp = teacher_dir / "train_seconds.txt"
+    trained = sum(sum(v) for v in seconds.values()) + (
+        float(stamp.read_text()) if stamp.is_file() else 0.0)
 
     def acc(name: str, key: str = "linear_top1") -> list[float]:
         return [r[key] for r in rows.get(name, []) if r.get(key) is not None]
@@ -186,7 +203,9 @@ def main() -> int:
         "# Results: the paper's claims on Fashion-MNIST", "",
         f"Produced by `python benchmarks/{Path(__file__).name}"
         + (" --quick" if args.quick else "") + (" --gpu-full" if args.gpu_full else "")
-        + f"` on {machine()}; wall time {wall / 60:.1f} min.", "",
+        + f"` on {machine()}; wall time {wall / 60:.1f} min; training time of the runs, "
+        f"as each was first trained (runs already finished in `{args.out}` are reused), "
+        f"{trained / 60:.1f} min.", "",
         f"Sizes: {args.limit} training images per run, teacher "
         + (f"reused from {args.teacher}" if args.teacher else f"{args.teacher_epochs} epochs")
         + ", "
@@ -232,8 +251,7 @@ def main() -> int:
         sweep = rep.get("sweep") or {}
         best = {o: (sweep.get(o) or {}).get("best_lr") for o in ("sgd", "adam")
                 if isinstance(sweep.get(o), dict)}
-        opt = "SGD" if rep.get("name") == "mocov2_bnn" else \
-            ("—" if rep.get("name") in ("pixels", "random_init") else "Adam")
+        opt = pretrain_optimizer(rep.get("name"))
         lines.append(f"| {rep.get('name')} | {opt} | {best.get('sgd')} | {best.get('adam')} |")
     lines += ["", "Plots: [comparison](results/comparison.png), "
               "[LR sweeps](results/lr_sweep.png), [training curves](results/training_curves.png),"

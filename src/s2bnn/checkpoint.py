@@ -9,7 +9,8 @@ A training checkpoint is a dict::
 
     {"format": "s2bnn", "version": 1, "config": {...}, "epoch": int, "step": int,
      "backbone": {"name": str, "kwargs": {...}, "state_dict": {...}},
-     "method": state_dict, "optimizer": ..., "scheduler": ..., "rng": {...}, ...}
+     "method": method.training_state(), "frozen_fingerprint": str | None,
+     "optimizer": ..., "scheduler": ..., "rng": {...}, ...}
 
 Fault injection (tests only, see docs/RELIABILITY.md): ``S2BNN_FAULT=POINT[:FILE]:N`` makes the
 N-th matching event of the process fail. ``kill-step:N`` SIGKILLs after the N-th optimiser step

@@ -93,8 +93,9 @@ class _ScaledSignFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (w,) = ctx.saved_tensors
-        # Gradient of clamp(w, -1, 1) (alpha is treated as a constant), as one kernel: a mask
-        # built from w.abs() > 1 takes three passes over weights of up to 38 MB.
+        # Gradient of clamp(w, -1, 1) (alpha is treated as a constant; |w| = 1 itself, a set of
+        # measure zero, gets 0), as one kernel: a mask built from w.abs() > 1 takes three passes
+        # over weights of up to 38 MB.
         return torch.ops.aten.hardtanh_backward(grad, w, -1.0, 1.0)
 
 
