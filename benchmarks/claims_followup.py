@@ -85,7 +85,7 @@ def _plot(path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
     if hline is not None:
@@ -96,7 +96,7 @@ def _plot(path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel
     ax.set_ylabel("linear top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
