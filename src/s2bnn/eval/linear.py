@@ -16,9 +16,10 @@ set; the chosen heads are then refit on all training features and scored on the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -211,115 +212,94 @@ def fast_linear_sweep(
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     dev = resolve_device(device)
-    threads = torch.get_num_threads()
-    if num_threads is not None and dev.type == "cpu":
+    with _cpu_threads(num_threads if dev.type == "cpu" else None):
+        t0 = time.perf_counter()
+        train_labels = train_labels.long()
+        test_labels = test_labels.long()
+        if num_classes is None:
+            num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        xtr, xte = train_feats.float(), test_feats.float()
+        if standardize_features:
+            xtr, xte = standardize(xtr, xte)
+        xtr, xte = xtr.to(dev), xte.to(dev)
+        ytr, yte = train_labels.to(dev), test_labels.to(dev)
+        fit_idx, val_idx = _split_train_val(train_labels, val_fraction, seed)
+        fit_idx, val_idx = fit_idx.to(dev), val_idx.to(dev)
+        hp = dict(epochs=epochs, batch_size=batch_size, momentum=momentum, betas=tuple(betas),
+                  weight_decay=weight_decay, seed=seed)
+
+        w, b = _train_heads(xtr[fit_idx], ytr[fit_idx], num_classes, sgd_lrs, adam_lrs, **hp)
+        val_top1 = _per_head_top1(_head_scores(xtr[val_idx], w, b), ytr[val_idx], w)
+        test_scores = _head_scores(xte, w, b)
+        test_top1 = _per_head_top1(test_scores, yte, w)
+
+        hs = len(sgd_lrs)
+        groups = {"sgd": (list(sgd_lrs), 0), "adam": (list(adam_lrs), hs)}
+        result: dict = {
+            "mode": "fast",
+            "num_train": int(len(fit_idx)),
+            "num_val": int(len(val_idx)),
+            "num_test": int(len(yte)),
+            "feature_dim": int(xtr.shape[1]),
+            "num_classes": int(num_classes),
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "val_fraction": val_fraction,
+            "refit": refit,
+            "schedule": "cosine",
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        }
+        chosen: dict[str, int] = {}
+        for name, (lrs, offset) in groups.items():
+            if not lrs:
+                continue
+            vals = val_top1[offset:offset + len(lrs)]
+            best = max(range(len(lrs)), key=lambda i: (vals[i], -i))
+            chosen[name] = best
+            result[name] = {
+                "lrs": lrs,
+                "val_top1": vals,
+                "test_top1": test_top1[offset:offset + len(lrs)],
+                "best_lr": lrs[best],
+                "best_val_top1": vals[best],
+            }
+        if refit:
+            w, b = _train_heads(
+                xtr, ytr, num_classes,
+                [sgd_lrs[chosen["sgd"]]] if "sgd" in chosen else [],
+                [adam_lrs[chosen["adam"]]] if "adam" in chosen else [],
+                **hp,
+            )
+            scores = _head_scores(xte, w, b)
+            head_of = {name: i for i, name in enumerate(chosen)}
+        else:
+            scores = test_scores
+            head_of = {name: groups[name][1] + best for name, best in chosen.items()}
+        for name, head in head_of.items():
+            acc = topk_accuracy(scores[:, head].cpu(), test_labels)
+            if not torch.isfinite(w[:, head]).all():
+                acc = {key: 0.0 for key in acc}
+            result[name]["top1"] = acc["top1"]
+            result[name]["top5"] = acc.get("top5")
+            result[f"linear_top1_{name}"] = acc["top1"]
+        best_opt = max(chosen, key=lambda name: result[name]["best_val_top1"])
+        result["best_optimizer"] = best_opt
+        result["linear_top1"] = result[best_opt]["top1"]
+        result["linear_top5"] = result[best_opt]["top5"]
+        result["seconds"] = round(time.perf_counter() - t0, 3)
+        return result
+
+
+@contextlib.contextmanager
+def _cpu_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the block with ``num_threads`` torch threads (``None``: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _fast_linear_sweep(train_feats, train_labels, test_feats, test_labels,
-                                  num_classes=num_classes, sgd_lrs=sgd_lrs, adam_lrs=adam_lrs,
-                                  epochs=epochs, batch_size=batch_size, momentum=momentum,
-                                  betas=betas, weight_decay=weight_decay,
-                                  val_fraction=val_fraction, refit=refit, seed=seed, dev=dev,
-                                  standardize_features=standardize_features)
+        yield
     finally:
-        torch.set_num_threads(threads)
-
-
-def _fast_linear_sweep(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    *,
-    num_classes: int | None,
-    sgd_lrs: Sequence[float],
-    adam_lrs: Sequence[float],
-    epochs: int,
-    batch_size: int,
-    momentum: float,
-    betas: tuple[float, float],
-    weight_decay: float,
-    val_fraction: float,
-    refit: bool,
-    seed: int,
-    dev: torch.device,
-    standardize_features: bool = True,
-) -> dict:
-    t0 = time.perf_counter()
-    train_labels = train_labels.long()
-    test_labels = test_labels.long()
-    if num_classes is None:
-        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    xtr, xte = train_feats.float(), test_feats.float()
-    if standardize_features:
-        xtr, xte = standardize(xtr, xte)
-    xtr, xte = xtr.to(dev), xte.to(dev)
-    ytr, yte = train_labels.to(dev), test_labels.to(dev)
-    fit_idx, val_idx = _split_train_val(train_labels, val_fraction, seed)
-    fit_idx, val_idx = fit_idx.to(dev), val_idx.to(dev)
-    hp = dict(epochs=epochs, batch_size=batch_size, momentum=momentum, betas=tuple(betas),
-              weight_decay=weight_decay, seed=seed)
-
-    w, b = _train_heads(xtr[fit_idx], ytr[fit_idx], num_classes, sgd_lrs, adam_lrs, **hp)
-    val_top1 = _per_head_top1(_head_scores(xtr[val_idx], w, b), ytr[val_idx], w)
-    test_scores = _head_scores(xte, w, b)
-    test_top1 = _per_head_top1(test_scores, yte, w)
-
-    hs = len(sgd_lrs)
-    groups = {"sgd": (list(sgd_lrs), 0), "adam": (list(adam_lrs), hs)}
-    result: dict = {
-        "mode": "fast",
-        "num_train": int(len(fit_idx)),
-        "num_val": int(len(val_idx)),
-        "num_test": int(len(yte)),
-        "feature_dim": int(xtr.shape[1]),
-        "num_classes": int(num_classes),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "val_fraction": val_fraction,
-        "refit": refit,
-        "schedule": "cosine",
-        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
-    }
-    chosen: dict[str, int] = {}
-    for name, (lrs, offset) in groups.items():
-        if not lrs:
-            continue
-        vals = val_top1[offset:offset + len(lrs)]
-        best = max(range(len(lrs)), key=lambda i: (vals[i], -i))
-        chosen[name] = best
-        result[name] = {
-            "lrs": lrs,
-            "val_top1": vals,
-            "test_top1": test_top1[offset:offset + len(lrs)],
-            "best_lr": lrs[best],
-            "best_val_top1": vals[best],
-        }
-    if refit:
-        w, b = _train_heads(
-            xtr, ytr, num_classes,
-            [sgd_lrs[chosen["sgd"]]] if "sgd" in chosen else [],
-            [adam_lrs[chosen["adam"]]] if "adam" in chosen else [],
-            **hp,
-        )
-        scores = _head_scores(xte, w, b)
-        head_of = {name: i for i, name in enumerate(chosen)}
-    else:
-        scores = test_scores
-        head_of = {name: groups[name][1] + best for name, best in chosen.items()}
-    for name, head in head_of.items():
-        acc = topk_accuracy(scores[:, head].cpu(), test_labels)
-        if not torch.isfinite(w[:, head]).all():
-            acc = {key: 0.0 for key in acc}
-        result[name]["top1"] = acc["top1"]
-        result[name]["top5"] = acc.get("top5")
-        result[f"linear_top1_{name}"] = acc["top1"]
-    best_opt = max(chosen, key=lambda name: result[name]["best_val_top1"])
-    result["best_optimizer"] = best_opt
-    result["linear_top1"] = result[best_opt]["top1"]
-    result["linear_top5"] = result[best_opt]["top5"]
-    result["seconds"] = round(time.perf_counter() - t0, 3)
-    return result
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- protocol mode
