@@ -1,0 +1,472 @@
+"""The packed network: its file format, its checks, and the CPU runtime that runs it.
+
+A packed network is an op graph (JSON) plus named tensors. Float values are ``(N, C, H, W)``
+tensors in channels-last memory; bit values are ``(N, H, W, ceil(C/64))`` int64 words, bit
+``c % 64`` of word ``c // 64`` set where the sign is -1 (see ``kernels.c``). Ops:
+
+- ``input``; ``conv2d`` (float, BatchNorm folded in); ``affine`` (per-channel scale and bias);
+  ``linear``; ``add``; ``cat``; ``avgpool``; ``maxpool``; ``gap`` (global average pool);
+  ``flatten``; ``relu``; ``hardtanh``; ``rprelu``; ``sign`` (float +-1, for binary-activation
+  real-weight layers).
+- ``sign_pack``: float -> bits of ``sign(x + thr)``.
+- ``bconv``: bits -> ``dot * scale + bias [+ residual] [-> RPReLU]`` as float and/or as the bits of
+  ``sign(y + thr)``: the XNOR/popcount convolution with its whole float epilogue fused in one pass.
+
+File (``.s2bnn``): a safetensors file (no pickles) whose metadata holds ``format``
+(``s2bnn-packed``), ``version``, ``graph`` (JSON) and ``sha256`` (of the graph and every tensor's
+name, dtype, shape and bytes). :func:`load` checks all of them and every tensor's shape and dtype
+against the graph, so a truncated, tampered or newer file fails in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from s2bnn.errors import CheckpointError, ModelError
+
+__all__ = ["PackedModel", "load", "FORMAT", "VERSION", "unpack_bits", "pack_bits_torch"]
+
+FORMAT = "s2bnn-packed"
+VERSION = 1
+_CL = torch.channels_last
+
+
+# --------------------------------------------------------------------------- bits in torch
+_SHIFTS = torch.arange(64, dtype=torch.int64)
+
+
+def pack_bits_torch(v: torch.Tensor, thr: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, C, H, W)`` float -> ``(N, H, W, ceil(C/64))`` int64 bits of ``sign(v + thr)``."""
+    x = v.permute(0, 2, 3, 1)
+    if thr is not None:
+        x = x + thr
+    neg = (x < 0).to(torch.int64)
+    c = neg.shape[-1]
+    wd = (c + 63) // 64
+    neg = F.pad(neg, (0, wd * 64 - c)).reshape(*neg.shape[:-1], wd, 64)
+    return (neg << _SHIFTS).sum(-1).contiguous()
+
+
+def unpack_bits(bits: torch.Tensor, c: int) -> torch.Tensor:
+    """``(N, H, W, WD)`` int64 bits -> ``(N, C, H, W)`` float +-1 (bit 1 -> -1)."""
+    b = (bits.unsqueeze(-1) >> _SHIFTS) & 1
+    b = b.reshape(*bits.shape[:-1], -1)[..., :c]
+    return (1.0 - 2.0 * b.to(torch.float32)).permute(0, 3, 1, 2)
+
+
+_BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def weight_bits_pm1(packed: torch.Tensor, cin: int) -> torch.Tensor:
+    """Packed weight bytes ``(Cout, KH, KW, ceil(Cin/8))`` -> float +-1 ``(Cout, Cin, KH, KW)``."""
+    shifts = torch.arange(8, dtype=torch.int32)
+    b = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    b = b.reshape(*packed.shape[:3], -1)[..., :cin]
+    return (1.0 - 2.0 * b.to(torch.float32)).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- graph checks
+def _expected_tensors(node: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    """Tensor role -> (dtype, shape or None when only the rank is free) for one node."""
+    op, a = node["op"], node.get("attrs", {})
+    f32 = "float32"
+    if op == "bconv":
+        cout, cin, kh, kw = a["cout"], a["cin"], a["kernel"][0], a["kernel"][1]
+        spec = {"weight": ("uint8", (cout, kh, kw, (cin + 7) // 8)),
+                "scale": (f32, (cout,)), "bias": (f32, (cout,))}
+        if a.get("rprelu"):
+            spec.update(si=(f32, (cout,)), slope=(f32, (cout,)), so=(f32, (cout,)))
+        if a.get("bits_out") and a.get("has_thr"):
+            spec["thr"] = (f32, (cout,))
+        return spec
+    if op in ("sign_pack", "sign"):
+        return {"thr": (f32, (a["channels"],))} if a.get("has_thr") else {}
+    if op == "conv2d":
+        cout, cin_g, kh, kw = a["cout"], a["cin"] // a["groups"], a["kernel"][0], a["kernel"][1]
+        return {"weight": (f32, (cout, cin_g, kh, kw)), "bias": (f32, (cout,))}
+    if op == "affine":
+        return {"scale": (f32, (a["channels"],)), "bias": (f32, (a["channels"],))}
+    if op == "rprelu":
+        c = a["channels"]
+        return {"si": (f32, (c,)), "slope": (f32, (c,)), "so": (f32, (c,))}
+    if op == "linear":
+        return {"weight": (f32, (a["out_features"], a["in_features"])),
+                "bias": (f32, (a["out_features"],))}
+    return {}
+
+
+_OPS = {"input", "conv2d", "affine", "linear", "add", "cat", "avgpool", "maxpool", "gap",
+        "flatten", "relu", "hardtanh", "rprelu", "sign", "sign_pack", "bconv"}
+
+
+def _digest(graph_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(graph_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def validate_graph(graph: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every node known, every input defined before use, every tensor as the graph says."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{source} is not a valid packed network: {msg}")
+
+    nodes = graph.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        raise bad("no nodes")
+    defined: set[str] = set()
+    used: set[str] = set()
+    for node in nodes:
+        if not isinstance(node, dict) or node.get("op") not in _OPS:
+            raise bad(f"unknown op {node.get('op') if isinstance(node, dict) else node!r}")
+        for v in node.get("inputs", []):
+            if v not in defined:
+                raise bad(f"node {node.get('name')} reads {v} before it is computed")
+        for role, (dtype, shape) in _expected_tensors(node).items():
+            key = node.get("tensors", {}).get(role)
+            t = tensors.get(key) if key else None
+            if t is None:
+                raise bad(f"node {node['name']} lacks its tensor '{role}'")
+            if str(t.dtype).removeprefix("torch.") != dtype or (
+                shape is not None and tuple(t.shape) != shape
+            ):
+                raise bad(f"tensor {key} is {str(t.dtype).removeprefix('torch.')} "
+                          f"{tuple(t.shape)}, the graph says {dtype} {shape}")
+            used.add(key)
+        defined.update(v for v in node["outputs"] if v)
+    if graph.get("output") not in defined:
+        raise bad("its output is never computed")
+    extra = set(tensors) - used
+    if extra:
+        raise bad(f"{len(extra)} tensor(s) no node uses, e.g. {sorted(extra)[0]}")
+
+
+# --------------------------------------------------------------------------- the model
+class PackedModel:
+    """A lowered binary network: ``PackedModel(x)`` maps float ``(N, C, H, W)`` images to what the
+    source model's ``eval()`` forward returns (features or logits).
+
+    ``isa``: ``auto`` (``$S2BNN_DEPLOY_ISA`` or the fastest level), ``portable``, ``popcnt``,
+    ``avx2``, ``avx512`` or ``torch`` (pure torch, no compiled code). ``num_threads``: threads of
+    the compiled kernels (default: torch's thread count).
+    """
+
+    def __init__(self, graph: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 isa: str = "auto", num_threads: int | None = None) -> None:
+        self.graph = graph
+        self.tensors = tensors
+        self.meta: dict[str, Any] = graph.get("meta", {})
+        self.in_chans = int(graph["in_chans"])
+        self.num_threads = num_threads
+        self.set_isa(isa)
+        self._prepared: dict[str, dict[str, torch.Tensor]] = {}
+        self._last_use = self._compute_last_use()
+        self.profile: list[tuple[str, str, float]] | None = None
+
+    # ----------------------------------------------------------------- set-up
+    def set_isa(self, isa: str = "auto") -> None:
+        from s2bnn.deploy import _build
+
+        isa = _build.default_isa() if isa == "auto" else isa
+        if isa not in ("torch", *_build.ISA_LEVELS):
+            raise ModelError(f"unknown ISA level '{isa}'; choose auto, torch, "
+                             f"{', '.join(_build.ISA_LEVELS)}")
+        self._lib = None if isa == "torch" else _build.kernels()
+        if self._lib is not None and isa not in _build.available_isas():
+            raise ModelError(f"this CPU cannot run the '{isa}' kernels; it has "
+                             f"{', '.join(_build.available_isas())}")
+        self.isa = isa if self._lib is not None else "torch"
+        self._isa_level = _build.ISA_LEVELS.get(self.isa, 0)
+
+    def _compute_last_use(self) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for i, node in enumerate(self.graph["nodes"]):
+            for v in node.get("inputs", []):
+                last[v] = i
+        last[self.graph["output"]] = len(self.graph["nodes"])
+        return last
+
+    def _t(self, node: dict[str, Any], role: str) -> torch.Tensor | None:
+        key = node.get("tensors", {}).get(role)
+        return self.tensors[key] if key else None
+
+    def _prep_bconv(self, node: dict[str, Any]) -> dict[str, torch.Tensor]:
+        got = self._prepared.get(node["name"])
+        if got is not None:
+            return got
+        a = node["attrs"]
+        w = self._t(node, "weight")  # (cout, kh, kw, ceil(cin/8)) uint8
+        cout, kh, kw, nbytes = w.shape
+        wd = (a["cin"] + 63) // 64
+        taps = kh * kw
+        lp = (taps * wd + 7) // 8 * 8
+        words = F.pad(w.reshape(cout, taps, nbytes), (0, wd * 8 - nbytes)).contiguous()
+        words = words.view(torch.int64).reshape(cout, taps * wd)
+        words = F.pad(words, (0, lp - taps * wd)).contiguous()
+        wpc = _BYTE_POPCOUNT[w.reshape(cout, taps, nbytes).long()].sum(-1).to(torch.int32)
+        got = {"words": words, "wpc": wpc.contiguous(), "lp": torch.tensor(lp),
+               "pm1": weight_bits_pm1(w, a["cin"])}
+        self._prepared[node["name"]] = got
+        return got
+
+    # ----------------------------------------------------------------- running
+    def check_input(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ModelError(f"expected images of shape (N, C, H, W), got {shape}")
+        if not x.dtype.is_floating_point:
+            raise ModelError(f"expected float images, got dtype {str(x.dtype).split('.')[-1]}; "
+                             "convert with x.float() (and normalise as in training)")
+        if x.shape[1] != self.in_chans:
+            raise ModelError(f"this network takes {self.in_chans}-channel images but got "
+                             f"{x.shape[1]} channels")
+        if min(x.shape[2], x.shape[3]) < int(self.graph.get("min_image_size", 1)):
+            raise ModelError(f"image size {x.shape[2]}x{x.shape[3]} is too small; the minimum "
+                             f"is {self.graph.get('min_image_size')} px")
+        return x.detach().to(torch.float32).contiguous(memory_format=_CL)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._run(self.check_input(x))
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {}
+        nodes = self.graph["nodes"]
+        prof = self.profile
+        for i, node in enumerate(nodes):
+            t0 = time.perf_counter() if prof is not None else 0.0
+            ins = [env[v] for v in node.get("inputs", [])]
+            outs = x if node["op"] == "input" else getattr(self, "_op_" + node["op"])(node, ins)
+            if not isinstance(outs, tuple):
+                outs = (outs,)
+            for name, val in zip(node["outputs"], outs):
+                if name:
+                    env[name] = val
+            for v in set(node.get("inputs", [])):
+                if self._last_use.get(v, -1) <= i:
+                    env.pop(v, None)
+            if prof is not None:
+                prof.append((node["name"], node["op"], time.perf_counter() - t0))
+        return env[self.graph["output"]]
+
+    def _nthreads(self) -> int:
+        return int(self.num_threads or torch.get_num_threads())
+
+    # ----------------------------------------------------------------- ops
+    def _op_conv2d(self, node, ins):
+        a = node["attrs"]
+        y = F.conv2d(ins[0], self._t(node, "weight"), self._t(node, "bias"), a["stride"],
+                     a["padding"], a["dilation"], a["groups"])
+        return y.contiguous(memory_format=_CL)
+
+    def _op_affine(self, node, ins):
+        x = ins[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self._t(node, "scale").view(shape) + self._t(node, "bias").view(shape)
+
+    def _op_rprelu(self, node, ins):
+        x = ins[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        u = x - self._t(node, "si").view(shape)
+        return torch.where(u > 0, u, u * self._t(node, "slope").view(shape)) + \
+            self._t(node, "so").view(shape)
+
+    def _op_sign(self, node, ins):
+        x = ins[0]
+        thr = self._t(node, "thr")
+        if thr is not None:
+            x = x + thr.view((1, -1) + (1,) * (x.dim() - 2))
+        return torch.where(x < 0, -1.0, 1.0).to(torch.float32)
+
+    def _op_linear(self, node, ins):
+        return F.linear(ins[0], self._t(node, "weight"), self._t(node, "bias"))
+
+    def _op_add(self, node, ins):
+        return ins[0] + ins[1]
+
+    def _op_cat(self, node, ins):
+        return torch.cat(ins, dim=node["attrs"].get("dim", 1))
+
+    def _op_avgpool(self, node, ins):
+        a = node["attrs"]
+        return F.avg_pool2d(ins[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"],
+                            a["count_include_pad"]).contiguous(memory_format=_CL)
+
+    def _op_maxpool(self, node, ins):
+        a = node["attrs"]
+        return F.max_pool2d(ins[0], a["kernel"], a["stride"], a["padding"], a["dilation"],
+                            a["ceil_mode"]).contiguous(memory_format=_CL)
+
+    def _op_gap(self, node, ins):
+        return ins[0].mean((2, 3), keepdim=True)
+
+    def _op_flatten(self, node, ins):
+        return torch.flatten(ins[0], node["attrs"].get("start_dim", 1))
+
+    def _op_relu(self, node, ins):
+        return F.relu(ins[0])
+
+    def _op_hardtanh(self, node, ins):
+        return F.hardtanh(ins[0], node["attrs"]["min"], node["attrs"]["max"])
+
+    def _op_sign_pack(self, node, ins):
+        x = ins[0]
+        thr = self._t(node, "thr")
+        c = x.shape[1]
+        if self._lib is None:
+            return pack_bits_torch(x, thr)
+        x = x.contiguous(memory_format=_CL)
+        n, _, h, w = x.shape
+        out = torch.empty((n, h, w, (c + 63) // 64), dtype=torch.int64)
+        self._lib.s2d_sign_pack(x.data_ptr(), n * h * w, c,
+                                thr.data_ptr() if thr is not None else None, out.data_ptr(),
+                                self._nthreads())
+        return out
+
+    def _op_bconv(self, node, ins):
+        a = node["attrs"]
+        bits = ins[0]
+        res = ins[1] if len(ins) > 1 else None
+        n, h, w, wd = bits.shape
+        kh, kw = a["kernel"]
+        s, p = a["stride"], a["padding"]
+        oh, ow = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+        cout = a["cout"]
+        if res is not None and (res.shape[0] != n or tuple(res.shape[2:]) != (oh, ow)):
+            raise ModelError(f"node {node['name']}: residual of shape {tuple(res.shape)} does "
+                             f"not fit the convolution's output {(n, cout, oh, ow)}")
+        prep = self._prep_bconv(node)
+        scale, bias = self._t(node, "scale"), self._t(node, "bias")
+        si, slope, so = self._t(node, "si"), self._t(node, "slope"), self._t(node, "so")
+        thr = self._t(node, "thr")
+        want_float, want_bits = a.get("float_out", True), a.get("bits_out", False)
+        if self._lib is None:
+            dot = F.conv2d(unpack_bits(bits, a["cin"]), prep["pm1"], None, s, p)
+            y = dot * scale.view(1, -1, 1, 1)
+            y = y + bias.view(1, -1, 1, 1)
+            if res is not None:
+                rc = res.shape[1]
+                if rc != cout:
+                    res = res.repeat(1, cout // rc, 1, 1)
+                y = y + res
+            if slope is not None:
+                u = y - si.view(1, -1, 1, 1)
+                y = torch.where(u > 0, u, u * slope.view(1, -1, 1, 1)) + so.view(1, -1, 1, 1)
+            y = y.contiguous(memory_format=_CL)
+            return (y if want_float else None, pack_bits_torch(y, thr) if want_bits else None)
+        from s2bnn.deploy._build import BconvArgs
+
+        out = torch.empty((n, oh, ow, cout), dtype=torch.float32) if want_float else None
+        obits = torch.empty((n, oh, ow, (cout + 63) // 64), dtype=torch.int64) \
+            if want_bits else None
+        if res is not None:
+            res = res.contiguous(memory_format=_CL)
+        ptr = (lambda t: t.data_ptr() if t is not None else None)  # noqa: E731
+        args = BconvArgs(
+            x=bits.data_ptr(), w=prep["words"].data_ptr(), wpc=prep["wpc"].data_ptr(),
+            n=n, h=h, w_=w, wd=wd, cin=a["cin"], cout=cout, kh=kh, kw=kw, stride=s, pad=p,
+            oh=oh, ow=ow, lp=int(prep["lp"]), scale=scale.data_ptr(), bias=bias.data_ptr(),
+            res=ptr(res), res_c=int(res.shape[1]) if res is not None else 0,
+            si=ptr(si), slope=ptr(slope), so=ptr(so), out=ptr(out), thr=ptr(thr),
+            out_bits=ptr(obits), dot_out=None, isa=self._isa_level, nthreads=self._nthreads(),
+        )
+        rc = self._lib.s2d_bconv(args)
+        if rc != 0:
+            raise MemoryError(f"binary convolution kernel failed ({rc})")
+        return (out.permute(0, 3, 1, 2) if out is not None else None, obits)
+
+    # ----------------------------------------------------------------- info and files
+    def binary_convs(self) -> Iterable[dict[str, Any]]:
+        return (n for n in self.graph["nodes"] if n["op"] == "bconv")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the packed file atomically (temp file, fsync, rename)."""
+        from safetensors.torch import save as st_save
+
+        from s2bnn.checkpoint import atomic_write_bytes
+
+        graph_json = json.dumps(self.graph, sort_keys=True)
+        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        meta = {"format": FORMAT, "version": str(VERSION), "graph": graph_json,
+                "sha256": _digest(graph_json, tensors)}
+        path = Path(path)
+        atomic_write_bytes(path, st_save(tensors, metadata=meta))
+        return path
+
+
+def _read_header(data: bytes, source: str) -> dict[str, Any]:
+    if len(data) < 8:
+        raise CheckpointError(f"{source} is truncated or not a packed network (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise CheckpointError(f"{source} is truncated or not a packed network (its header says "
+                              f"{n} bytes, the file has {len(data) - 8})")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{source} is not a packed network (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{source} is not a packed network (unreadable header)")
+    return header
+
+
+def load(path: str | Path, isa: str = "auto", num_threads: int | None = None) -> PackedModel:
+    """Read and check a packed file (see the module docstring) and return the runnable model."""
+    from safetensors.torch import load as st_load
+
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"packed network {source} does not exist")
+    data = path.read_bytes()
+    header = _read_header(data, source)
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{source} is not an s2bnn packed network (format "
+                              f"{meta.get('format')!r}); write one with "
+                              "`s2bnn export RUN_DIR --format packed`")
+    try:
+        version = int(meta.get("version", ""))
+    except ValueError:
+        raise CheckpointError(f"{source} has no valid format version") from None
+    if version > VERSION:
+        raise CheckpointError(f"{source} was written by a newer s2bnn (packed format version "
+                              f"{version}, this one reads up to {VERSION}); upgrade s2bnn")
+    # Each tensor's extent must lie inside the file: safetensors checks it too, but a precise
+    # message says "truncated".
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    need = 8 + struct.unpack("<Q", data[:8])[0] + end
+    if len(data) < need:
+        raise CheckpointError(f"{source} is truncated ({len(data)} bytes; its header needs "
+                              f"{need})")
+    try:
+        tensors = st_load(data)
+    except Exception as err:  # safetensors raises its own error type for malformed files
+        raise CheckpointError(f"{source} is corrupt ({str(err).splitlines()[0]})") from None
+    graph_json = meta.get("graph", "")
+    if _digest(graph_json, tensors) != meta.get("sha256"):
+        raise CheckpointError(f"{source} fails its checksum: the file was modified or damaged; "
+                              "export it again")
+    try:
+        graph = json.loads(graph_json)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{source} has an unreadable graph") from None
+    validate_graph(graph, tensors, source)
+    return PackedModel(graph, tensors, isa=isa, num_threads=num_threads)
+
+
+def file_size(path: str | Path) -> int:
+    return os.path.getsize(path)
