@@ -1,0 +1,589 @@
+"""Why the demo's teacher sits below raw pixels, and which recipe fixes it (issue #11, item 2).
+
+Two tables on Fashion-MNIST, every row one change from a baseline, at equal wall time:
+
+1. **Teacher.** MoCo v2 on ``resnet_small`` with the demo's ``TEACHER_RECIPE`` (the baseline),
+   then one suspect per row: augmentation for small grey images (crop scale, blur, intensity
+   jitter), temperature, queue, momentum, optimiser and learning rate, batch size, width, depth,
+   stem stride, a symmetric loss. Each row's throughput is measured first (a short calibration
+   run, cached per compute signature) and the row gets the optimiser steps that fit ``--budget``
+   seconds; steps, epochs and seconds are recorded.
+2. **Student.** The binary ``reactnet_small`` distilled by S2-BNN (``S2BNN_RECIPE``) from the
+   best teacher, one change per row (learning rate, tau, views, augmentation, schedule, stem,
+   width), beside the same student trained by MoCo v2 (``MOCOV2_RECIPE``), the untrained
+   student (3 seeds) and the student distilled from today's teacher.
+
+Every row is evaluated as ``s2bnn demo`` evaluates (weighted kNN, k 200, and the linear probe's
+SGD and Adam LR sweeps on the pooled backbone features, 10,000 labelled training images, the
+10,000 test images); raw pixels are measured in the same run. Teacher rows also report the
+probe on the 128-d embedding the students distil (an extra column; the main columns read the
+backbone, like the demo). No labels reach training: they are read by the probes only.
+
+Each row runs as its own process under the CPU lock, so other jobs interleave between rows and
+an interruption loses only the row in flight; results accumulate in the JSON and finished rows
+are skipped::
+
+    python benchmarks/teacher_study.py                    # every pending row, then the doc
+    python benchmarks/teacher_study.py --only t_base t_color
+    python benchmarks/teacher_study.py --report           # rewrite docs/TEACHER_STUDY.md only
+    python benchmarks/teacher_study.py --quick            # smoke run (tiny data, seconds a row)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = "/tmp/s2bnn-cpu.lock"
+IMAGE_SIZE, IN_CHANS = 28, 1
+
+
+@dataclass
+class Row:
+    key: str
+    table: str  # teacher | student | mocov2 | untrained | pixels
+    variable: str  # what this row changes from its baseline
+    value: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None  # student rows: the teacher row they distil from
+    symmetric: bool = False  # teacher rows: symmetrised MoCo loss (both views as queries)
+    seed: int = 0
+
+
+# The teacher the student table distils from (the screening's winner, chosen after the teacher
+# table; --teacher overrides it).
+BEST_TEACHER = "t_best"
+# The winning teacher recipe: the screening's winners combined (overrides on TEACHER_RECIPE as it
+# stood before this study). Filled in from the teacher table.
+BEST_TEACHER_OVERRIDES: dict[str, Any] = {
+    "data": {"augment": {"color": True}},
+}
+
+
+def _teacher_rows() -> list[Row]:
+    def t(key: str, variable: str, value: str, **kw: Any) -> Row:
+        return Row(key, "teacher", variable, value, **kw)
+
+    aug = lambda **a: {"data": {"augment": a}}  # noqa: E731
+    meth = lambda **a: {"method": a}  # noqa: E731
+    opt = lambda **a: {"optim": a}  # noqa: E731
+    model = lambda **a: {"model": a}  # noqa: E731
+    return [
+        t("t_base", "baseline", "TEACHER_RECIPE (crop 0.35-1, blur p 0.5, no jitter on grey)"),
+        t("t_color", "intensity jitter", "brightness + contrast 0.4, p 0.8", overrides=aug(
+            color=True)),
+        t("t_crop02", "crop scale", "0.2-1", overrides=aug(crop_scale=[0.2, 1.0])),
+        t("t_crop06", "crop scale", "0.6-1", overrides=aug(crop_scale=[0.6, 1.0])),
+        t("t_noblur", "blur", "off", overrides=aug(blur=False)),
+        t("t_tau01", "temperature", "0.1", overrides=meth(temperature=0.1)),
+        t("t_tau05", "temperature", "0.5", overrides=meth(temperature=0.5)),
+        t("t_lr3e3", "learning rate", "Adam 3e-3", overrides=opt(lr=3e-3)),
+        t("t_bs128", "batch size", "128", overrides={"batch_size": 128}),
+        t("t_queue16k", "queue", "16384", overrides=meth(queue_size=16384)),
+        t("t_m09", "key momentum", "0.9", overrides=meth(momentum=0.9)),
+        t("t_sgd", "optimiser", "SGD 0.06, momentum 0.9, wd 5e-4", overrides=opt(
+            name="sgd", lr=0.06, weight_decay=5e-4)),
+        t("t_wide15", "width", "x1.5 (36/72/144/288)", overrides=model(width_mult=1.5)),
+        t("t_deep2", "depth", "2 blocks per stage", overrides=model(kwargs={
+            "layers": [2, 2, 2, 2]})),
+        t("t_stem1", "stem stride", "1", overrides=model(stem_stride=1)),
+        t("t_sym", "loss", "symmetric (both views as queries)", symmetric=True),
+        t("t_best", "combined", "the winners together", overrides=BEST_TEACHER_OVERRIDES),
+    ]
+
+
+def _student_rows() -> list[Row]:
+    def s(key: str, variable: str, value: str, **kw: Any) -> Row:
+        return Row(key, "student", variable, value, **kw)
+
+    aug = lambda **a: {"data": {"augment": a}}  # noqa: E731
+    return [
+        s("s_base", "baseline", "S2BNN_RECIPE from the best teacher"),
+        s("s_oldteacher", "teacher", "today's teacher (t_base)", teacher="t_base"),
+        s("s_lr1e3", "learning rate", "Adam 1e-3", overrides={"optim": {"lr": 1e-3}}),
+        s("s_tau01", "temperature", "0.1", overrides={"method": {"temperature": 0.1}}),
+        s("s_tau05", "temperature", "0.5", overrides={"method": {"temperature": 0.5}}),
+        s("s_views2", "views", "2 (both distilled)", overrides=aug(num_views=2)),
+        s("s_color", "augmentation", "+ intensity jitter", overrides=aug(color=True)),
+        s("s_crop06", "augmentation", "crop 0.6-1", overrides=aug(crop_scale=[0.6, 1.0])),
+        s("s_cosine", "schedule", "cosine", overrides={"optim": {"schedule": "cosine"}}),
+        s("s_wide", "width", "x0.375 (12...384)", overrides={"model": {"width_mult": 0.375}}),
+        s("s_stem1", "stem stride", "1", overrides={"model": {"stem_stride": 1}}),
+        Row("m_base", "mocov2", "baseline", "MOCOV2_RECIPE (no teacher)"),
+        Row("m_color", "mocov2", "augmentation", "+ intensity jitter", overrides=aug(
+            color=True)),
+        Row("untrained", "untrained", "untrained", "reactnet_small at random init (3 seeds)"),
+    ]
+
+
+def all_rows() -> dict[str, Row]:
+    rows = [Row("pixels", "pixels", "raw pixels", "flattened image, standardised")]
+    rows += _teacher_rows() + _student_rows()
+    return {r.key: r for r in rows}
+
+
+def with_seed(row: Row, seed: int) -> Row:
+    out = copy.deepcopy(row)
+    out.seed = seed
+    out.key = f"{row.key}@s{seed}" if seed else row.key
+    return out
+
+
+def parse_key(key: str) -> Row:
+    base, _, seed = key.partition("@s")
+    rows = all_rows()
+    if base not in rows:
+        raise SystemExit(f"unknown row '{base}'; rows: {', '.join(rows)}")
+    return with_seed(rows[base], int(seed or 0))
+
+
+# --------------------------------------------------------------------------- configs
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass
+class Plan:
+    out: Path
+    json_path: Path
+    doc_path: Path
+    budget: float  # seconds of training per teacher row
+    student_budget: float
+    limit: int | None
+    eval_train: int | None
+    eval_test: int | None
+    cal_steps: int
+    teacher: str
+    quick: bool
+
+
+def _has_steps_key() -> bool:
+    from s2bnn.config import Config
+
+    return "steps" in Config.__dataclass_fields__
+
+
+def row_config(row: Row, plan: Plan, out_dir: Path, steps: int | None,
+               calibrate: bool = False) -> dict[str, Any]:
+    """The training config dict of a row (steps=None: a calibration run of cal_steps)."""
+    from s2bnn.demo import MOCOV2_RECIPE, S2BNN_RECIPE, TEACHER_RECIPE
+
+    base = {"teacher": TEACHER_RECIPE, "student": S2BNN_RECIPE, "mocov2": MOCOV2_RECIPE}[row.table]
+    cfg = merge(base, {
+        "seed": row.seed, "batch_size": 256, "device": "cpu", "resume": "auto",
+        "force": calibrate, "progress": False, "log_every": 10 if calibrate else 20,
+        "knn_every": 0, "output_dir": str(out_dir),
+        "data": {"name": "fashion-mnist", "limit": plan.limit, "num_workers": 0},
+    })
+    cfg = merge(cfg, row.overrides)
+    if row.table == "student":
+        tdir = plan.out / "runs" / (row.teacher or plan.teacher)
+        cfg = merge(cfg, {"method": {"teacher": {"path": str(tdir), "arch": "resnet_small"}}})
+    n_train = plan.limit or 60000
+    per_epoch = max(1, n_train // int(cfg["batch_size"]))
+    if calibrate:
+        cfg.update(epochs=1, max_steps=plan.cal_steps)
+    else:
+        assert steps is not None
+        if _has_steps_key():
+            cfg.update(steps=steps)
+        else:  # until the trainer has `steps`: whole epochs, truncated (schedule cut short)
+            cfg.update(epochs=math.ceil(steps / per_epoch), max_steps=steps)
+    return cfg
+
+
+def signature(row: Row, plan: Plan) -> str:
+    """What a row's step costs depend on (rows with equal signatures share a calibration)."""
+    cfg = row_config(row, plan, plan.out / "tmp", None, calibrate=True)
+    parts = {"table": row.table, "model": cfg["model"], "batch": cfg["batch_size"],
+             "views": cfg["data"]["augment"].get("num_views", 2), "sym": row.symmetric,
+             "shuffle": cfg["method"].get("shuffle_bn", "auto")}
+    if row.table == "student":
+        parts["teacher"] = row.teacher or plan.teacher
+    return json.dumps(parts, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- symmetric MoCo
+def install_symmetric_moco() -> None:
+    """Make MoCo v2 symmetric in this process: each view is a query against the other's key,
+    the two InfoNCE terms averaged, both key batches queued (twice the encoder work per step)."""
+    import torch
+
+    from s2bnn.losses import info_nce
+    from s2bnn.methods.base import check_views
+    from s2bnn.methods.mocov2 import MoCoV2
+
+    def forward(self, views):  # type: ignore[no-untyped-def]
+        check_views(views, self.name, 2)
+        m = self.moco
+        q1 = m.query(self.backbone, self.head, views[0])
+        q2 = m.query(self.backbone, self.head, views[1])
+        k1 = m.keys(views[0], self.backbone, self.head)
+        k2 = m.keys(views[1], self.backbone, self.head)
+        loss = 0.5 * (info_nce(q1, k2, m.queue.keys, m.temperature)
+                      + info_nce(q2, k1, m.queue.keys, m.temperature))
+        m._pending = torch.cat([k1, k2]).detach()
+        cos = (q1.detach().float() * k2.float()).sum(1).mean()
+        return loss, {"loss_contrastive": loss.detach(), "cosine": cos}
+
+    MoCoV2.forward = forward
+
+
+# --------------------------------------------------------------------------- results file
+def machine() -> dict[str, Any]:
+    import torch
+
+    model, flags = platform.machine(), ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "Model name":
+                model = value.strip()
+            elif name.strip() == "Flags":
+                flags = value.strip()
+    except OSError:
+        pass
+    simd = [f for f in flags.split() if f.startswith(("avx", "amx", "fma", "f16c"))]
+    return {"cpu": model, "cpu_count": os.cpu_count(), "simd_flags": simd,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"rows": {}, "throughput": {}}
+
+
+def save_results(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _update(plan: Plan, section: str, key: str, value: Any) -> None:
+    data = load_results(plan.json_path)  # re-read: another row may have finished meanwhile
+    data.setdefault(section, {})[key] = value
+    data["machine"] = machine()
+    save_results(plan.json_path, data)
+
+
+# --------------------------------------------------------------------------- one row
+def _eval_sets(plan: Plan) -> dict[str, Any]:
+    from s2bnn.demo import eval_datasets
+
+    return eval_datasets("fashion-mnist", None, plan.eval_train, plan.eval_test, IN_CHANS,
+                         IMAGE_SIZE)
+
+
+def _accuracies(res: dict[str, Any]) -> dict[str, Any]:
+    out = {k: round(float(res[k]), 2) for k in
+           ("knn_top1", "linear_top1", "linear_top1_sgd", "linear_top1_adam")
+           if res.get(k) is not None}
+    for k in ("knn_top1", "linear_top1"):
+        if res.get(f"{k}_std") is not None:
+            out[f"{k}_std"] = round(float(res[f"{k}_std"]), 2)
+    sweep = res.get("linear") or {}
+    for opt in ("sgd", "adam"):
+        if isinstance(sweep.get(opt), dict):
+            out[f"best_lr_{opt}"] = sweep[opt].get("best_lr")
+    return out
+
+
+def calibrate(row: Row, plan: Plan) -> float:
+    """Seconds per optimiser step of this row's compute signature (cached in the JSON)."""
+    from s2bnn.config import config_from_dict
+    from s2bnn.engine import train
+    from s2bnn.report import read_metrics
+
+    sig = signature(row, plan)
+    cached = load_results(plan.json_path).get("throughput", {}).get(sig)
+    if cached:
+        return float(cached["sec_per_step"])
+    with tempfile.TemporaryDirectory(dir=plan.out) as tmp:
+        cfg = row_config(row, plan, Path(tmp) / "cal", None, calibrate=True)
+        t0 = time.perf_counter()
+        train(config_from_dict(cfg, f"calibration of {row.key}"))
+        wall = time.perf_counter() - t0
+        rows = read_metrics(Path(tmp) / "cal" / "metrics.csv")
+    rates = [r["img_per_s"] for r in rows[1:] if r.get("img_per_s")] or \
+        [r["img_per_s"] for r in rows if r.get("img_per_s")]
+    img_s = sorted(rates)[len(rates) // 2]
+    sec = float(cfg["batch_size"]) / img_s
+    _update(plan, "throughput", sig, {"sec_per_step": sec, "img_per_s": img_s,
+                                      "calibration_wall_s": round(wall, 1), "row": row.key})
+    return sec
+
+
+def run_row(row: Row, plan: Plan) -> dict[str, Any]:
+    import torch
+
+    from s2bnn.config import config_from_dict
+    from s2bnn.demo import evaluate_run, train_stage
+    from s2bnn.eval import evaluate_pixels, evaluate_untrained
+
+    ds = None
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"table": row.table, "variable": row.variable, "value": row.value,
+                              "seed": row.seed, "base": row.key.split("@")[0]}
+    if row.table == "pixels":
+        ds = _eval_sets(plan)
+        res = evaluate_pixels(ds["pixels_train"], ds["pixels_test"], knn_k=200, device="cpu")
+        result.update(_accuracies(res))
+    elif row.table == "untrained":
+        ds = _eval_sets(plan)
+        res = evaluate_untrained("reactnet_small", {"in_chans": IN_CHANS, "num_classes": 0},
+                                 ds["train"], ds["test"], seeds=range(3), knn_k=200,
+                                 device="cpu")
+        result.update(_accuracies(res))
+    else:
+        if row.symmetric:
+            install_symmetric_moco()
+        budget = plan.budget if row.table == "teacher" else plan.student_budget
+        sec_step = calibrate(row, plan)
+        steps = max(1, int(budget / sec_step))
+        run_dir = plan.out / "runs" / row.key
+        cfg = config_from_dict(row_config(row, plan, run_dir, steps), f"row {row.key}")
+        t0 = time.perf_counter()
+        _, secs = train_stage(cfg)
+        train_wall = time.perf_counter() - t0
+        from s2bnn.report import read_metrics
+
+        metrics = read_metrics(run_dir / "metrics.csv")
+        n_train = plan.limit or 60000
+        last = metrics[-1] if metrics else {}
+        result.update(steps=steps, epochs=round(steps * cfg.batch_size / n_train, 2),
+                      train_seconds=round(train_wall, 1), budget_seconds=budget,
+                      sec_per_step=round(sec_step, 4),
+                      final_loss=last.get("loss"), final_cosine=last.get("cosine"))
+        t_eval = time.perf_counter()
+        ds = _eval_sets(plan)
+        res, _ = evaluate_run(row.key, run_dir, ds, image_size=IMAGE_SIZE, in_chans=IN_CHANS,
+                              knn_k=200, device="cpu")
+        result.update(_accuracies(res))
+        result["params"] = res.get("params")
+        if row.table == "teacher":
+            result.update(_embedding_probe(run_dir, ds))
+        result["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
+    result["row_seconds"] = round(time.perf_counter() - t_start, 1)
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+def _embedding_probe(run_dir: Path, ds: dict[str, Any]) -> dict[str, Any]:
+    """kNN and linear top-1 on the teacher's 128-d normalised embedding (what students distil)."""
+    from s2bnn.eval import evaluate_features, extract_features
+    from s2bnn.eval.features import make_loader
+    from s2bnn.teachers import load_teacher
+
+    teacher = load_teacher(run_dir, "resnet_small", precision="fp32")
+    tr = extract_features(teacher, make_loader(ds["train"], 512))
+    te = extract_features(teacher, make_loader(ds["test"], 512))
+    res = evaluate_features(*tr, *te, knn_k=200, device="cpu")
+    return {"emb_knn_top1": round(float(res["knn_top1"]), 2),
+            "emb_linear_top1": round(float(res["linear_top1"]), 2)}
+
+
+# --------------------------------------------------------------------------- the doc
+def _cell(r: dict[str, Any] | None, key: str) -> str:
+    if not r or r.get(key) is None:
+        return "—"
+    std = r.get(f"{key}_std")
+    return f"{r[key]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def _delta(r: dict[str, Any], base: dict[str, Any] | None, key: str = "linear_top1") -> str:
+    if not base or r.get(key) is None or base.get(key) is None:
+        return "—"
+    return f"{r[key] - base[key]:+.1f}"
+
+
+def _seed_stats(rows: dict[str, Any], base: str) -> tuple[float, float, int] | None:
+    vals = [r["linear_top1"] for k, r in rows.items()
+            if k.split("@")[0] == base and r.get("linear_top1") is not None]
+    if len(vals) < 2:
+        return None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return mean, std, len(vals)
+
+
+CONCLUSIONS = """\
+(Conclusions are written after the screening; see the tables.)
+"""
+
+
+def write_doc(plan: Plan) -> Path:
+    data = load_results(plan.json_path)
+    rows: dict[str, Any] = data.get("rows", {})
+    m = data.get("machine") or machine()
+    order = list(all_rows())
+    jp = plan.json_path
+    jp_s = str(jp.relative_to(ROOT) if jp.is_relative_to(ROOT) else jp)
+    simd = " ".join(m.get("simd_flags") or [])
+    lines = [
+        "# Teacher study: a teacher above raw pixels, and the student it teaches",
+        "",
+        "Produced by `python benchmarks/teacher_study.py` (raw results: "
+        f"`{jp_s}`). "
+        f"Machine: {m.get('cpu')}, {m.get('cpu_count')} CPU cores "
+        f"({m.get('threads')} torch threads), SIMD flags {simd}; "
+        f"Python {m.get('python')}, torch {m.get('torch')}. Every heavy job ran alone on the "
+        "CPU (under the shared lock), so the seconds below are not shared with other work.",
+        "",
+        "Protocol. Fashion-MNIST, 28 px, no labels before the probes. Every row changes one "
+        "thing from its table's baseline and trains for the same wall time: a short calibration "
+        "run measures the row's seconds per step and the row gets the steps that fit the "
+        f"budget ({plan.budget:.0f} s per teacher, {plan.student_budget:.0f} s per student); "
+        "the LR schedule follows those steps"
+        + ("" if _has_steps_key() else " (truncated: whole epochs cut at max_steps)") + ". "
+        "Evaluation is the demo's: weighted kNN (k 200) and the linear probe (SGD and Adam LR "
+        "sweeps, LR chosen on held-out training features) on the pooled backbone features, "
+        f"{plan.eval_train or 60000} labelled training images, "
+        f"{plan.eval_test or 10000} test images. `emb` columns: the same probes on the "
+        "teacher's 128-d L2-normalised head output, the target the students distil. "
+        "Δ: linear top-1 minus the table's baseline. One seed unless stated.",
+        "",
+    ]
+    pix = rows.get("pixels")
+    lines += [f"**Raw pixels** (same run): kNN {_cell(pix, 'knn_top1')}, "
+              f"linear {_cell(pix, 'linear_top1')}.", ""]
+    # teacher table
+    base = rows.get("t_base")
+    lines += ["## 1. Teacher (MoCo v2 on resnet_small)", "",
+              "| row | changes | to | steps | epochs | train s | kNN | linear | Δ | "
+              "SGD / Adam | emb kNN | emb linear |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in order:
+        for rk, r in rows.items():
+            if rk.split("@")[0] != key or r.get("table") != "teacher":
+                continue
+            lines.append(
+                f"| {rk} | {r['variable']} | {r['value']} | {r.get('steps')} | "
+                f"{r.get('epochs')} | {r.get('train_seconds')} | {_cell(r, 'knn_top1')} | "
+                f"{_cell(r, 'linear_top1')} | {_delta(r, base)} | "
+                f"{_cell(r, 'linear_top1_sgd')} / {_cell(r, 'linear_top1_adam')} | "
+                f"{_cell(r, 'emb_knn_top1')} | {_cell(r, 'emb_linear_top1')} |")
+    # student table
+    sbase = rows.get("s_base")
+    lines += ["", f"## 2. Binary student (reactnet_small), distilled from `{plan.teacher}`", "",
+              "| row | method | changes | to | steps | epochs | train s | kNN | linear | Δ | "
+              "SGD / Adam |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"student": "S2-BNN", "mocov2": "MoCo v2", "untrained": "—"}
+    for key in order:
+        for rk, r in rows.items():
+            if rk.split("@")[0] != key or r.get("table") not in names:
+                continue
+            delta = _delta(r, sbase) if r["table"] == "student" else "—"
+            lines.append(
+                f"| {rk} | {names[r['table']]} | {r['variable']} | {r['value']} | "
+                f"{r.get('steps', '—')} | {r.get('epochs', '—')} | "
+                f"{r.get('train_seconds', '—')} | {_cell(r, 'knn_top1')} | "
+                f"{_cell(r, 'linear_top1')} | {delta}"
+                f" | {_cell(r, 'linear_top1_sgd')} / {_cell(r, 'linear_top1_adam')} |")
+    # seeds
+    seeded = sorted({k.split("@")[0] for k in rows if "@s" in k})
+    if seeded:
+        lines += ["", "## 3. Seed noise", "",
+                  "| row | seeds | linear top-1 mean | std (n-1) |", "|---|---|---|---|"]
+        for key in seeded:
+            st = _seed_stats(rows, key)
+            if st:
+                lines.append(f"| {key} | {st[2]} | {st[0]:.1f} | {st[1]:.1f} |")
+    total = sum(r.get("row_seconds", 0) for r in rows.values())
+    cal = sum(t.get("calibration_wall_s", 0) for t in data.get("throughput", {}).values())
+    lines += ["", f"Wall time: {total / 60:.1f} min over {len(rows)} rows, plus "
+              f"{cal / 60:.1f} min of calibration runs.", "", "## Conclusions", "", CONCLUSIONS]
+    plan.doc_path.parent.mkdir(parents=True, exist_ok=True)
+    plan.doc_path.write_text("\n".join(lines).rstrip() + "\n")
+    return plan.doc_path
+
+
+# --------------------------------------------------------------------------- driver
+def default_keys() -> list[str]:
+    rows = all_rows()
+    return [k for k in rows if k != "t_best" or BEST_TEACHER_OVERRIDES]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="row keys to run (KEY or KEY@sN for seed N); default: every row")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="with --only: run these seeds of each row")
+    ap.add_argument("--report", action="store_true", help="only rewrite the doc from the JSON")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny data, 8 s per row")
+    ap.add_argument("--budget", type=float, default=None, help="teacher seconds (150)")
+    ap.add_argument("--student-budget", type=float, default=None, help="student seconds (120)")
+    ap.add_argument("--teacher", default=BEST_TEACHER, help="teacher row students distil from")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run rows in this process (the default spawns one locked process per row)")
+    ap.add_argument("--redo", action="store_true", help="run rows even if already in the JSON")
+    args = ap.parse_args()
+    q = args.quick
+    plan = Plan(
+        out=ROOT / "runs" / ("teacher_study_quick" if q else "teacher_study"),
+        json_path=(ROOT / "runs" / "teacher_study_quick" / "teacher_study.json") if q
+        else ROOT / "docs" / "results" / "teacher_study.json",
+        doc_path=(ROOT / "runs" / "teacher_study_quick" / "TEACHER_STUDY.md") if q
+        else ROOT / "docs" / "TEACHER_STUDY.md",
+        budget=args.budget or (8.0 if q else 150.0),
+        student_budget=args.student_budget or (8.0 if q else 120.0),
+        limit=2048 if q else None, eval_train=1000 if q else 10000, eval_test=1000 if q else None,
+        cal_steps=6 if q else 30, teacher=args.teacher, quick=q,
+    )
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        print(write_doc(plan))
+        return 0
+    keys = args.only or default_keys()
+    if args.seeds:
+        keys = [f"{k}@s{s}" if s else k for k in keys for s in args.seeds]
+    for key in keys:
+        row = parse_key(key)
+        if row.key in load_results(plan.json_path).get("rows", {}) and not args.redo:
+            print(f"== {row.key}: done, skipped", flush=True)
+            continue
+        if args.in_process:
+            print(f"== {row.key}: {row.variable} -> {row.value}", flush=True)
+            result = run_row(row, plan)
+            _update(plan, "rows", row.key, result)
+            print(f"== {row.key}: " + json.dumps({k: result.get(k) for k in (
+                "steps", "train_seconds", "knn_top1", "linear_top1", "emb_knn_top1")}),
+                flush=True)
+        else:
+            cmd = ["flock", LOCK, sys.executable, __file__, "--in-process", "--only", row.key,
+                   "--teacher", plan.teacher, "--budget", str(plan.budget),
+                   "--student-budget", str(plan.student_budget)]
+            cmd += ["--quick"] * q + ["--redo"] * args.redo
+            rc = subprocess.call(cmd)
+            if rc:
+                print(f"== {row.key}: failed (exit {rc})", flush=True)
+    if not args.in_process:
+        print(write_doc(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
