@@ -84,8 +84,14 @@ class ModelConfig:
     width_mult: Optional[float] = None
     stem_stride: Optional[int] = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other builder argument
-    # Two-step binarization: initialise the backbone from a step-1 run dir or checkpoint.
+    # Two-step binarization: initialise from a step-1 run dir or checkpoint (or a file written
+    # by `s2bnn convert` from a reference checkpoint).
     init_from: Optional[str] = None
+    # What init_from loads. backbone: the backbone only (fresh head). model: the whole step-1
+    # model -- backbone, projection head and, where both steps have them, the momentum key
+    # encoder and the queue -- as the reference step 2 loads (S2-BNN main_moco.py --model-path).
+    # Never the optimiser or the schedule.
+    init_scope: str = "backbone"
 
 
 @dataclass
@@ -100,6 +106,10 @@ class TeacherConfig:
     # it holds no head); mlp / linear: require that head; none: use pooled backbone features.
     # Its output dimension must equal method.proj_dim (the online teacher's head outputs that).
     head: str = "auto"
+    # The file's layout. auto: detected (s2bnn, MoCo v2, SwAV, DINO, SimSiam, torchvision,
+    # safetensors); any other value is checked against the detected one, so e.g. a SwAV file
+    # given to a recipe written for the MoCo v2 teacher stops with one line naming both.
+    format: str = "auto"  # auto | s2bnn | moco | swav | dino | simsiam | torchvision
     # Precision of the frozen offline teacher's forward. auto: that of the training step
     # (`precision`); bf16: always bf16 (much faster on CPUs with AMX / AVX512-BF16, see
     # benchmarks/bench_step.py; targets differ from fp32 ones by rounding only); fp32: always fp32.
@@ -125,10 +135,15 @@ class MethodConfig:
     # S2-BNN
     distill_weight: float = 1.0
     contrastive_weight: float = 0.0  # > 0: strategy 2 (contrastive + distillation)
+    # Views the distillation term covers. first: the first (query) view only, as the reference
+    # code (S2-BNN main_moco.py distils images[0]); all: every view, averaged.
+    distill_views: str = "all"  # first | all
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # SEED
+    # The official SEED code's defaults (jacobswan1/SEED tools/opts.py: --temp 0.2 for the
+    # student, --distill-t 1e-4 for the teacher).
     seed_student_temp: float = 0.2
-    seed_teacher_temp: float = 0.07
+    seed_teacher_temp: float = 1e-4
     # DINO
     dino_out_dim: int = 4096
     dino_student_temp: float = 0.1
@@ -199,6 +214,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.teacher.kind": ("offline", "online"),
     "method.teacher.head": ("auto", "mlp", "linear", "none"),
     "method.teacher.precision": ("auto", "fp32", "bf16"),
+    "method.teacher.format": ("auto", "s2bnn", "moco", "swav", "dino", "simsiam", "torchvision"),
+    "method.distill_views": ("first", "all"),
+    "model.init_scope": ("backbone", "model"),
     "optim.name": ("adam", "sgd", "lars"),
     "optim.schedule": ("linear", "cosine", "constant"),
 }

@@ -14,7 +14,21 @@ running pickled code) any of:
     ``ckpt["backbone"]`` rebuilds the backbone and the keys of ``ckpt["method"]`` under
     :data:`PROJECTION_HEAD_PREFIX` (``head.``) are the head, which is where every method in
     :mod:`s2bnn.methods` keeps the student's (query encoder's) projection head;
-(d) safetensors files holding a state dict as in (b) (metadata ``arch`` is checked if present).
+(d) safetensors files holding a state dict as in (b) (metadata ``arch`` is checked if present);
+(e) the official SwAV checkpoints (``swav_800ep_pretrain.pth.tar``, ``swav_RN50w4_400ep_...``; the
+    wide ones need arch ``resnet50w2/w4/w5``): a flat ``module.``-prefixed state dict (or one under
+    ``state_dict`` as ``main_swav.py`` saves it) whose ``projection_head.*`` (Linear, BatchNorm1d,
+    ReLU, Linear) is the head; ``prototypes*`` are dropped on purpose;
+(f) the official DINO ResNet-50: the backbone-only ``dino_resnet50_pretrain.pth`` is case (b)
+    without a head (pooled 2048-d features); the full checkpoint (``student``/``teacher``/...) gives
+    its EMA ``teacher`` backbone, and its DINO head (GELU MLP, weight-normalised prototypes) is
+    not a projection head we rebuild, so the embedding is the pooled backbone feature;
+(g) the official SimSiam checkpoint (``module.encoder.*`` + ``module.predictor.*``): the encoder's
+    3-layer projector ``fc.*`` is the head (2048-d); the predictor is dropped on purpose.
+
+:func:`detect_format` names the layout (``s2bnn``, ``moco``, ``swav``, ``dino``, ``simsiam``,
+``torchvision``); ``load_teacher(fmt=...)`` checks it, so a SwAV or DINO file handed to a recipe
+written for the MoCo v2 teacher (``method.teacher.format=moco``) stops with one line naming both.
 
 The head is rebuilt from the checkpoint's tensors: ``Linear`` layers (and ``BatchNorm1d``) at the
 indices of an ``nn.Sequential``, with a ReLU in every gap (MoCo v2: Linear, ReLU, Linear).
@@ -38,8 +52,8 @@ from s2bnn.errors import CheckpointError, ConfigError
 from s2bnn.models import build_model
 
 __all__ = [
-    "PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "PRECISION_CHOICES", "Teacher", "load_teacher",
-    "input_channels",
+    "PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "PRECISION_CHOICES", "FORMAT_CHOICES", "Teacher",
+    "load_teacher", "input_channels", "detect_format",
 ]
 
 # Key prefix of the student's projection head in every method's state_dict (see module docstring).
@@ -47,6 +61,15 @@ PROJECTION_HEAD_PREFIX = "head."
 HEAD_CHOICES = ("auto", "mlp", "linear", "none")
 # auto: whatever the training step runs in (the engine's `precision`); fp32 / bf16: always that.
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
+FORMAT_CHOICES = ("auto", "s2bnn", "moco", "swav", "dino", "simsiam", "torchvision")
+_FORMAT_NAMES = {
+    "s2bnn": "an s2bnn training checkpoint", "moco": "an official MoCo v2 checkpoint",
+    "swav": "an official SwAV checkpoint", "dino": "an official DINO checkpoint",
+    "simsiam": "an official SimSiam checkpoint", "torchvision": "a plain (torchvision) state dict",
+}
+# A requested format also accepts these detected ones: DINO's backbone-only release is a plain
+# torchvision state dict, and safetensors exports are plain state dicts too.
+_FORMAT_ACCEPTS = {"dino": ("dino", "torchvision")}
 
 _MOCO_Q = "module.encoder_q."
 _MOCO_K = "module.encoder_k."
@@ -131,10 +154,84 @@ def _check_arch(found: Any, arch: str, path: Path) -> None:
         )
 
 
+def _flat_of(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    for key in ("state_dict", "model"):
+        if _tensors(ckpt.get(key)):
+            return ckpt[key]
+    return ckpt if _tensors(ckpt) else None
+
+
+def detect_format(ckpt: dict[str, Any]) -> str:
+    """The layout of a loaded checkpoint: ``s2bnn``, ``moco``, ``swav``, ``dino``, ``simsiam``
+    or ``torchvision`` (any other plain state dict); ``unknown`` if it holds no state dict."""
+    if isinstance(ckpt.get("backbone"), dict) and "state_dict" in ckpt["backbone"]:
+        return "s2bnn"
+    if isinstance(ckpt.get("teacher"), dict) and isinstance(ckpt.get("student"), dict):
+        return "dino"
+    flat = _flat_of(ckpt)
+    if flat is None:
+        return "unknown"
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in flat]
+    if any(k.startswith("encoder_q.") for k in keys):
+        return "moco"
+    if any(k.startswith("predictor.") for k in keys) and any(
+            k.startswith("encoder.") for k in keys):
+        return "simsiam"
+    if any(k.startswith(("prototypes", "projection_head.")) for k in keys):
+        return "swav"
+    return "torchvision"
+
+
+def _check_format(found: str, fmt: str, path: Path) -> None:
+    if fmt == "auto" or found in _FORMAT_ACCEPTS.get(fmt, (fmt,)):
+        return
+    what = _FORMAT_NAMES.get(found, "not a checkpoint layout we know")
+    raise CheckpointError(
+        f"{path} is {what} ({found} layout), not the {fmt} layout method.teacher.format "
+        f"expects; set method.teacher.format={found if found in _FORMAT_NAMES else 'auto'} "
+        "(and a matching method.teacher.arch/head/proj_dim) or pass the intended file"
+    )
+
+
+def _strip(flat: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def _unmodule(flat: dict[str, Any]) -> dict[str, Any]:
+    if flat and all(k.startswith("module.") for k in flat):
+        return _strip(flat, "module.")
+    return dict(flat)
+
+
 def _split_checkpoint(
-    ckpt: dict[str, Any], arch: str, path: Path
+    ckpt: dict[str, Any], arch: str, path: Path, fmt: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
     """-> (backbone-ish flat state dict, head state dict if known, build kwargs)."""
+    found = detect_format(ckpt)
+    _check_format(found, fmt, path)
+    if found == "dino":
+        # (f) full DINO checkpoint: the EMA teacher's backbone; its DINO head is not rebuilt.
+        _check_arch((ckpt.get("args") or {}).get("arch") if isinstance(ckpt.get("args"), dict)
+                    else None, arch, path)
+        teacher = _unmodule(ckpt["teacher"])
+        return _strip(teacher, "backbone."), {}, {}
+    if found == "simsiam":
+        # (g) SimSiam: encoder (backbone + projector fc.*) kept, predictor dropped.
+        _check_arch(ckpt.get("arch"), arch, path)
+        flat = _unmodule(_flat_of(ckpt) or {})
+        stray = [k for k in flat if not k.startswith(("encoder.", "predictor."))]
+        if stray:
+            raise CheckpointError(f"{path}: unexpected keys in a SimSiam checkpoint: {_few(stray)}")
+        enc = _strip(flat, "encoder.")
+        head = _strip(enc, "fc.")
+        return {k: v for k, v in enc.items() if not k.startswith("fc.")}, head, {}
+    if found == "swav":
+        # (e) SwAV: backbone + projection_head; the prototypes (clustering layer) are dropped.
+        flat = _unmodule(_flat_of(ckpt) or {})
+        head = _strip(flat, "projection_head.")
+        body = {k: v for k, v in flat.items()
+                if not k.startswith(("projection_head.", "prototypes"))}
+        return body, head, {}
     # (c) this project's training checkpoint
     if isinstance(ckpt.get("backbone"), dict) and "state_dict" in ckpt["backbone"]:
         bb = ckpt["backbone"]
@@ -297,7 +394,7 @@ def _build_head(sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
 
 def load_teacher(
     path: str | Path, arch: str, *, head: str = "auto", precision: str = "auto",
-    **model_kwargs: Any,
+    fmt: str = "auto", **model_kwargs: Any,
 ) -> Teacher:
     """Load a frozen teacher mapping images to L2-normalised embeddings.
 
@@ -305,15 +402,18 @@ def load_teacher(
     (on top of the kwargs an s2bnn checkpoint records; ``num_classes`` is always 0). ``head``:
     ``auto`` takes the checkpoint's projection head if it has one (else pooled features),
     ``mlp``/``linear`` require that kind of head in the checkpoint, ``none`` ignores any head.
-    ``precision`` is the teacher's forward precision (see :class:`Teacher`).
+    ``precision`` is the teacher's forward precision (see :class:`Teacher`). ``fmt`` is the
+    expected layout (:data:`FORMAT_CHOICES`; ``auto``: any), checked against :func:`detect_format`.
     Raises :class:`CheckpointError` for a missing file, another architecture, or missing,
     unexpected or mis-shaped keys.
     """
     if head not in HEAD_CHOICES:
         raise ConfigError(f"teacher head '{head}' unknown; allowed: {', '.join(HEAD_CHOICES)}")
+    if fmt not in FORMAT_CHOICES:
+        raise ConfigError(f"teacher format '{fmt}' unknown; allowed: {', '.join(FORMAT_CHOICES)}")
     path = Path(path)
     ckpt = load_checkpoint(path)
-    flat, head_sd, kwargs = _split_checkpoint(ckpt, arch, path)
+    flat, head_sd, kwargs = _split_checkpoint(ckpt, arch, path, fmt)
     kwargs = {**kwargs, **model_kwargs, "num_classes": 0}
     backbone = build_model(arch, **kwargs)
     leftover = _load_backbone(backbone, flat, head_sd is not None, path, arch)

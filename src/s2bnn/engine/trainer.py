@@ -455,10 +455,23 @@ class _Trainer:
             )
 
     def _init_backbone(self, backbone: nn.Module, source: str) -> None:
-        """Two-step binarization: start from the backbone of a step-1 run."""
+        """Two-step binarization: start from a step-1 run (or a converted reference checkpoint).
+
+        ``model.init_scope=backbone`` loads the backbone only. ``model`` also loads the rest of
+        the step-1 model into the method once it is built -- projection head and, where both
+        steps have them, momentum key encoder and queue -- as the reference step 2 does
+        (S2-BNN ``main_moco.py --model-path``: ``model.load_state_dict(ckpt['state_dict'])``).
+        """
         ckpt = load_checkpoint(source)
         entry = ckpt.get("backbone")
         if not isinstance(entry, dict) or not isinstance(entry.get("state_dict"), dict):
+            sd = ckpt.get("state_dict")
+            if isinstance(sd, dict) and any(str(k).startswith("module.encoder_q.") for k in sd):
+                raise CheckpointError(
+                    f"model.init_from={source} is a reference (MoCo-layout) checkpoint; convert "
+                    f"it first: s2bnn convert {source} --arch {self.parts.backbone_name} --out "
+                    "FILE.pt, then set model.init_from=FILE.pt"
+                )
             raise CheckpointError(
                 f"model.init_from={source} is not an s2bnn training checkpoint (no backbone "
                 "entry); pass a step-1 run dir or one of its checkpoints/*.pt"
@@ -471,7 +484,48 @@ class _Trainer:
         from s2bnn.models import load_backbone_state
 
         load_backbone_state(backbone, entry["state_dict"], source)
-        self.say(f"backbone initialised from {source}")
+        if self.cfg.model.init_scope != "model":
+            self.say(f"backbone initialised from {source}")
+            return
+        saved = ckpt.get("method")
+        if not isinstance(saved, dict) or not any(k.startswith("head.") for k in saved):
+            raise CheckpointError(
+                f"model.init_from={source} holds no projection head (head.* keys), so "
+                "model.init_scope=model cannot load the whole step-1 model; use "
+                "model.init_scope=backbone"
+            )
+        # The method is built after this call; load the rest of the step-1 model into it then.
+        parts, build = self.parts, self.parts.build_method
+
+        def build_then_load(bb: nn.Module, total: int) -> nn.Module:
+            try:
+                method = build(bb, total)
+            finally:
+                parts.build_method = build  # one use only
+            own = method.training_state() if hasattr(method, "training_state") \
+                else method.state_dict()
+            keys = [k for k in own if not k.startswith("backbone.")]
+            missing = [k for k in keys if k not in saved]
+            if any(k.startswith("head.") for k in missing):
+                raise CheckpointError(
+                    f"model.init_from={source}: its projection head does not fit this method "
+                    f"(missing {', '.join(k for k in missing if k.startswith('head.'))[:200]})"
+                )
+            bad = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in keys
+                   if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+            if bad:
+                raise CheckpointError(
+                    f"model.init_from={source}: step-1 tensors do not fit this method (file vs "
+                    f"model): {', '.join(bad[:3])}; are both steps the same method and proj_dim?"
+                )
+            method.load_state_dict({k: saved[k] for k in keys if k in saved}, strict=False)
+            fresh = sorted({k.split(".")[0] for k in missing})
+            loaded = sorted({k.split(".")[0] for k in keys if k in saved})
+            self.say(f"{', '.join(['backbone', *loaded])} initialised from {source}"
+                     + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+            return method
+
+        parts.build_method = build_then_load
 
     def _load(self, path: Path | None) -> None:
         assert path is not None

@@ -44,7 +44,8 @@ def _offline_teacher(tcfg: TeacherConfig, method: str, in_chans: int, proj_dim: 
             "configs/fashion_mnist/teacher_mocov2.yaml) or set method.teacher.path"
         )
     teacher = load_teacher(
-        tcfg.path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, **dict(tcfg.kwargs)
+        tcfg.path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, fmt=tcfg.format,
+        **dict(tcfg.kwargs),
     )
     t_chans = getattr(teacher, "in_chans", None)
     if t_chans is not None and t_chans != in_chans:
@@ -122,10 +123,12 @@ def build_method(
             online = _online_teacher(cfg.teacher, in_chans, cfg.proj_dim)
             return S2BNN(backbone, online_teacher=(online[0], online[1]),
                          distill_weight=cfg.distill_weight,
-                         contrastive_weight=cfg.contrastive_weight, **moco_kw)
+                         contrastive_weight=cfg.contrastive_weight,
+                         distill_views=cfg.distill_views, **moco_kw)
         teacher = _offline_teacher(cfg.teacher, cfg.name, in_chans, cfg.proj_dim)
         return S2BNN(backbone, teacher=teacher, distill_weight=cfg.distill_weight,
-                     contrastive_weight=cfg.contrastive_weight, **moco_kw)
+                     contrastive_weight=cfg.contrastive_weight,
+                     distill_views=cfg.distill_views, **moco_kw)
     if cfg.name == "seed":
         if cfg.teacher.kind != "offline":
             raise ConfigError("method 'seed' distils from an offline teacher only; "

@@ -9,10 +9,14 @@ For every view ``x`` of an image (the teacher sees the *same* augmented view as 
     loss = distill_weight * mean_over_views(L_distill)                        # strategy 3
          + contrastive_weight * info_nce(s_view0, key(view1), queue, tau)     # strategy 2, > 0
 
-With two views the distillation term is applied to both and averaged (each image then gives two
-student-teacher pairs per step; the loss keeps the scale of one view). The contrastive term,
-built only when ``contrastive_weight > 0``, is MoCo v2's (:mod:`.mocov2`) on the same student
-head; it needs two views.
+``distill_views`` says which views the distillation term covers: ``first`` distils the first
+(query) view only, as the reference code does (S2-BNN ``Distillation_only`` and
+``Contrastive+Distillation`` ``main_moco.py`` feed ``images[0]`` to student and teacher; the key
+view ``images[1]`` only enters the contrastive term); ``all`` distils every view and averages
+(each image then gives several student-teacher pairs per step, at that many times the student
+and teacher compute; the loss keeps the scale of one view). The contrastive term, built only
+when ``contrastive_weight > 0``, is MoCo v2's (:mod:`.mocov2`) on the same student head; it needs
+two views and always uses the first view's student embedding as its query.
 
 Teachers. ``offline`` (the paper): a :class:`s2bnn.teachers.Teacher` loaded from a checkpoint,
 frozen and never wrapped by DDP. ``online`` (the other scheme the paper discusses): a real-valued
@@ -54,10 +58,14 @@ class S2BNN(Method):
         momentum: float = 0.999,
         shuffle: bool = True,
         groups: int = 2,
+        distill_views: str = "all",
     ) -> None:
         super().__init__(backbone)
         if (teacher is None) == (online_teacher is None):
             raise ValueError("S2BNN needs exactly one of teacher (offline) and online_teacher")
+        if distill_views not in ("first", "all"):
+            raise ValueError(f"distill_views must be 'first' or 'all', got {distill_views!r}")
+        self.distill_views = distill_views
         feat = int(backbone.feature_dim)
         self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
         self.temperature = temperature
@@ -88,16 +96,17 @@ class S2BNN(Method):
         check_views(views, self.name, 2 if self.moco or self.teacher_moco else 1)
         logs: dict[str, torch.Tensor] = {}
         loss_teacher = None
+        distilled = views[:1] if self.distill_views == "first" else list(views)
         if self.teacher_moco is not None:
             tm = self.teacher_moco
-            tq = [tm.query(self.teacher_backbone, self.teacher_head, v) for v in views]
+            tq = [tm.query(self.teacher_backbone, self.teacher_head, v) for v in distilled]
             tk = tm.keys(views[1], self.teacher_backbone, self.teacher_head)
             loss_teacher = tm.loss(tq[0], tk)
             targets = [t.detach() for t in tq]
             logs["loss_teacher"] = loss_teacher.detach()
         else:
-            targets = self.offline_targets(views)
-        students = [self._student(v) for v in views]
+            targets = self.offline_targets(distilled)
+        students = [self._student(v) for v in distilled]
         loss_distill = torch.stack([
             soft_cross_entropy(s, t, self.temperature) for s, t in zip(students, targets)
         ]).mean()

@@ -6,6 +6,10 @@ their own temperature, and the student matches the teacher's distribution
 (:func:`s2bnn.losses.seed_loss`). With several views the loss is averaged over views, as in
 :mod:`.s2bnn`; the teacher embeddings of the first view are queued after each step (gathered
 from all ranks).
+
+Temperatures: the official SEED code (jacobswan1/SEED, ``tools/opts.py``) defaults to 0.2 for the
+student (``--temp``) and 1e-4 for the teacher (``--distill-t``), which makes the teacher's
+distribution almost one-hot on its own embedding; those are the defaults here.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class SEED(Method):
         hidden_dim: int | None = None,
         queue_len: int = 65536,
         student_temp: float = 0.2,
-        teacher_temp: float = 0.07,
+        teacher_temp: float = 1e-4,
     ) -> None:
         super().__init__(backbone)
         feat = int(backbone.feature_dim)

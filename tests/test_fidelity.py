@@ -1,0 +1,143 @@
+"""Fidelity to the reference code (szq0214/S2-BNN): which views are distilled, what step 2 loads,
+where weight decay goes, SEED's temperatures and when ``precision=auto`` picks bf16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import TinyNet
+from test_engine import one_thread  # noqa: F401  (autouse: one thread per test)
+
+from s2bnn.checkpoint import load_checkpoint
+from s2bnn.config import MethodConfig, load_config
+from s2bnn.engine import train
+from s2bnn.engine.optim import build_optimizer
+from s2bnn.errors import CheckpointError
+from s2bnn.methods import S2BNN
+from s2bnn.models import build_model
+
+
+class _CountingTeacher(nn.Module):
+    """A frozen linear teacher that counts the images it embeds."""
+
+    def __init__(self, in_chans: int = 1, size: int = 8, dim: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_chans * size * size, dim)
+        self.embed_dim = dim
+        self.in_chans = in_chans
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return nn.functional.normalize(self.proj(x.flatten(1)), dim=1)
+
+
+def _views(n: int = 6, k: int = 2) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(n, 1, 8, 8, generator=gen) for _ in range(k)]
+
+
+# --------------------------------------------------------------------------- distilled views
+@pytest.mark.parametrize("contrastive", [0.0, 1.0])
+def test_distill_views_first_uses_the_query_view_only(contrastive: float) -> None:
+    """`first` distils views[0] only (reference: images[0]); `all` every view, averaged."""
+    views = _views()
+    losses = {}
+    for mode in ("first", "all"):
+        torch.manual_seed(0)
+        teacher = _CountingTeacher()
+        method = S2BNN(TinyNet(), teacher=teacher, proj_dim=4, distill_views=mode,
+                       contrastive_weight=contrastive, queue_len=12).train()
+        loss, logs = method(views)
+        assert teacher.seen == (6 if mode == "first" else 12)
+        losses[mode] = logs["loss_distill"]
+        if mode == "first":
+            # The distillation term is exactly the first view's soft cross-entropy.
+            from s2bnn.losses import soft_cross_entropy
+            s = method._student(views[0])
+            t = teacher(views[0])
+            assert torch.allclose(logs["loss_distill"], soft_cross_entropy(s, t, 0.2), atol=1e-6)
+        if contrastive:
+            assert "loss_contrastive" in logs
+    assert not torch.allclose(losses["first"], losses["all"])
+
+
+def test_distill_views_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="distill_views"):
+        S2BNN(TinyNet(), teacher=_CountingTeacher(), proj_dim=4, distill_views="second")
+
+
+# --------------------------------------------------------------------------- step 2 loads
+def _run(out: Path, *extra: str) -> dict:
+    cfg = load_config(None, [
+        f"output_dir={out}", "data.name=synthetic:1:16:64:4", "batch_size=16", "max_steps=2",
+        "device=cpu", "progress=false", "log_every=1", "model.name=reactnet_small",
+        "model.width_mult=0.125", "method.name=mocov2", "method.queue_size=32",
+        "method.proj_dim=8", "data.augment.num_views=2", *extra,
+    ])
+    train(cfg)
+    return load_checkpoint(out)
+
+
+def test_init_scope_model_loads_head_key_encoder_and_queue(tmp_path: Path) -> None:
+    """Step 2 with init_scope=model starts from the whole step-1 model, as the reference's
+    `model.load_state_dict(checkpoint['state_dict'])`; init_scope=backbone keeps a fresh head."""
+    s1 = _run(tmp_path / "s1", "model.binary_weight=false")["method"]
+    # lr 0: the weights a step-2 run ends with are the ones it started from.
+    common = ["model.binary_weight=true", f"model.init_from={tmp_path / 's1'}", "optim.lr=0"]
+    full = _run(tmp_path / "full", *common, "model.init_scope=model", "max_steps=1")["method"]
+    fresh = _run(tmp_path / "fresh", *common, "max_steps=1")["method"]
+    for key in ("head.0.weight", "head.2.bias", "backbone.stem.0.weight"):
+        assert torch.equal(full[key], s1[key]), key
+    assert not torch.equal(fresh["head.0.weight"], s1["head.0.weight"])
+    assert torch.equal(fresh["backbone.stem.0.weight"], s1["backbone.stem.0.weight"])
+    # Key encoder: step 1's, moved by one momentum step towards the (equal) query encoder.
+    key = "moco.key_head.0.weight"
+    assert torch.allclose(full[key], s1[key], atol=1e-2 * s1[key].abs().max().item())
+    assert not torch.equal(full[key], s1["head.0.weight"])
+    # Queue: step 1's, with one batch of 16 new keys written at step 1's pointer.
+    ptr = int(s1["moco.queue.ptr"])
+    kept = [i for i in range(32) if not ptr <= i < ptr + 16]
+    assert torch.equal(full["moco.queue.keys"][kept], s1["moco.queue.keys"][kept])
+    assert not torch.equal(fresh["moco.queue.keys"][kept], s1["moco.queue.keys"][kept])
+
+
+def test_init_scope_model_needs_a_head(tmp_path: Path) -> None:
+    from s2bnn.checkpoint import save_checkpoint
+
+    ckpt = _run(tmp_path / "s1", "model.binary_weight=false")
+    ckpt["method"] = {k: v for k, v in ckpt["method"].items() if not k.startswith("head.")}
+    bad = tmp_path / "nohead.pt"
+    save_checkpoint(ckpt, bad)
+    with pytest.raises(CheckpointError, match="no projection head"):
+        _run(tmp_path / "s2", f"model.init_from={bad}", "model.init_scope=model")
+
+
+# --------------------------------------------------------------------------- weight decay
+def test_weight_decay_reaches_every_parameter_when_exclusions_are_off() -> None:
+    """MoCo v2 and the reference's Adam decay every parameter: binary latent weights, BN, biases,
+    RSign thresholds and RPReLU included, once exclude_bn_bias/exclude_binary are off."""
+    model = build_model("reactnet_small", width_mult=0.125)
+    n_params = len(list(model.parameters()))
+    opt = build_optimizer(model, "adam", 1e-3, weight_decay=1e-4, exclude_bn_bias=False,
+                          exclude_binary=False)
+    decayed = [p for g in opt.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]]
+    assert len(decayed) == n_params
+    opt = build_optimizer(model, "adam", 1e-3, weight_decay=1e-4, exclude_bn_bias=True,
+                          exclude_binary=True)
+    decayed = [p for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert 0 < len(decayed) < n_params
+
+
+# --------------------------------------------------------------------------- SEED
+def test_seed_temperatures_are_the_official_defaults() -> None:
+    """jacobswan1/SEED tools/opts.py: --temp 0.2 (student), --distill-t 1e-4 (teacher)."""
+    cfg = MethodConfig()
+    assert (cfg.seed_student_temp, cfg.seed_teacher_temp) == (0.2, 1e-4)
+    from s2bnn.methods import SEED
+
+    method = SEED(TinyNet(), teacher=_CountingTeacher(), proj_dim=4, queue_len=8)
+    assert (method.student_temp, method.teacher_temp) == (0.2, 1e-4)
