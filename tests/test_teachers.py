@@ -282,3 +282,118 @@ def test_teacher_precision_and_layout(precision: str) -> None:
 def test_teacher_precision_unknown() -> None:
     with pytest.raises(ConfigError, match="precision 'fp16' unknown"):
         Teacher(TinyNet(), nn.Identity(), "tiny", precision="fp16")
+
+
+# --------------------------------------------------------------------------- SwAV, DINO, SimSiam
+# Layouts as the official code saves them (facebookresearch/swav src/resnet50.py + hubconf.py,
+# facebookresearch/dino main_dino.py + hubconf.py, facebookresearch/simsiam simsiam/builder.py +
+# main_simsiam.py), on a ResNet-18 body to stay fast.
+def _resnet18(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18(weights=None).eval()
+    net.fc = nn.Identity()
+    return net
+
+
+def _swav_file(path: Path, wrapped: bool = False) -> tuple[nn.Module, nn.Module]:
+    net = _resnet18()
+    head = nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
+    head.eval()
+    with torch.no_grad():
+        head[1].running_mean.normal_()
+        head[1].running_var.uniform_(0.5, 1.5)
+    sd = {f"module.{k}": v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    sd.update({f"module.projection_head.{k}": v for k, v in head.state_dict().items()})
+    sd["module.prototypes.weight"] = torch.randn(30, 16)
+    # The released files are a bare state dict; main_swav.py's own checkpoints wrap it.
+    torch.save({"epoch": 400, "state_dict": sd, "optimizer": {}} if wrapped else sd, path)
+    return net, head
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_swav_checkpoint(registry: None, tmp_path: Path, wrapped: bool) -> None:
+    path = tmp_path / "swav_800ep_pretrain.pth.tar"
+    net, head = _swav_file(path, wrapped)
+    teacher = load_teacher(path, "resnet18", fmt="swav")
+    assert teacher.embed_dim == 16
+    assert [type(m) for m in teacher.head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), F.normalize(head(net(x)), dim=1))
+
+
+def test_dino_checkpoints(registry: None, tmp_path: Path) -> None:
+    net = _resnet18()
+    x = _images()
+    with torch.no_grad():
+        expected = F.normalize(net(x), dim=1)
+    # The backbone-only release (dino_resnet50_pretrain.pth): torchvision keys, fc removed.
+    bare = tmp_path / "dino_resnet50_pretrain.pth"
+    torch.save({k: v for k, v in net.state_dict().items()}, bare)
+    teacher = load_teacher(bare, "resnet18", fmt="dino")
+    assert teacher.embed_dim == 512
+    torch.testing.assert_close(teacher(x), expected)
+    # The full checkpoint: student and (EMA) teacher, DDP-wrapped, with the DINO head.
+    dino_head = {"mlp.0.weight": torch.randn(32, 512), "mlp.0.bias": torch.zeros(32),
+                 "last_layer.weight_g": torch.ones(64, 1),
+                 "last_layer.weight_v": torch.randn(64, 32)}
+    teacher_sd = {f"module.backbone.{k}": v for k, v in net.state_dict().items()}
+    teacher_sd.update({f"module.head.{k}": v for k, v in dino_head.items()})
+    student_sd = {k: torch.zeros_like(v) for k, v in teacher_sd.items()}
+    full = tmp_path / "dino_resnet50_pretrain_full_checkpoint.pth"
+    torch.save({"student": student_sd, "teacher": teacher_sd, "optimizer": {}, "epoch": 800,
+                "args": {"arch": "resnet18"}, "dino_loss": {"center": torch.zeros(1, 64)}}, full)
+    teacher = load_teacher(full, "resnet18")
+    torch.testing.assert_close(teacher(x), expected)
+    with pytest.raises(CheckpointError, match="holds no projection head"):
+        load_teacher(full, "resnet18", head="mlp")
+
+
+def test_simsiam_checkpoint(registry: None, tmp_path: Path) -> None:
+    net = _resnet18()
+    proj = nn.Sequential(nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+                         nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+                         nn.Linear(512, 64), nn.BatchNorm1d(64, affine=False)).eval()
+    pred = nn.Sequential(nn.Linear(64, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, 64))
+    sd = {f"module.encoder.{k}": v for k, v in net.state_dict().items()}
+    sd.update({f"module.encoder.fc.{k}": v for k, v in proj.state_dict().items()})
+    sd.update({f"module.predictor.{k}": v for k, v in pred.state_dict().items()})
+    path = tmp_path / "checkpoint_0099.pth.tar"
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, path)
+    teacher = load_teacher(path, "resnet18", fmt="simsiam", head="mlp")
+    assert teacher.embed_dim == 64
+    assert isinstance(teacher.head[7], nn.BatchNorm1d) and not teacher.head[7].affine
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), F.normalize(proj(net(x)), dim=1))
+
+
+def test_wrong_format_is_named_in_one_line(registry: None, tmp_path: Path,
+                                           moco18: tuple[Path, nn.Module]) -> None:
+    swav = tmp_path / "swav.pth.tar"
+    _swav_file(swav)
+    with pytest.raises(CheckpointError, match=r"is an official SwAV checkpoint \(swav layout\), "
+                       r"not the moco layout") as err:
+        load_teacher(swav, "resnet18", fmt="moco")
+    assert "\n" not in str(err.value) and "method.teacher.format=swav" in str(err.value)
+    dino = tmp_path / "dino_full.pth"
+    torch.save({"student": {"module.backbone.conv1.weight": torch.zeros(1)},
+                "teacher": {"module.backbone.conv1.weight": torch.zeros(1)}}, dino)
+    with pytest.raises(CheckpointError, match="official DINO checkpoint"):
+        load_teacher(dino, "resnet18", fmt="moco")
+    with pytest.raises(CheckpointError, match="MoCo v2 checkpoint"):
+        load_teacher(moco18[0], "resnet18", fmt="swav")
+    with pytest.raises(ConfigError, match="teacher format 'byol' unknown"):
+        load_teacher(moco18[0], "resnet18", fmt="byol")
+
+
+def test_swav_wide_resnet_key_layout() -> None:
+    """SwAV's RN50-w2/w4 keys: torchvision names at every width x widen (stem 64 w)."""
+    from s2bnn.models import build_model
+
+    net = build_model("resnet50w2", layers=[1, 1, 1, 1], width_mult=0.25)
+    sd = net.state_dict()
+    assert sd["conv1.weight"].shape == (32, 3, 7, 7)  # 64 * 2 * 0.25
+    assert sd["layer4.0.conv3.weight"].shape == (1024, 256, 1, 1)
+    assert net.feature_dim == 1024 and "fc.weight" not in sd

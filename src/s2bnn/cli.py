@@ -67,6 +67,23 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- convert
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from s2bnn.models.reference import convert_reference_checkpoint
+
+    binary = {"auto": None, "true": True, "false": False}[args.binary_weight]
+    info = convert_reference_checkpoint(args.src, args.out, args.arch, binary_weight=binary,
+                                        force=args.force)
+    if args.json:
+        _print_json(info)
+    else:
+        parts = ["backbone"] + (["projection head"] if info["head"] else []) + (
+            ["classifier"] if info["classifier"] else []) + (
+            ["key encoder and queue"] if info["key_encoder"] else [])
+        print(f"{args.src} ({info['layout']} layout) -> {info['out']}: {', '.join(parts)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -99,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_args", nargs="*",
                    help="extra builder arguments right after NAME, e.g. width_mult=0.25")
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser(
+        "convert", help="a published S2-BNN / ReActNet checkpoint -> an s2bnn checkpoint",
+        description="Convert a reference checkpoint (szq0214/S2-BNN main_moco.py or "
+        "liuzechun/ReActNet train.py) into an s2bnn checkpoint usable as model.init_from, in "
+        "s2bnn eval and in s2bnn export.")
+    p.add_argument("src", help="the reference .pth.tar")
+    p.add_argument("--arch", required=True, help="our architecture: reactnet_a")
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--binary-weight", choices=("auto", "true", "false"), default="auto",
+                   help="binary weights (step 2, the published models; auto: true) or "
+                   "real-valued (a step-1 checkpoint)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_convert)
 
     from s2bnn.eval.cli import add_eval_parsers
 

@@ -22,7 +22,9 @@ running pickled code) any of:
 (f) the official DINO ResNet-50: the backbone-only ``dino_resnet50_pretrain.pth`` is case (b)
     without a head (pooled 2048-d features); the full checkpoint (``student``/``teacher``/...) gives
     its EMA ``teacher`` backbone, and its DINO head (GELU MLP, weight-normalised prototypes) is
-    not a projection head we rebuild, so the embedding is the pooled backbone feature;
+    not a projection head we rebuild, so the embedding is the pooled backbone feature (the
+    released full file also pickles its argparse ``args``, which weights-only loading refuses:
+    use the backbone-only file, or re-save the ``teacher`` entry as plain tensors);
 (g) the official SimSiam checkpoint (``module.encoder.*`` + ``module.predictor.*``): the encoder's
     3-layer projector ``fc.*`` is the head (2048-d); the predictor is dropped on purpose.
 

@@ -147,3 +147,53 @@ def resnet_small(
 ) -> ResNetSmall:
     """Small real ResNet (widths 24/48/96/192, one block per stage): the Fashion-MNIST teacher."""
     return ResNetSmall(num_classes, in_chans, width_mult, stem_stride, layers, channels_last)
+
+
+def _wide_resnet50(widen: int, num_classes: int = 0, in_chans: int = 3,
+                   layers: tuple[int, ...] | list[int] = (3, 4, 6, 3),
+                   width_mult: float = 1.0) -> nn.Module:
+    """SwAV's uniformly widened ResNet-50 (facebookresearch/swav ``src/resnet50.py``): stem and
+    every stage ``widen`` times wider (``resnet50w2`` 4096-d, ``w4`` 8192-d, ``w5`` 10240-d
+    features), torchvision's Bottleneck and key names. Not torchvision's ``wide_resnet50_2``,
+    which widens only the bottleneck. SwAV pads by 1 then convolves with padding 2, the same as
+    the padding 3 here. ``width_mult`` (1 as published) and ``layers`` shrink it for tests."""
+    import torchvision.models.resnet as tvr
+
+    if widen < 1 or num_classes < 0 or in_chans < 1 or width_mult <= 0:
+        raise ModelError("a widened ResNet-50 needs widen >= 1, num_classes >= 0, in_chans >= 1")
+
+    class WideResNet(tvr.ResNet):
+        def __init__(self) -> None:  # torchvision's layout, SwAV's widths
+            nn.Module.__init__(self)
+            self._norm_layer = nn.BatchNorm2d
+            self.dilation, self.groups, self.base_width = 1, 1, 64
+            width = max(1, round(64 * widen * width_mult))
+            self.inplanes = width
+            self.conv1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            self.layer1 = self._make_layer(tvr.Bottleneck, width, layers[0])
+            self.layer2 = self._make_layer(tvr.Bottleneck, 2 * width, layers[1], stride=2)
+            self.layer3 = self._make_layer(tvr.Bottleneck, 4 * width, layers[2], stride=2)
+            self.layer4 = self._make_layer(tvr.Bottleneck, 8 * width, layers[3], stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            feat = 8 * width * tvr.Bottleneck.expansion
+            self.fc = nn.Linear(feat, num_classes) if num_classes > 0 else nn.Identity()
+            self.feature_dim = feat
+
+    return attach_input_check(WideResNet(), in_chans)
+
+
+def _register_wide(widen: int) -> None:
+    def builder(num_classes: int = 0, in_chans: int = 3,
+                layers: tuple[int, ...] | list[int] = (3, 4, 6, 3),
+                width_mult: float = 1.0) -> nn.Module:
+        return _wide_resnet50(widen, num_classes, in_chans, layers, width_mult)
+
+    builder.__doc__ = f"SwAV's ResNet-50-w{widen} (every width x{widen})."
+    register_model(f"resnet50w{widen}")(builder)
+
+
+for _widen in (2, 4, 5):
+    _register_wide(_widen)
