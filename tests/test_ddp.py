@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from test_engine import TinyBackbone, one_thread, tiny_cfg, tiny_parts  # noqa: F401
 
 from s2bnn.checkpoint import load_checkpoint
@@ -65,3 +66,71 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     torch.manual_seed(3)  # the runs' seed: the engine seeds it before building the backbone
     start = TinyBackbone(6, bn=False).state_dict()["net.0.weight"]
     assert (a["method"]["backbone.net.0.weight"] - start).abs().max() > 100 * 1e-5
+
+
+# --------------------------------------------------------------------------- shuffle BN
+def _shuffle_bn_worker(rank: int, world: int, port: int, out: str) -> None:
+    """MoCo's shuffle BN (moco/builder.py _batch_shuffle_ddp / _batch_unshuffle_ddp, written
+    here from the MoCo paper's description): gather the key images of all ranks, permute them
+    with one permutation shared by all ranks, let each rank encode its slice (BatchNorm in
+    training mode: statistics of that slice), gather the keys and undo the permutation."""
+    import copy
+
+    import torch.distributed as dist
+    from helpers import TinyNet
+
+    from s2bnn.methods.base import mlp_head
+    from s2bnn.methods.mocov2 import MomentumContrast
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        backbone, head = TinyNet(in_chans=1, width=4, bn=True), mlp_head(8, 8, 4)
+        moco = MomentumContrast(backbone, head, queue_len=16, dim=4, temperature=0.2,
+                                momentum=0.999, shuffle=True, groups=2).train()
+        n = 4  # per rank
+        xs = [torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(10 + r))
+              for r in range(world)]
+        step = 3
+        moco.step.fill_(step)
+        ref_bb, ref_head = copy.deepcopy(backbone).train(), copy.deepcopy(head)
+        k = moco.keys(xs[rank], backbone, head)
+        # The reference procedure, with the permutation every rank shares (MoCo broadcasts it
+        # from rank 0; here it comes from a generator seeded by the step, identical on all ranks).
+        x_all = torch.cat(xs)
+        perm = torch.randperm(world * n, generator=torch.Generator().manual_seed(1_000_003 + step))
+        mine = perm.view(world, n)[rank]
+        with torch.no_grad():
+            k_mine = F.normalize(ref_head(ref_bb(x_all[mine])), dim=1)
+        k_all = [torch.empty_like(k_mine) for _ in range(world)]
+        dist.all_gather(k_all, k_mine)
+        k_shuffled = torch.cat(k_all)
+        k_expected = torch.empty_like(k_shuffled)
+        k_expected[perm] = k_shuffled
+        k_expected = k_expected.view(world, n, -1)[rank]
+        assert torch.allclose(k, k_expected, atol=1e-6), (k - k_expected).abs().max()
+        # The key encoder's BN statistics moved with this rank's shuffled slice, as MoCo's do.
+        bn = [m for m in moco.key_backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+        ref = [m for m in ref_bb.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+        assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)
+        # Shuffling matters: encoding the rank's own batch gives other keys, and the slices mix
+        # images of both ranks.
+        with torch.no_grad():
+            local = F.normalize(copy.deepcopy(head)(copy.deepcopy(backbone).train()(xs[rank])),
+                                dim=1)
+        assert not torch.allclose(k, local, atol=1e-3)
+        assert len({int(i) // n for i in mine}) == world
+        torch.save({"k": k, "perm": perm}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_shuffle_bn_on_two_gloo_ranks_matches_moco(tmp_path: Path) -> None:
+    mp.start_processes(_shuffle_bn_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["perm"], r1["perm"])  # one permutation for all ranks
+    assert not torch.allclose(r0["k"], r1["k"])

@@ -141,3 +141,54 @@ def test_seed_temperatures_are_the_official_defaults() -> None:
 
     method = SEED(TinyNet(), teacher=_CountingTeacher(), proj_dim=4, queue_len=8)
     assert (method.student_temp, method.teacher_temp) == (0.2, 1e-4)
+
+
+# --------------------------------------------------------------------------- loss parity
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return nn.functional.normalize(
+        torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),
+        dim=1)
+
+
+def test_soft_cross_entropy_is_the_reference_distribution_loss() -> None:
+    """S2-BNN extensions/kd_loss.py DistributionLoss(student / moco_t, teacher / moco_t): the
+    batch mean of -softmax(teacher) . log_softmax(student), computed there as a batched matrix
+    product; gradients agree as well."""
+    from s2bnn.losses import soft_cross_entropy
+
+    s = _unit(5, 16, 0).requires_grad_(True)
+    s_ref = s.detach().clone().requires_grad_(True)
+    t = _unit(5, 16, 1)
+    tau = 0.2
+    ours = soft_cross_entropy(s, t, tau)
+    p = torch.softmax(t / tau, dim=1).unsqueeze(1)                  # N x 1 x C
+    log_q = torch.log_softmax(s_ref / tau, dim=1).unsqueeze(2)      # N x C x 1
+    ref = (-torch.bmm(p, log_q)).mean()
+    assert torch.allclose(ours.double(), ref, atol=1e-12)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(s.grad, s_ref.grad, atol=1e-12)
+
+
+def test_info_nce_is_moco_cross_entropy() -> None:
+    """moco/builder.py: logits cat([q.k, q.queue]) / T, CrossEntropy with label 0."""
+    from s2bnn.losses import info_nce
+
+    q, k, queue = _unit(6, 8, 2), _unit(6, 8, 3), _unit(10, 8, 4)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], dim=1) / 0.2
+    ref = nn.functional.cross_entropy(logits, torch.zeros(6, dtype=torch.long))
+    assert torch.allclose(info_nce(q, k, queue, 0.2).double(), ref, atol=1e-12)
+
+
+def test_seed_loss_is_the_official_seed_loss() -> None:
+    """jacobswan1/SEED seed/builder.py + tools/utils.py soft_cross_entropy: student logits
+    cat([s.t, s.queue]) / t_s, teacher softmax(cat([t.t, t.queue]) / t_t), summed and divided by
+    the batch size."""
+    from s2bnn.losses import seed_loss
+
+    s, t, queue = _unit(4, 8, 5), _unit(4, 8, 6), _unit(12, 8, 7)
+    for ts, tt in ((0.2, 1e-4), (0.2, 0.07)):
+        ls = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.t()], dim=1) / ts
+        lt = torch.softmax(torch.cat([(t * t).sum(1, keepdim=True), t @ queue.t()], 1) / tt, 1)
+        ref = -(lt * torch.log_softmax(ls, 1)).sum() / s.shape[0]
+        assert torch.allclose(seed_loss(s, t, queue, ts, tt).double(), ref, atol=1e-10)
