@@ -192,3 +192,21 @@ def test_seed_loss_is_the_official_seed_loss() -> None:
         lt = torch.softmax(torch.cat([(t * t).sum(1, keepdim=True), t @ queue.t()], 1) / tt, 1)
         ref = -(lt * torch.log_softmax(ls, 1)).sum() / s.shape[0]
         assert torch.allclose(seed_loss(s, t, queue, ts, tt).double(), ref, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- precision=auto
+@pytest.mark.parametrize("flags, bf16", [
+    ({"avx2", "fma"}, False),                      # this kind of machine: bf16 emulated
+    ({"avx512f", "avx512_bf16"}, True),            # Cooper Lake / Zen 4
+    ({"avx512f", "amx_bf16", "amx_tile"}, True),   # Sapphire Rapids
+    (set(), False),
+])
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(flags: set, bf16: bool) -> None:
+    from s2bnn.engine.trainer import autocast_context
+
+    factory = autocast_context("auto", torch.device("cpu"), cpu_flags=flags)
+    with factory():
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert (y.dtype == torch.bfloat16) is bf16
+    with autocast_context("fp32", torch.device("cpu"), cpu_flags=flags)():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -209,14 +209,32 @@ def resolve_device(pref: str) -> torch.device:
     raise ConfigError(f"config key 'device' is '{pref}'; allowed values: auto, cpu, cuda, cuda:N")
 
 
-def autocast_context(precision: str, device: torch.device) -> Callable[[], Any]:
-    """A factory of the autocast context for ``precision`` on ``device`` (bf16 needs no scaler)."""
+def autocast_context(
+    precision: str, device: torch.device, cpu_flags: frozenset[str] | set[str] | None = None
+) -> Callable[[], Any]:
+    """A factory of the autocast context for ``precision`` on ``device`` (bf16 needs no scaler).
+
+    ``auto`` trains under bf16 autocast only where the hardware computes bf16 natively: a GPU
+    with bf16, or a CPU whose flags (``/proc/cpuinfo``; ``cpu_flags`` injects them, for tests)
+    include ``avx512_bf16`` or ``amx_bf16``. Elsewhere (e.g. AVX2-only CPUs, where bf16 is
+    emulated and slower) it is fp32, the reference's precision.
+    """
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision=bf16 but this GPU has no bf16 support; use precision=fp32")
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "auto" and device.type == "cpu":
+        if cpu_flags is None:
+            try:
+                with open("/proc/cpuinfo") as fh:
+                    line = next((ln for ln in fh if ln.startswith("flags")), "")
+                cpu_flags = frozenset(line.partition(":")[2].split())
+            except OSError:
+                cpu_flags = frozenset()
+        if {"avx512_bf16", "amx_bf16"} & set(cpu_flags):
+            return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 

@@ -350,7 +350,7 @@ def linear_probe_protocol(
     num_workers: int = 0,
     seed: int = 0,
     device: str | torch.device = "auto",
-    feature_norm: bool = True,
+    feature_norm: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """The paper's linear evaluation: a linear layer on a frozen, eval-mode backbone.
@@ -358,7 +358,11 @@ def linear_probe_protocol(
     ``train_ds`` should apply the training augmentation (a fresh crop each epoch), ``test_ds`` the
     eval transform. ``milestones`` default to 60 % and 80 % of ``epochs`` (60 and 80 of 100).
     ``feature_norm`` puts a BatchNorm without affine parameters before the linear layer (part of
-    the head, trained with it); ``False`` gives the bare linear layer.
+    the head, trained with it); ``False`` (the default) gives the bare linear layer of the
+    reference ``main_lincls.py`` (fc initialised N(0, 0.01), bias 0; SGD momentum 0.9, wd 0,
+    lr 0.1 in its README command, x0.1 at epochs 60 and 80 of 100, batch 256). The reference
+    trains on RandomResizedCrop(224) at torchvision's default scale (0.08-1) with horizontal
+    flips and tests on Resize(256) + CenterCrop(224): ``train_ds`` / ``test_ds`` should do that.
     The backbone is left exactly as it was: its ``requires_grad`` flags and mode are restored,
     and a ``RuntimeError`` is raised if any weight or buffer changed.
     """
