@@ -84,6 +84,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- predict
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from s2bnn.deploy.export import predict_files, print_predictions
+
+    results = predict_files(args.file, args.images, top=args.top)
+    if args.json:
+        _print_json(results)
+    else:
+        print_predictions(results)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -131,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("predict", help="top-5 classes of image files from a packed network")
+    p.add_argument("file", metavar="FILE", help="packed network from `s2bnn export --format "
+                                                "packed` (with a saved head)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_predict)
 
     from s2bnn.eval.cli import add_eval_parsers
 

@@ -117,7 +117,7 @@ static inline int64_t hsum4_avx2(__m256i v) {
     return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
-/* lp is a multiple of 8 words, so of 4 (one 256-bit chunk). Byte counters take at most 31 chunks
+/* lp is a multiple of 4 words (one 256-bit chunk). Byte counters take at most 31 chunks
  * (8 per byte each) before they are widened with psadbw. */
 __attribute__((target("avx2")))
 static void gemm_avx2(const uint64_t *p, const uint64_t *w, int lp, int cout, int32_t *acc) {
@@ -229,6 +229,14 @@ int s2d_max_isa(void) {
     return 0;
 }
 
+/* Weight rows must be padded to a multiple of this many words for level `isa`. */
+int s2d_lp_align(int isa) {
+    int f = s2d_cpu_features();
+    if (isa >= 3 && (f & 4)) return 8;
+    if (isa == 2 && (f & 2)) return 4;
+    return 1;
+}
+
 /* ------------------------------------------------------------------ sign + bit-pack */
 static inline void pack_row(const float *v, const float *thr, int c, int wd, uint64_t *out) {
     for (int k = 0; k < wd; k++) {
@@ -242,12 +250,46 @@ static inline void pack_row(const float *v, const float *thr, int c, int wd, uin
     }
 }
 
+#ifdef S2D_X86
+/* Same bits as pack_row: 8 channels per compare + movemask (NaN compares false -> bit 0). */
+__attribute__((target("avx2")))
+static void pack_row_avx2(const float *v, const float *thr, int c, int wd, uint64_t *out) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int k = 0; k < wd; k++) {
+        uint64_t word = 0;
+        int c0 = k * 64, c1 = c0 + 64 < c ? c0 + 64 : c, ch = c0;
+        for (; ch + 8 <= c1; ch += 8) {
+            __m256 t = _mm256_loadu_ps(v + ch);
+            if (thr) t = _mm256_add_ps(t, _mm256_loadu_ps(thr + ch));
+            uint64_t m = (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(t, zero, _CMP_LT_OQ));
+            word |= m << (ch - c0);
+        }
+        for (; ch < c1; ch++) {
+            float t = thr ? v[ch] + thr[ch] : v[ch];
+            word |= (uint64_t)(t < 0.0f) << (ch - c0);
+        }
+        out[k] = word;
+    }
+}
+#endif
+
+typedef void (*pack_fn)(const float *, const float *, int, int, uint64_t *);
+
+static pack_fn pick_pack(int isa) {
+#ifdef S2D_X86
+    if (isa >= 2 && (s2d_cpu_features() & 2)) return pack_row_avx2;
+#endif
+    (void)isa;
+    return pack_row;
+}
+
 /* out[p, :] = bits of sign(x[p, :] + thr) for npix channels-last pixels (thr may be NULL). */
 void s2d_sign_pack(const float *x, int64_t npix, int c, const float *thr, uint64_t *out,
-                   int nthreads) {
+                   int isa, int nthreads) {
     int wd = (c + 63) / 64;
+    pack_fn pk = pick_pack(isa);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (npix * c > 32768)
-    for (int64_t p = 0; p < npix; p++) pack_row(x + p * c, thr, c, wd, out + p * wd);
+    for (int64_t p = 0; p < npix; p++) pk(x + p * c, thr, c, wd, out + p * wd);
 }
 
 /* ------------------------------------------------------------------ binary convolution */
@@ -268,10 +310,11 @@ typedef struct {
 
 int s2d_bconv(const s2d_bconv_args *a) {
     const int taps = a->kh * a->kw, lp = a->lp, cout = a->cout, owd = (cout + 63) / 64;
-    if (taps > 64 || lp < taps * a->wd || lp % 8) return -1;
+    if (taps > 64 || lp < taps * a->wd || lp % s2d_lp_align(a->isa)) return -1;
     const int64_t total = (int64_t)a->n * a->oh * a->ow;
     const int64_t ntiles = (total + PT - 1) / PT;
     gemm_fn gemm = pick_gemm(a->isa);
+    pack_fn pack = pick_pack(a->isa);
     int failed = 0;
 #pragma omp parallel num_threads(a->nthreads)
     {
@@ -314,28 +357,36 @@ int s2d_bconv(const s2d_bconv_args *a) {
                 gemm(patch, a->w, lp, cout, acc);
                 for (int i = 0; i < np; i++) {
                     int64_t pix = p0 + i;
-                    const int32_t *ac = acc + (size_t)i * cout;
+                    int32_t *ac = acc + (size_t)i * cout;
                     const int nb = nvalid[i] * a->cin;
-                    for (int co = 0; co < cout; co++) {
-                        int32_t pc = ac[co];
-                        if (invalid[i]) {
+                    if (invalid[i]) { /* take back popcount(0 XOR w) of the padded taps */
+                        for (int co = 0; co < cout; co++) {
                             const int32_t *wp = a->wpc + (size_t)co * taps;
+                            int32_t c = 0;
                             for (int tap = 0; tap < taps; tap++)
-                                if (invalid[i] >> tap & 1) pc -= wp[tap];
+                                if (invalid[i] >> tap & 1) c += wp[tap];
+                            ac[co] -= c;
                         }
-                        int32_t dot = nb - 2 * pc;
-                        if (a->dot_out) a->dot_out[pix * cout + co] = dot;
-                        float v = (float)dot * a->scale[co];
-                        v = v + a->bias[co];
-                        if (a->res) v = v + a->res[pix * a->res_c + co % a->res_c];
-                        if (a->slope) {
-                            float u = v - a->si[co];
-                            v = (u > 0.0f ? u : u * a->slope[co]) + a->so[co];
-                        }
-                        vals[co] = v;
                     }
-                    if (a->out) memcpy(a->out + pix * cout, vals, sizeof(float) * cout);
-                    if (a->out_bits) pack_row(vals, a->thr, cout, owd, a->out_bits + pix * owd);
+                    if (a->dot_out)
+                        for (int co = 0; co < cout; co++) a->dot_out[pix * cout + co] = nb - 2 * ac[co];
+                    float *v = a->out ? a->out + pix * cout : vals;
+                    for (int co = 0; co < cout; co++) {
+                        float d = (float)(nb - 2 * ac[co]) * a->scale[co];
+                        v[co] = d + a->bias[co];
+                    }
+                    if (a->res) {
+                        const float *r = a->res + pix * a->res_c;
+                        for (int r0 = 0; r0 < cout; r0 += a->res_c)
+                            for (int c = 0; c < a->res_c; c++) v[r0 + c] = v[r0 + c] + r[c];
+                    }
+                    if (a->slope) {
+                        for (int co = 0; co < cout; co++) {
+                            float u = v[co] - a->si[co];
+                            v[co] = (u > 0.0f ? u : u * a->slope[co]) + a->so[co];
+                        }
+                    }
+                    if (a->out_bits) pack(v, a->thr, cout, owd, a->out_bits + pix * owd);
                 }
             }
         }

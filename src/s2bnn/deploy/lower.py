@@ -127,11 +127,19 @@ class _Lowerer:
 
     def run(self) -> str:
         tracer = _Tracer()
+        # Input-check pre-hooks (models.common.attach_input_check) cannot read a Proxy; the
+        # packed runtime checks inputs itself.
+        saved = {m: dict(m._forward_pre_hooks) for m in self.model.modules()}
+        for m in saved:
+            m._forward_pre_hooks.clear()
         try:
             graph = tracer.trace(self.model)
         except Exception as err:
             raise ModelError(f"cannot trace {type(self.model).__name__} for packing "
                              f"({str(err).splitlines()[0]})") from None
+        finally:
+            for m, hooks in saved.items():
+                m._forward_pre_hooks.update(hooks)
         out = None
         for node in graph.nodes:
             if node.op == "placeholder":

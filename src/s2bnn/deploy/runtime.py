@@ -166,12 +166,15 @@ class PackedModel:
     def __init__(self, graph: dict[str, Any], tensors: dict[str, torch.Tensor],
                  isa: str = "auto", num_threads: int | None = None) -> None:
         self.graph = graph
-        self.tensors = tensors
+        # Canonical strides (a size-1 dim may carry any stride): the float convs then pick the
+        # same algorithm, and round the same way, for a packed model and its reloaded file.
+        self.tensors = {k: torch.empty(v.shape, dtype=v.dtype).copy_(v)
+                        for k, v in tensors.items()}
         self.meta: dict[str, Any] = graph.get("meta", {})
         self.in_chans = int(graph["in_chans"])
         self.num_threads = num_threads
-        self.set_isa(isa)
         self._prepared: dict[str, dict[str, torch.Tensor]] = {}
+        self.set_isa(isa)
         self._last_use = self._compute_last_use()
         self.profile: list[tuple[str, str, float]] | None = None
 
@@ -189,6 +192,8 @@ class PackedModel:
                              f"{', '.join(_build.available_isas())}")
         self.isa = isa if self._lib is not None else "torch"
         self._isa_level = _build.ISA_LEVELS.get(self.isa, 0)
+        self._align = self._lib.s2d_lp_align(self._isa_level) if self._lib is not None else 1
+        self._prepared = {}
 
     def _compute_last_use(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -211,7 +216,7 @@ class PackedModel:
         cout, kh, kw, nbytes = w.shape
         wd = (a["cin"] + 63) // 64
         taps = kh * kw
-        lp = (taps * wd + 7) // 8 * 8
+        lp = (taps * wd + self._align - 1) // self._align * self._align
         words = F.pad(w.reshape(cout, taps, nbytes), (0, wd * 8 - nbytes)).contiguous()
         words = words.view(torch.int64).reshape(cout, taps * wd)
         words = F.pad(words, (0, lp - taps * wd)).contiguous()
@@ -332,7 +337,7 @@ class PackedModel:
         out = torch.empty((n, h, w, (c + 63) // 64), dtype=torch.int64)
         self._lib.s2d_sign_pack(x.data_ptr(), n * h * w, c,
                                 thr.data_ptr() if thr is not None else None, out.data_ptr(),
-                                self._nthreads())
+                                self._isa_level, self._nthreads())
         return out
 
     def _op_bconv(self, node, ins):

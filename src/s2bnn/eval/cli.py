@@ -80,7 +80,8 @@ def _cmd_linear(args: argparse.Namespace) -> int:
             sweep["sgd_lrs"] = args.sgd_lrs
         if args.adam_lrs is not None:
             sweep["adam_lrs"] = args.adam_lrs
-        res = run_linear(args.checkpoint, mode="fast", sweep_kwargs=sweep, **_common(args))
+        res = run_linear(args.checkpoint, mode="fast", sweep_kwargs=sweep,
+                         save_head=args.save_head, **_common(args))
         if args.json:
             _show(res, args, [])
             return 0
@@ -93,6 +94,8 @@ def _cmd_linear(args: argparse.Namespace) -> int:
                 rows.append((f"linear {opt.upper() if opt == 'sgd' else 'Adam'} top-1",
                              f"{lin[opt]['top1']:.2f}  ({extra}lr {lin[opt]['best_lr']:g})"))
         rows.append(("linear top-1", res["linear_top1"]))
+        if res.get("head_file"):
+            rows.append(("head saved", res["head_file"]))
         _show(res, args, rows)
         print("  learning-rate sweep (held-out top-1 / test top-1):")
         for opt in ("sgd", "adam"):
@@ -105,6 +108,8 @@ def _cmd_linear(args: argparse.Namespace) -> int:
     protocol: dict[str, Any] = {"epochs": args.epochs or 100, "lr": args.lr,
                                 "momentum": args.momentum, "weight_decay": args.weight_decay,
                                 "feature_norm": not args.no_feature_norm}
+    if args.save_head:
+        raise UserError("--save-head needs the fast linear mode (the default)")
     if args.milestones is not None:
         protocol["milestones"] = args.milestones
     res = run_linear(args.checkpoint, mode="protocol", protocol_kwargs=protocol,
@@ -155,9 +160,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from s2bnn.eval.loading import export_backbone
+    if args.format == "safetensors":
+        from s2bnn.eval.loading import export_backbone
 
-    out = export_backbone(args.run_dir, args.out, force=args.force)
+        out = export_backbone(args.run_dir, args.out, force=args.force)
+    elif args.format == "packed":
+        from s2bnn.deploy.export import export_packed
+
+        out = export_packed(args.run_dir, args.out, force=args.force)
+    else:
+        from s2bnn.deploy.export import export_onnx
+
+        out = export_onnx(args.run_dir, args.out, force=args.force, image_size=args.image_size)
     print(f"exported: {out}")
     return 0
 
@@ -220,6 +234,9 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--sweep-threads", type=int, default=1,
                    help="fast mode: torch threads for the heads (default 1: robust on a busy "
                         "CPU; 0 keeps torch's setting)")
+    q.add_argument("--save-head", action="store_true",
+                   help="fast mode: save the chosen head as head.safetensors next to the JSON "
+                        "(`s2bnn export` then includes the classifier)")
     q.set_defaults(func=_cmd_linear)
 
     q = esub.add_parser("knn", help="weighted kNN on L2-normalised features")
@@ -253,8 +270,16 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                    help="skip rebuilding models to count parameters and OPs")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("export", help="backbone weights + metadata as .safetensors")
+    p = sub.add_parser("export", help="backbone weights as .safetensors, a bit-packed network "
+                                      "(.s2bnn) or ONNX")
     p.add_argument("run_dir", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, help="target FILE.safetensors")
+    p.add_argument("--format", choices=("safetensors", "packed", "onnx"), default="safetensors",
+                   help="safetensors: latent float weights + metadata; packed: 1-bit weights "
+                        "for the s2bnn CPU runtime (FILE.s2bnn); onnx: the same network as "
+                        "float ONNX (FILE.onnx). See docs/DEPLOY.md")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="onnx: example input size (default: the run's)")
+    p.add_argument("--out", required=True, help="target FILE.safetensors | FILE.s2bnn | "
+                                                "FILE.onnx")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_cmd_export)

@@ -188,6 +188,7 @@ def fast_linear_sweep(
     device: str | torch.device = "cpu",
     num_threads: int | None = 1,
     standardize_features: bool = True,
+    return_head: bool = False,
 ) -> dict:
     """Sweep linear-probe learning rates for SGD and Adam on cached features.
 
@@ -206,6 +207,10 @@ def fast_linear_sweep(
     up little, while on a shared CPU every multi-threaded op waits for all its threads to be
     scheduled (measured here: 2 threads 11x slower than 1 under a load of 4 on 2 cores). One
     thread also makes the result independent of the machine's thread count.
+
+    ``return_head``: also return ``head`` = ``{"weight": (C, D), "bias": (C,)}``, the chosen
+    head of ``best_optimizer`` with the standardisation folded in, so that
+    ``feats @ weight.T + bias`` gives its logits on raw features (not JSON: pop it before writing).
     """
     if not sgd_lrs and not adam_lrs:
         raise ValueError("fast_linear_sweep needs at least one SGD or Adam learning rate")
@@ -287,6 +292,16 @@ def fast_linear_sweep(
         result["linear_top1"] = result[best_opt]["top1"]
         result["linear_top5"] = result[best_opt]["top5"]
         result["seconds"] = round(time.perf_counter() - t0, 3)
+        if return_head:
+            hw = w[:, head_of[best_opt]].double().cpu()  # (D, C), on standardised features
+            hb = b[head_of[best_opt]].double().cpu()
+            if standardize_features:
+                raw = train_feats.double().cpu()
+                mean = raw.mean(0)
+                std = raw.float().std(0, unbiased=False).clamp_min(1e-6).double()
+                hb = hb - (mean / std) @ hw
+                hw = hw / std[:, None]
+            result["head"] = {"weight": hw.t().float().contiguous(), "bias": hb.float()}
         return result
 
 

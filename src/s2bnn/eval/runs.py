@@ -190,6 +190,29 @@ def _finish(setup: EvalSetup, kind: str, result: dict[str, Any], out: str | Path
     return payload
 
 
+HEAD_FILE = "head.safetensors"
+HEAD_FORMAT = "s2bnn-head"
+
+
+def save_head_file(setup: EvalSetup, head: dict[str, torch.Tensor], path: str | Path,
+                   optimizer: str) -> Path:
+    """The chosen linear head (on raw pooled features) with what a deployed classifier needs:
+    metadata ``format``, ``num_classes``, ``feature_dim``, ``classes`` (names), ``data``,
+    ``image_size``, ``in_chans``, ``mean``, ``std`` (the eval transform) and ``optimizer``."""
+    from s2bnn.checkpoint import save_safetensors
+
+    classes = [str(c) for c in getattr(setup.train_raw, "classes", None) or []]
+    if len(classes) != setup.num_classes:
+        classes = [f"class_{i}" for i in range(setup.num_classes)]
+    meta = {"format": HEAD_FORMAT, "num_classes": setup.num_classes,
+            "feature_dim": int(head["weight"].shape[1]), "classes": classes,
+            "data": setup.data, "image_size": setup.image_size, "in_chans": setup.in_chans,
+            "mean": list(setup.mean), "std": list(setup.std), "optimizer": optimizer,
+            "source": setup.info["source"]}
+    save_safetensors({"weight": head["weight"], "bias": head["bias"]}, path, metadata=meta)
+    return Path(path)
+
+
 def run_knn(
     path: str | Path,
     *,
@@ -221,12 +244,15 @@ def run_linear(
     sweep_kwargs: dict[str, Any] | None = None,
     protocol_kwargs: dict[str, Any] | None = None,
     log: Any = None,
+    save_head: bool = False,
     **prepare_kwargs: Any,
 ) -> dict[str, Any]:
     """Linear probe of a saved backbone, ``fast`` (cached LR sweep) or ``protocol`` (paper).
 
     Writes ``eval_linear.json`` (fast; kNN included since the features are at hand) or
-    ``eval_linear_protocol.json``. Returns the JSON dict.
+    ``eval_linear_protocol.json``. Returns the JSON dict. ``save_head`` (fast mode) also writes
+    the chosen head as ``head.safetensors`` next to the JSON (see :func:`save_head_file`);
+    ``s2bnn export`` includes it.
     """
     from s2bnn.eval.baselines import evaluate_backbone
     from s2bnn.eval.linear import linear_probe_protocol
@@ -235,11 +261,21 @@ def run_linear(
         raise DataError(f"linear eval mode must be fast or protocol, got '{mode}'")
     setup = prepare_eval(path, **prepare_kwargs)
     train_ds, test_ds = setup.eval_sets()
+    if save_head and mode != "fast":
+        raise DataError("--save-head needs the fast linear mode (the default)")
     if mode == "fast":
+        if save_head:
+            sweep_kwargs = {**(sweep_kwargs or {}), "return_head": True}
         res = evaluate_backbone(setup.backbone, train_ds, test_ds, num_classes=setup.num_classes,
                                 batch_size=batch_size, num_workers=num_workers,
                                 device=setup.device, sweep_kwargs=sweep_kwargs, sample_size=2000)
-        return _finish(setup, "linear", res, out)
+        head = res["linear"].pop("head", None)
+        payload = _finish(setup, "linear", res, out)
+        if head is not None:
+            target = Path(payload["output"]).parent / HEAD_FILE
+            save_head_file(setup, head, target, res["linear"]["best_optimizer"])
+            payload["head_file"] = str(target)
+        return payload
     res = linear_probe_protocol(setup.backbone, setup.train_augmented(), test_ds,
                                 num_classes=setup.num_classes, batch_size=batch_size,
                                 num_workers=num_workers, device=setup.device, log=log,
