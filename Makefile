@@ -18,6 +18,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m s2bnn.deploy._build  # prebuild the packed-runtime kernels into the cache
 	touch $@
 
 setup: $(VENV)/.installed
