@@ -367,7 +367,9 @@ def test_errors(registry: None, teacher_run: Path) -> None:
 def test_seed_closes_the_gap_to_the_teacher(registry: None, teacher_run: Path) -> None:
     """SEED's loss is floored by the teacher's entropy (near log(K+1) for a random teacher), so
     check the gap to that floor, KL(p_T || p_S), which is what the student can reduce."""
-    method = _build(CASES["seed"](teacher_run))
+    # Trained at the teacher temperature the gap is measured at (the default is the official
+    # code's 1e-4, whose near one-hot targets this 0.07 gap does not follow).
+    method = _build(_cfg("seed", teacher=_teacher_cfg(teacher_run), seed_teacher_temp=0.07))
 
     def kl() -> float:
         method.eval()
