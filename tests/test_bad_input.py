@@ -115,6 +115,13 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
     ("wrong type", _train("epochs=three"), ("config key 'epochs'",)),
     ("wrong nested type", _train("optim.lr=fast"), ("config key 'optim.lr'",)),
     ("bad choice", _train("resume=maybe"), ("'resume'", "never, auto")),
+    ("unparseable time budget", _train("time_budget=soon"), ("config key 'time_budget'",)),
+    ("non-positive time budget", _train("time_budget=-5"), ("config key 'time_budget'", "> 0")),
+    ("non-positive steps", _train("steps=0"), ("config key 'steps'", "> 0")),
+    ("steps and epochs both given", _train("steps=10", "epochs=2"),
+     ("'epochs' and 'steps' both size the run", "set only one")),
+    ("budget under one step", _train("time_budget=0.001"),
+     ("config key 'time_budget'", "less than one optimiser step")),
     ("missing config file", _argv("train", "{ws}/absent.yaml", "output_dir={ws}/x"),
      ("config file not found",)),
     # data

@@ -25,6 +25,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from s2bnn.budget import BudgetError, parse_duration
 from s2bnn.errors import ConfigError
 
 __all__ = [
@@ -180,7 +181,13 @@ class Config:
     resume: str = "never"  # never | auto
     force: bool = False  # allow overwriting a finished run or resuming with a changed config
     seed: int = 0
-    epochs: int = 1
+    # How long to train: exactly one of epochs, steps or time_budget (none: 1 epoch). A later
+    # layer (recipe, then command line) that sets one replaces the others of earlier layers.
+    epochs: Optional[int] = None
+    steps: Optional[int] = None  # optimiser steps; the LR schedule spans them (may end mid-epoch)
+    # Wall-clock seconds for the whole run, set-up included (600, 90s, 10m, 1h30m): the engine
+    # times a few steps first and trains as many as fit; the schedule spans exactly those.
+    time_budget: Optional[str] = None
     max_steps: Optional[int] = None  # stop after this many optimiser steps (dry runs)
     batch_size: int = 256  # global batch, split across ranks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -194,6 +201,9 @@ class Config:
     knn_test_size: int = 1000  # test images the kNN monitor classifies
     knn_k: int = 20
     save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (0: only last.pt)
+    # Also rewrite checkpoints/last.pt every N optimiser steps within an epoch (0: at epoch ends
+    # only), so a pre-empted ImageNet run loses at most N steps; the resume is bit-exact.
+    save_every_steps: int = 0
     nan_policy: str = "stop"  # stop | skip
     max_bad_steps: int = 10  # with nan_policy=skip, stop after this many skipped steps
     progress: bool = True
@@ -222,7 +232,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE: tuple[str, ...] = (
-    "epochs", "batch_size", "method.proj_dim", "data.augment.num_views",
+    "epochs", "steps", "data.limit", "batch_size", "method.proj_dim", "data.augment.num_views",
     "method.queue_size", "method.shuffle_bn_groups", "method.temperature", "method.dino_out_dim",
 )
 
@@ -285,10 +295,15 @@ def _check_values(cfg: Config) -> None:
                 f"config key '{key}' is '{value}'; allowed values: {', '.join(allowed)}"
             )
     for key in POSITIVE:
-        if get(key) <= 0:
+        if get(key) is not None and get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get(key)}")
-    if cfg.data.limit is not None and cfg.data.limit <= 0:
-        raise ConfigError(f"config key 'data.limit' must be > 0, got {cfg.data.limit}")
+    if cfg.save_every_steps < 0:
+        raise ConfigError(f"config key 'save_every_steps' must be >= 0, got {cfg.save_every_steps}")
+    if cfg.time_budget is not None:
+        try:
+            parse_duration(cfg.time_budget)
+        except BudgetError as err:
+            raise ConfigError(f"config key 'time_budget': {err}") from None
     for key in ("data.augment.crop_scale", "data.augment.local_crop_scale"):
         value = get(key)
         if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1] <= 1):
@@ -310,13 +325,32 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     return _merge([(OmegaConf.create(data), source)])
 
 
+# Keys that size a run; a run has at most one. See Config.epochs.
+SIZING_KEYS: tuple[str, ...] = ("epochs", "steps", "time_budget")
+
+
+def _sizing_in(layer: DictConfig, source: str) -> str | None:
+    """The one sizing key ``layer`` sets (None if none); two in one layer conflict."""
+    given = [k for k in SIZING_KEYS if k in layer and layer[k] is not None]
+    if len(given) > 1:
+        names = " and ".join(f"'{k}'" for k in given)
+        raise ConfigError(
+            f"config keys {names} both size the run in {source}; set only one of them "
+            f"(a run is sized by epochs, steps or time_budget)")
+    return given[0] if given else None
+
+
 def _merge(layers: list[tuple[DictConfig, str]], schema: type = Config) -> Any:
     cfg = _schema(schema)
     for layer, source in layers:
+        sizing = _sizing_in(layer, source) if schema is Config else None
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise _explain(err, source, schema) from None
+        for key in SIZING_KEYS:  # the recipe's epochs give way to steps= on the command line
+            if sizing is not None and key != sizing:
+                cfg[key] = None
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

@@ -3,7 +3,8 @@
 Layout::
 
     OUTPUT_DIR/config.yaml            resolved config of the run
-    OUTPUT_DIR/checkpoints/last.pt    written atomically after every epoch
+    OUTPUT_DIR/checkpoints/last.pt    written atomically after every epoch (and every
+                                      save_every_steps steps)
     OUTPUT_DIR/checkpoints/epoch_N.pt with save_every
     OUTPUT_DIR/metrics.csv            one row per log point
     OUTPUT_DIR/tb/                    TensorBoard events
@@ -40,7 +41,8 @@ __all__ = [
 # resume with another value is refused unless force=true.
 RESUME_MUTABLE_KEYS: frozenset[str] = frozenset({
     "output_dir", "resume", "force", "progress", "log_every", "knn_every", "knn_train_size",
-    "knn_test_size", "knn_k", "save_every", "epochs", "max_steps", "device", "compile",
+    "knn_test_size", "knn_k", "save_every", "save_every_steps", "epochs", "steps", "time_budget",
+    "max_steps", "device", "compile",
     "nan_policy", "max_bad_steps", "data.root", "data.num_workers", "model.init_from",
 })
 

@@ -5,18 +5,28 @@ method (``s2bnn.methods``) owns the maths: ``method(views) -> (loss, logs)`` and
 ``method.on_train_step_end(step, total_steps)`` after each optimiser step; this loop owns
 everything around it.
 
+How long: a run is sized by ``epochs``, ``steps`` or ``time_budget``. A time budget is turned
+into steps before training starts: a throw-away copy of the method trains a few steps on real
+batches, and the run gets as many steps as fit in what is left of the budget; the LR schedule then
+spans exactly those steps, and the checkpoint keeps the number so a resume does not re-measure.
+
 Reproducibility: the global RNGs (torch, numpy, python) and the data loader's generator are
 re-seeded at the start of every epoch from ``(seed, rank, epoch)``, and the sampler's shuffle
 from ``(seed, epoch)``. Together with the model, method (queues, EMA weights, centres), optimiser
 and scheduler state in the checkpoint, this makes a run resumed from an epoch's checkpoint
 continue exactly as the uninterrupted run would have (bit for bit on CPU), on every rank, even
-though only rank 0 writes the checkpoint.
+though only rank 0 writes the checkpoint. A checkpoint written within an epoch
+(``save_every_steps``) also holds the position in the epoch and the RNG state of that moment: the
+resume skips the batches already seen and restores the RNGs, which is bit-exact where the
+augmentation draws from the main process (``data.num_workers=0`` or batch augmentation).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
+import itertools
 import math
 import os
 import random
@@ -32,9 +42,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from s2bnn import distributed as D
+from s2bnn.budget import BudgetError, format_duration, parse_duration, steps_for_budget
 from s2bnn.checkpoint import (
     FAULT_ENV,
     FORMAT,
@@ -43,7 +54,7 @@ from s2bnn.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from s2bnn.config import Config, config_to_dict, save_config
+from s2bnn.config import SIZING_KEYS, Config, config_to_dict, save_config
 from s2bnn.engine.optim import build_optimizer, build_scheduler
 from s2bnn.engine.rundir import (
     MetricsCSV,
@@ -272,8 +283,10 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    with contextlib.suppress(KeyError, TypeError, ValueError, RuntimeError):
+def _set_rng_state(state: dict[str, Any], source: str = "the checkpoint") -> None:
+    """Restore what :func:`_rng_state` saved; a state that does not restore is an error, since
+    carrying on would silently break a bit-exact resume."""
+    try:
         torch.set_rng_state(state["torch"])
         npst = state["numpy"]
         np.random.set_state((
@@ -284,6 +297,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         random.setstate((py[0], tuple(py[1]), py[2]))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(
+            f"cannot restore the random-number state saved in {source} ({type(err).__name__}: "
+            f"{str(err)[:120]}); the resume would not continue the run exactly: start a new "
+            "output_dir, or resume from an epoch-end checkpoint"
+        ) from None
+
+
+class _SkipSampler(Sampler):
+    """The indices of ``base`` after the first ``skip``: the rest of an epoch resumed mid-way."""
+
+    def __init__(self, base: Sampler, skip: int) -> None:
+        self.base, self.skip = base, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.base) - self.skip, 0)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- distributed set-up
@@ -361,6 +393,7 @@ class _Trainer:
         self.show = self.main and cfg.progress
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.t_start = time.perf_counter()  # a time budget counts from here, set-up included
         # Fault-injection test hook (s2bnn.checkpoint.fault_point); read once, so it costs
         # nothing per step when unset.
         self.fault_steps = os.environ.get(FAULT_ENV, "").startswith("kill-step:")
@@ -405,54 +438,54 @@ class _Trainer:
             parts = parts(cfg)
         self.parts = parts
 
-        per_rank = cfg.batch_size // self.world
+        self.per_rank = cfg.batch_size // self.world
         self.sampler = DistributedSampler(
             parts.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
             seed=cfg.seed, drop_last=True,
         )
         self.loader_gen = torch.Generator()
-        workers = cfg.data.num_workers
-        self.loader = DataLoader(
-            parts.train_set, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-            drop_last=True, generator=self.loader_gen, worker_init_fn=_seed_worker,
-            pin_memory=device.type == "cuda", persistent_workers=False,
-        )
+        self.loader = self._make_loader(self.sampler)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"{len(parts.train_set)} training images give no full batch of "  # type: ignore
                 f"{cfg.batch_size}; lower batch_size or raise data.limit"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.resume_ckpt = (load_checkpoint(self.plan.checkpoint)
+                            if self.plan.action == "resume" else None)
+        planned = self._planned_steps()
 
         _seed_all(cfg.seed)
         backbone = parts.build_backbone()
         if cfg.model.init_from and self.plan.action == "fresh":
             self._init_backbone(backbone, cfg.model.init_from)
-        method = parts.build_method(backbone, self.total_steps)
+        method = parts.build_method(backbone, planned or self.steps_per_epoch)
         if not isinstance(getattr(method, "backbone", None), nn.Module):
             raise TypeError("a method must expose its student backbone as `.backbone`")
         if cfg.sync_bn and self.world > 1:
             method = _convert_sync_bn(method)
         self.method = method.to(device)
+        if planned is None:  # a time budget: measure, then size the run
+            planned = self._steps_in_budget()
+            self.method.set_total_steps(planned)
+        self.total_steps = planned
 
         oc = cfg.optim
-        self.optimizer = build_optimizer(
-            self.method, oc.name, oc.lr, weight_decay=oc.weight_decay, momentum=oc.momentum,
-            betas=oc.betas, exclude_bn_bias=oc.exclude_bn_bias, exclude_binary=oc.exclude_binary,
-            lars_eta=oc.lars_eta,
-        )
+        self.optimizer = self._optimizer_for(self.method)
         self.warmup_steps = round(oc.warmup_epochs * self.steps_per_epoch)
         self.scheduler = build_scheduler(
             self.optimizer, self.total_steps, self.warmup_steps, oc.schedule, oc.lr, oc.min_lr
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
-        self.epoch = 0
-        self.step = 0
+        self.epoch = 0  # epochs completed
+        self.epoch_step = 0  # batches done in the current epoch (> 0 only in a mid-epoch resume)
         self.bad_steps = 0
-        if self.plan.action == "resume":
-            self._load(self.plan.checkpoint)
+        self.step = 0
+        self.resume_rng: dict[str, Any] | None = None
+        if self.resume_ckpt is not None:
+            self._load(self.plan.checkpoint, self.resume_ckpt)
+            self.resume_ckpt = None  # its tensors are in the model now; free the copy
 
         self.model: nn.Module = self.method
         if cfg.compile:
@@ -545,9 +578,88 @@ class _Trainer:
 
         parts.build_method = build_then_load
 
-    def _load(self, path: Path | None) -> None:
-        assert path is not None
-        ckpt = load_checkpoint(path)
+    def _make_loader(self, sampler: Sampler) -> DataLoader:
+        return DataLoader(
+            self.parts.train_set, batch_size=self.per_rank, sampler=sampler,
+            num_workers=self.cfg.data.num_workers, drop_last=True, generator=self.loader_gen,
+            worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _optimizer_for(self, module: nn.Module) -> torch.optim.Optimizer:
+        oc = self.cfg.optim
+        return build_optimizer(
+            module, oc.name, oc.lr, weight_decay=oc.weight_decay, momentum=oc.momentum,
+            betas=oc.betas, exclude_bn_bias=oc.exclude_bn_bias, exclude_binary=oc.exclude_binary,
+            lars_eta=oc.lars_eta,
+        )
+
+    def _sizing(self) -> dict[str, Any]:
+        return {key: getattr(self.cfg, key) for key in SIZING_KEYS}
+
+    def _planned_steps(self) -> int | None:
+        """Optimiser steps of the run, or None when a time budget is still to be measured."""
+        cfg, ckpt = self.cfg, self.resume_ckpt
+        if ckpt is not None and ckpt.get("sizing") == self._sizing() and ckpt.get("total_steps"):
+            return int(ckpt["total_steps"])  # a resume keeps what the budget was measured to be
+        if cfg.steps is not None:
+            return int(cfg.steps)
+        if cfg.time_budget is not None:
+            return None
+        return int(cfg.epochs or 1) * self.steps_per_epoch
+
+    def _measure_step_seconds(self) -> float:
+        """Seconds per optimiser step, timed on a throw-away copy of the method (real batches,
+        loading included), so the run itself starts from untouched weights and RNG state."""
+        probe = copy.deepcopy(self.method)
+        opt = self._optimizer_for(probe)
+        rng = _rng_state()
+        times: list[float] = []
+        batches: Iterator[list[torch.Tensor]] = iter(())
+        try:
+            for i in range(12):
+                t0 = time.perf_counter()
+                views = next(batches, None)
+                if views is None:  # a tiny dataset: fewer batches an epoch than timed steps
+                    batches = self._batches(self.loader)
+                    views = next(batches)
+                with self.autocast():
+                    loss, _ = probe(views)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                probe.on_train_step_end(i, self.steps_per_epoch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if i > 0:  # the first step pays for allocations and lazy initialisation
+                    times.append(time.perf_counter() - t0)
+                if len(times) >= 3 and sum(times) > 2.0:
+                    break
+        finally:
+            _set_rng_state(rng, "the engine's own snapshot")
+            del probe, opt
+        times.sort()
+        seconds = times[len(times) // 2]
+        if self.world > 1:  # every rank must train the same number of steps
+            t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            seconds = float(t[0])
+        return seconds
+
+    def _steps_in_budget(self) -> int:
+        budget = parse_duration(self.cfg.time_budget)  # type: ignore[arg-type]
+        step_s = self._measure_step_seconds()
+        spent = time.perf_counter() - self.t_start
+        try:
+            steps = steps_for_budget(budget, step_s, spent)
+        except BudgetError as err:
+            raise ConfigError(f"config key 'time_budget': {err}; raise it or use steps=N") from None
+        self.say(f"time budget {format_duration(budget)}: {step_s * 1000:.0f} ms a step after "
+                 f"{format_duration(spent)} of set-up -> {steps} steps "
+                 f"({steps / self.steps_per_epoch:.2f} epochs)")
+        return steps
+
+    def _load(self, path: Path | None, ckpt: dict[str, Any]) -> None:
         saved = ckpt.get("frozen_fingerprint")
         if saved is not None and saved != self.method.frozen_fingerprint():
             raise CheckpointError(
@@ -567,11 +679,21 @@ class _Trainer:
             ) from None
         self.epoch = int(ckpt["epoch"])
         self.step = int(ckpt["step"])
+        self.epoch_step = int(ckpt.get("epoch_step", 0))
         self.bad_steps = int(ckpt.get("bad_steps", 0))
+        if self.epoch_step:
+            # Mid-epoch: the epoch's seeding is redone, then the RNGs are set to where they were.
+            self.resume_rng = ckpt.get("rng")
+            if self.resume_rng is None:
+                raise CheckpointError(f"cannot resume from {path}: it was written mid-epoch "
+                                      "but holds no RNG state; start a new output_dir")
+            if self.cfg.data.num_workers > 0 and self.parts.batch_transform is None:
+                self.say("resuming mid-epoch with data.num_workers > 0: the same images in the "
+                         "same order, but loader workers draw their augmentations anew (set "
+                         "data.num_workers=0 for a bit-exact resume)")
         # The schedule may have been lengthened (epochs changed): take the lr from it, not the file.
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * self.scheduler.lr_lambdas[0](self.step)
-        _set_rng_state(ckpt.get("rng") or {})
         self.say(self.plan.note)
 
     # ---------------------------------------------------------------- outputs
@@ -606,7 +728,7 @@ class _Trainer:
         if self.tb is not None:
             self.tb.close()
 
-    def checkpoint(self, finished: bool) -> None:
+    def checkpoint(self, finished: bool, epoch_end: bool = True) -> None:
         if not self.main:
             return
         cfg = self.cfg
@@ -616,6 +738,9 @@ class _Trainer:
             "config": config_to_dict(cfg),
             "epoch": self.epoch,
             "step": self.step,
+            "epoch_step": self.epoch_step,
+            "total_steps": self.total_steps,
+            "sizing": self._sizing(),
             "backbone": {
                 "name": self.parts.backbone_name,
                 "kwargs": dict(self.parts.backbone_kwargs),
@@ -638,7 +763,7 @@ class _Trainer:
         target = last
         try:
             save_checkpoint(state, last)
-            if cfg.save_every and self.epoch % cfg.save_every == 0:
+            if epoch_end and cfg.save_every and self.epoch % cfg.save_every == 0:
                 kept = f"{last} was written"
                 target = self.ckpt_dir / f"epoch_{self.epoch}.pt"
                 save_checkpoint(state, target)
@@ -646,7 +771,7 @@ class _Trainer:
             # A full disk, a quota or a permission problem: the write was atomic, so nothing
             # half-written replaced a good file.
             raise TrainingError(
-                f"cannot write checkpoint {target} after epoch {self.epoch}: "
+                f"cannot write checkpoint {target} at step {self.step}: "
                 f"{err.strerror or err}; {kept}; free space (or fix the directory) and rerun "
                 "the same command with resume=auto"
             ) from None
@@ -711,9 +836,9 @@ class _Trainer:
                 f"max_bad_steps={cfg.max_bad_steps}; {kept}; lower optim.lr or set optim.grad_clip"
             )
 
-    def _batches(self) -> Iterator[list[torch.Tensor]]:
+    def _batches(self, loader: DataLoader) -> Iterator[list[torch.Tensor]]:
         augment = self.parts.batch_transform
-        for batch in self.loader:
+        for batch in loader:
             views = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 2 else batch
             if augment is not None:
                 yield augment(views.to(self.device, non_blocking=True))
@@ -787,8 +912,11 @@ class _Trainer:
             self.log_row(row)
         return row
 
-    def _train_epoch(self) -> bool:
-        """Train until the epoch ends or max_steps is reached; True when max_steps was reached."""
+    def _dry_run_over(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _train_epoch(self) -> None:
+        """Train to the end of the epoch, or until the run's steps (or max_steps) are done."""
         cfg = self.cfg
         from tqdm import tqdm
 
@@ -796,26 +924,37 @@ class _Trainer:
         _seed_all(_derive_seed(cfg.seed, self.rank, self.epoch))
         self.loader_gen.manual_seed(_derive_seed(cfg.seed, self.rank, self.epoch, 1))
         self.sampler.set_epoch(self.epoch)
+        start = self.epoch_step
+        loader = self.loader
+        if start:  # a mid-epoch resume: skip what was trained, continue the RNGs from there
+            loader = self._make_loader(_SkipSampler(self.sampler, start * self.per_rank))
+            assert self.resume_rng is not None
+            _set_rng_state(self.resume_rng)
+            self.resume_rng = None
         bar = tqdm(
-            total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=not self.show, dynamic_ncols=True, leave=False, file=sys.stderr,
+            total=min(self.steps_per_epoch, self.total_steps - self.step + start), initial=start,
+            desc=f"epoch {self.epoch + 1}/{self.num_epochs}", disable=not self.show,
+            dynamic_ncols=True, leave=False, file=sys.stderr,
         )
         sums: dict[str, torch.Tensor] = {}
         good = steps = 0
         t0 = time.perf_counter()
         row: dict[str, Any] = {}
-        reached = False
         try:
-            for i, views in enumerate(self._batches()):
+            for i, views in enumerate(self._batches(loader), start=start):
                 good += int(self._train_step(views, sums))
                 steps += 1
+                self.epoch_step = i + 1
                 if self.fault_steps:
                     fault_point("kill-step")
                 bar.update(1)
                 last = i + 1 == self.steps_per_epoch
-                reached = cfg.max_steps is not None and self.step >= cfg.max_steps
-                if self.step % cfg.log_every == 0 or last or reached:
-                    knn = last and cfg.knn_every > 0 and (self.epoch + 1) % cfg.knn_every == 0
+                stop = self.step >= self.total_steps or self._dry_run_over()
+                save = (cfg.save_every_steps > 0 and self.step % cfg.save_every_steps == 0
+                        and not (last or stop))
+                if self.step % cfg.log_every == 0 or last or stop or save:
+                    knn = cfg.knn_every > 0 and (
+                        (last and (self.epoch + 1) % cfg.knn_every == 0) or stop)
                     row = self._log_point(sums, good, steps, time.perf_counter() - t0, knn)
                     post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
                             "img/s": f"{row['img_per_s']:.0f}"}
@@ -823,37 +962,42 @@ class _Trainer:
                     bar.set_postfix(post, refresh=False)
                     sums, good, steps = {}, 0, 0
                     t0 = time.perf_counter()
-                if reached and not last:
-                    return True
+                if save:
+                    self.checkpoint(finished=False, epoch_end=False)
+                if stop and not last:
+                    return
         finally:
             bar.close()
         self.epoch += 1
+        self.epoch_step = 0
         if row:
             self.say(
-                f"epoch {self.epoch}/{cfg.epochs} step {self.step}: loss {row['loss']:.4f}"
+                f"epoch {self.epoch}/{self.num_epochs} step {self.step}: loss {row['loss']:.4f}"
                 + (f", knn_top1 {row['knn_top1']:.2f}" if "knn_top1" in row else "")
             )
-        return reached
 
     def run(self) -> None:
         cfg = self.cfg
         lr0 = self.optimizer.param_groups[0]["lr"]
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.say(
-            f"training {cfg.epochs} epoch(s) x {self.steps_per_epoch} steps, batch "
-            f"{cfg.batch_size} on {self.world} x {self.device}, lr {lr0:.3g}; "
-            f"run dir {self.run_dir}"
+            f"training {self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} "
+            f"epochs of {self.steps_per_epoch}), batch {cfg.batch_size} on {self.world} x "
+            f"{self.device}, lr {lr0:.3g}; run dir {self.run_dir}"
         )
-        reached = cfg.max_steps is not None and self.step >= cfg.max_steps
+        t0 = time.perf_counter()
         wrote = False
-        while self.epoch < cfg.epochs and not reached:
-            reached = self._train_epoch()
-            # A dry run stopped by max_steps mid-epoch is finished too (its checkpoint is not at
-            # an epoch boundary, so it is not meant to be resumed).
-            self.checkpoint(finished=reached or self.epoch >= cfg.epochs)
+        while self.step < self.total_steps and not self._dry_run_over():
+            self._train_epoch()
+            # A dry run stopped by max_steps is finished too (it is not meant to be resumed).
+            done = self.step >= self.total_steps or self._dry_run_over()
+            self.checkpoint(finished=done, epoch_end=self.epoch_step == 0)
             wrote = True
         if not wrote:
             # Nothing left to train (e.g. a resumed run whose epochs were lowered): mark finished.
             self.checkpoint(finished=True)
+        self.say(f"trained to step {self.step} in {format_duration(time.perf_counter() - t0)} "
+                 f"({format_duration(time.perf_counter() - self.t_start)} with set-up)")
         D.barrier()
 
 

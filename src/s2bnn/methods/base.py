@@ -62,6 +62,10 @@ class Method(nn.Module):
     def on_train_step_end(self, step: int, total_steps: int) -> None:
         """Called after ``optimizer.step()``: momentum/EMA updates and queue bookkeeping."""
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length once it is known (a time budget is measured after the method is
+        built); methods with step schedules fixed at construction override this."""
+
     def ddp_ignored_names(self) -> list[str]:
         """Fully qualified names of the parameters and buffers DDP must leave alone."""
         names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]

@@ -101,16 +101,20 @@ class DINO(Method):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.total_steps = max(int(total_steps), 1)
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.warmup_teacher_temp = warmup_teacher_temp
-        self.warmup_steps = int(warmup_frac * self.total_steps)
+        self.warmup_frac = warmup_frac
+        self.set_total_steps(total_steps)
         self.center_momentum = center_momentum
         self.ema_momentum = ema_momentum
         self._ddp_ignored = ["ema_backbone", "ema_head", "center"]
         self._pending_center: torch.Tensor | None = None
         self._synced = False
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = int(self.warmup_frac * self.total_steps)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._synced = False
