@@ -10,8 +10,13 @@ from helpers import assert_identical
 from test_engine import one_thread, read_metrics, snapshot, tiny_cfg, tiny_parts  # noqa: F401
 from test_faults import RECIPE, _command, _env, killed, rows, train_cli
 
-from s2bnn.budget import BudgetError, format_duration, parse_duration, split_budget, \
-    steps_for_budget
+from s2bnn.budget import (
+    BudgetError,
+    format_duration,
+    parse_duration,
+    split_budget,
+    steps_for_budget,
+)
 from s2bnn.checkpoint import load_checkpoint
 from s2bnn.config import load_config
 from s2bnn.engine import train
