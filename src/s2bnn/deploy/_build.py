@@ -124,6 +124,8 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.s2d_sign_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.s2d_sign_pack.restype = None
+    lib.s2d_gemm_l1.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    lib.s2d_gemm_l1.restype = ctypes.c_int64
     lib.s2d_lp_align.argtypes = [ctypes.c_int]
     lib.s2d_lp_align.restype = ctypes.c_int
     lib.s2d_bconv.argtypes = [ctypes.POINTER(BconvArgs)]

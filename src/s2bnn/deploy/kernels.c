@@ -394,3 +394,26 @@ int s2d_bconv(const s2d_bconv_args *a) {
     }
     return failed ? -2 : 0;
 }
+
+/* Peak probe for the benchmark: the level's GEMM micro-kernel on L1-resident data (4 pixels x
+ * 32 output channels x 64 words), `reps` times in each of `nthreads` threads. Returns a checksum
+ * so the work cannot be optimised away; binary MACs done = nthreads * reps * 4 * 32 * 64 * 64. */
+int64_t s2d_gemm_l1(int isa, int64_t reps, int nthreads) {
+    int64_t total = 0;
+    gemm_fn gemm = pick_gemm(isa);
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        uint64_t p[4 * 64] __attribute__((aligned(64)));
+        uint64_t w[32 * 64] __attribute__((aligned(64)));
+        int32_t acc[4 * 32];
+        uint64_t s = 0x9e3779b97f4a7c15ULL;
+        for (int i = 0; i < 4 * 64; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; p[i] = s; }
+        for (int i = 0; i < 32 * 64; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; w[i] = s; }
+        for (int64_t r = 0; r < reps; r++) {
+            gemm(p, w, 64, 32, acc);
+            p[r & 255] ^= (uint64_t)acc[r & 127];
+            total += acc[0];
+        }
+    }
+    return total;
+}
