@@ -15,13 +15,15 @@ from s2bnn.demo import (
     MOCOV2_RECIPE,
     RESULT_NAMES,
     S2BNN_RECIPE,
+    STAGE_SHARES,
     TEACHER_RECIPE,
     DemoConfig,
     stage_configs,
+    weak_results,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist"
-TINY = ["teacher_epochs=1", "s2bnn_epochs=1", "mocov2_epochs=1", "batch_size=16", "random_seeds=2",
+TINY = ["teacher_steps=3", "s2bnn_steps=3", "mocov2_epochs=1", "batch_size=16", "random_seeds=2",
         "eval_train_limit=null", "knn_k=5", "progress=false", "teacher_model=resnet_small",
         "student_model=reactnet_small"]
 
@@ -59,7 +61,15 @@ def test_demo_end_to_end_on_tiny_imagefolder(tmp_path, capsys):
         assert name in report
     assert list(out.glob("*.png")), "the report has plots"
     printed = capsys.readouterr().out
-    assert "report:" in printed and "[5/5]" in printed
+    assert "report:" in printed and "[6/6]" in printed
+    # Each stage says what it got; stages sized by steps get exactly those steps.
+    assert results["stages"]["teacher"]["steps"] == results["stages"]["s2bnn"]["steps"] == 3
+    assert results["stages"]["mocov2"]["steps"] == 36 // 16  # one epoch of 36 images
+    assert "teacher: 3 steps" in printed
+    # 3 steps are far too few: the summary and the report say so, with the fix.
+    assert any("only 3 optimiser steps" in w and "budget=" in w for w in results["warnings"])
+    assert "WARNING: the teacher stage trained only 3 optimiser steps" in printed
+    assert "WARNING" in report
 
     # A finished demo is not overwritten without --force, and nothing in it changes.
     before = (out / "results.json").read_bytes()
@@ -102,8 +112,68 @@ def test_demo_stages_match_the_recipes(embedded, recipe_file):
     assert recipe["data"]["augment"] == demo["data"]["augment"]
 
 
+@pytest.mark.slow
+def test_demo_sized_by_its_budget_ends_within_it(tmp_path, capsys):
+    """No stage sized by hand: the budget is divided between the stages, each trains the steps
+    that fit its part, and the whole demo ends within the budget."""
+    data = _tree(tmp_path / "data")
+    sized = [a for a in TINY if not a.startswith(("teacher_", "s2bnn_", "mocov2_"))]
+    assert main(["demo", "--data", str(data), "--out", str(tmp_path / "o"), *sized,
+                 "budget=40s"]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    stages = results["stages"]
+    assert set(stages) == {"teacher", "s2bnn", "mocov2"}
+    for got in stages.values():
+        assert got["steps"] >= 1 and got["budget_seconds"] > 0
+        assert got["seconds"] <= 1.25 * got["budget_seconds"] + 2
+    assert stages["teacher"]["budget_seconds"] > stages["mocov2"]["budget_seconds"]
+    assert results["wall_seconds"] <= 1.1 * 40 + 3
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["budget=soon"], "demo key 'budget'"),
+    (["budget=-3"], "demo key 'budget'"),
+    (["teacher_steps=5", "teacher_epochs=1"], "'teacher_steps' and 'teacher_epochs'"),
+    (["s2bnn_steps=0"], "'s2bnn_steps' must be > 0"),
+    (["budget=1s", "eval_train_limit=null"], "used up before the teacher stage"),
+])
+def test_bad_demo_budget_is_one_line_and_writes_nothing_old(tmp_path, capsys, over, needle):
+    data = _tree(tmp_path / "data")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    code = main(["demo", "--data", str(data), "--out", str(out), *TINY[4:], *over])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("s2bnn: error:") and err.count("\n") == 1, err
+    assert needle in err, err
+    assert (out / "keep.txt").read_text() == "earlier work"
+    assert not (out / "runs").exists()
+
+
+def test_weak_results_name_the_cause_and_the_fix():
+    rows = {"pixels": {"linear_top1": 84.0}, "teacher": {"linear_top1": 80.0},
+            "random_init": {"linear_top1": 40.0}, "s2bnn": {"linear_top1": 42.0}}
+    stages = {"teacher": {"steps": 45, "epochs": 3.0}, "s2bnn": {"steps": 5000, "epochs": 20.0}}
+    warnings = weak_results(rows, stages, "10m")
+    assert len(warnings) == 3
+    assert "teacher stage trained only 45 optimiser steps (3 epochs)" in warnings[0]
+    assert "not above raw pixels" in warnings[1] and "stronger teacher" in warnings[1]
+    assert "barely above the untrained" in warnings[2]
+    good = {"pixels": {"linear_top1": 84.0}, "teacher": {"linear_top1": 86.0},
+            "random_init": {"linear_top1": 40.0}, "s2bnn": {"linear_top1": 82.0}}
+    assert weak_results(good, {"s2bnn": {"steps": 5000, "epochs": 20.0}}, "10m") == []
+    far = {**good, "s2bnn": {"linear_top1": 60.0}}
+    assert "points below its teacher" in weak_results(far, {}, "10m")[0]
+
+
 def test_stage_configs_chain_teacher_into_student(tmp_path):
     cfgs = stage_configs(DemoConfig(data="synthetic", teacher_epochs=2), tmp_path)
     assert cfgs["s2bnn"].method.teacher.path == cfgs["teacher"].output_dir
     assert cfgs["teacher"].epochs == 2 and cfgs["s2bnn"].method.name == "s2bnn"
+    # Stages without a fixed size get a time budget: their share of the demo's budget.
+    assert cfgs["s2bnn"].epochs is None and float(cfgs["s2bnn"].time_budget) == pytest.approx(
+        600 * STAGE_SHARES["s2bnn"], abs=0.1)
+    cfgs = stage_configs(DemoConfig(data="synthetic", s2bnn_steps=7), tmp_path,
+                         seconds={"mocov2": 12.5})
+    assert cfgs["s2bnn"].steps == 7 and cfgs["mocov2"].time_budget == "12.5"
     assert cfgs["mocov2"].model.name == cfgs["s2bnn"].model.name

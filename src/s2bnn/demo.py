@@ -1,12 +1,22 @@
 """The main job: the S2-BNN pipeline end to end on one dataset.
 
-1. pretrain a real-valued teacher with MoCo v2;
-2. distil a binary ReActNet-style student from it with S2-BNN (strategy 3, distillation only);
-3. train the same binary student with MoCo v2 (strategy 1, the paper's enhanced recipe: Adam,
+1. evaluate the baselines that need no training: raw pixels and the untrained student (several
+   seeds), with weighted kNN and the linear probe (SGD and Adam learning-rate sweeps); their
+   time also tells how long the trained networks' evaluation will take;
+2. pretrain a real-valued teacher with MoCo v2;
+3. distil a binary ReActNet-style student from it with S2-BNN (strategy 3, distillation only);
+4. train the same binary student with MoCo v2 (strategy 1, the paper's enhanced recipe: Adam,
    "lite" augmentation), so the two students differ only in what they learn from;
-4. evaluate the teacher, both students, the untrained student (several seeds) and raw pixels with
-   weighted kNN and the linear probe (SGD and Adam learning-rate sweeps);
-5. write ``report.md``, PNG plots and ``results.json`` and print the summary.
+5. evaluate the teacher and both students the same way;
+6. write ``report.md``, PNG plots and ``results.json`` and print the summary, with a warning
+   and its fix for every weak result.
+
+The demo has one wall-clock ``budget`` (default 10 minutes). Before each training stage it
+divides what is left, less the evaluation still to come, between the stages still to run in
+fixed proportions (:data:`STAGE_SHARES`), and the stage trains as many steps as fit in its part
+(``time_budget`` of the engine). A 2,000-image folder then gets many epochs and a large set a
+fraction of one; a stage that ran long or short is made up for by the ones after it. A stage
+can instead be given a fixed size (``teacher_steps=``, ``s2bnn_epochs=``, ...).
 
 The stages' training configs mirror ``configs/fashion_mnist/{teacher_mocov2,s2bnn,
 mocov2_bnn_plus}.yaml`` (a test keeps them in step); :class:`DemoConfig` only sets sizes. A
@@ -24,16 +34,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from s2bnn.budget import BudgetError, format_duration, parse_duration, split_budget
 from s2bnn.checkpoint import atomic_write_bytes
 from s2bnn.config import Config, config_from_dict, config_to_dict, load_config
-from s2bnn.errors import DataError, RunDirError
+from s2bnn.errors import ConfigError, DataError, RunDirError
 
 __all__ = [
     "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
-    "result_row", "train_stage", "finished_with_same_config",
+    "result_row", "train_stage", "finished_with_same_config", "STAGE_SHARES", "weak_results",
 ]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
+STAGES = ("teacher", "s2bnn", "mocov2")
+# How the training time is divided. The teacher gets the largest part: a student cannot learn
+# more than its teacher knows. The two students get about equal wall time.
+STAGE_SHARES: dict[str, float] = {"teacher": 0.40, "s2bnn": 0.31, "mocov2": 0.29}
+# A stage with fewer optimiser steps than this gets a warning in the report.
+MIN_STEPS = 300
+MIN_STAGE_FRACTION = 0.04  # of the budget: the least a later stage gets after overruns
+REPORT_SECONDS = 8.0  # plots and files at the end, kept out of the training time
 
 
 @dataclass
@@ -48,12 +67,17 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    # Wall time of the whole demo (evaluation and report included): 600, 90s, 10m, 1h30m.
+    budget: str = "10m"
     teacher_model: str = "resnet_small"
-    teacher_epochs: int = 3
     student_model: str = "reactnet_small"
-    # Equal wall time for the two students: S2-BNN distils one view per image, MoCo v2 needs two.
-    s2bnn_epochs: int = 3
-    mocov2_epochs: int = 2
+    # A fixed size for a stage instead of its share of the budget (at most one per stage).
+    teacher_steps: Optional[int] = None
+    teacher_epochs: Optional[int] = None
+    s2bnn_steps: Optional[int] = None
+    s2bnn_epochs: Optional[int] = None
+    mocov2_steps: Optional[int] = None
+    mocov2_epochs: Optional[int] = None
     # Labelled images the probes train on (None: all). 10,000 keeps the whole demo inside 10 min
     # on 2 cores with a margin (20,000 took 104 s of a 605 s demo on a slow day).
     eval_train_limit: Optional[int] = 10000
@@ -100,8 +124,27 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stage_configs(plan: DemoConfig, out: Path, force: bool = False) -> dict[str, Config]:
-    """The validated training configs of the three stages, keyed by result name."""
+def stage_size(plan: DemoConfig, name: str) -> dict[str, Any]:
+    """The sizing key of stage ``name``: its fixed steps or epochs, else ``{}`` (a budget share)."""
+    steps, epochs = getattr(plan, f"{name}_steps"), getattr(plan, f"{name}_epochs")
+    if steps is not None and epochs is not None:
+        raise ConfigError(f"demo keys '{name}_steps' and '{name}_epochs' both size the {name} "
+                          "stage; set only one of them")
+    for key, value in ((f"{name}_steps", steps), (f"{name}_epochs", epochs)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"demo key '{key}' must be > 0, got {value}")
+    if steps is not None:
+        return {"steps": steps}
+    return {"epochs": epochs} if epochs is not None else {}
+
+
+def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
+                  seconds: dict[str, float] | None = None) -> dict[str, Config]:
+    """The validated training configs of the three stages, keyed by result name.
+
+    A stage without a fixed size trains for ``seconds[name]`` (default: its share of the whole
+    budget, a placeholder until the demo knows what is left when the stage starts).
+    """
     common = {
         "seed": plan.seed,
         "batch_size": plan.batch_size,
@@ -113,49 +156,100 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False) -> dict[str,
         "data": {"name": plan.data, "root": plan.root, "limit": plan.limit,
                  "image_size": plan.image_size, "num_workers": plan.num_workers},
     }
+    total = _budget_seconds(plan)
+    sizes = {}
+    for name in STAGES:
+        sizes[name] = stage_size(plan, name) or {
+            "time_budget": f"{(seconds or {}).get(name, total * STAGE_SHARES[name]):.1f}"}
     teacher_dir = out / "runs" / "teacher"
     stages = {
         "teacher": _merge(TEACHER_RECIPE, {
-            **common, "output_dir": str(teacher_dir), "epochs": plan.teacher_epochs,
+            **common, "output_dir": str(teacher_dir), **sizes["teacher"],
             "model": {"name": plan.teacher_model}}),
         "s2bnn": _merge(S2BNN_RECIPE, {
-            **common, "output_dir": str(out / "runs" / "s2bnn"), "epochs": plan.s2bnn_epochs,
+            **common, "output_dir": str(out / "runs" / "s2bnn"), **sizes["s2bnn"],
             "model": {"name": plan.student_model},
             "method": {"teacher": {"path": str(teacher_dir), "arch": plan.teacher_model}}}),
         "mocov2": _merge(MOCOV2_RECIPE, {
-            **common, "output_dir": str(out / "runs" / "mocov2"), "epochs": plan.mocov2_epochs,
+            **common, "output_dir": str(out / "runs" / "mocov2"), **sizes["mocov2"],
             "model": {"name": plan.student_model}}),
     }
     return {name: config_from_dict(cfg, f"demo stage '{name}'") for name, cfg in stages.items()}
+
+
+def _budget_seconds(plan: DemoConfig) -> float:
+    try:
+        return parse_duration(plan.budget)
+    except BudgetError as err:
+        raise ConfigError(f"demo key 'budget': {err}") from None
 
 
 def _header(step: int, total: int, text: str) -> None:
     print(f"\n== [{step}/{total}] {text}", flush=True)
 
 
-def finished_with_same_config(cfg: Config) -> bool:
-    """True when the stage's run dir holds a finished run of exactly this config."""
+def _saved_config(cfg: Config) -> tuple[dict[str, Any], bool] | None:
+    """(config, finished) of the checkpoint in the stage's run dir, if it has one."""
     from s2bnn.checkpoint import load_checkpoint
 
     last = Path(cfg.output_dir) / "checkpoints" / "last.pt"
     if not last.is_file():
-        return False
+        return None
     ckpt = load_checkpoint(last)
+    return ckpt.get("config") or {}, bool(ckpt.get("finished"))
+
+
+def finished_with_same_config(cfg: Config) -> bool:
+    """True when the stage's run dir holds a finished run of this config (a time budget may
+    differ: the seconds left for a stage change from one demo run to the next)."""
+    saved = _saved_config(cfg)
+    if saved is None:
+        return False
     ignore = {"force", "resume", "progress"}
-    old = {k: v for k, v in (ckpt.get("config") or {}).items() if k not in ignore}
+    if cfg.time_budget is not None and saved[0].get("time_budget") is not None:
+        ignore.add("time_budget")
+    old = {k: v for k, v in saved[0].items() if k not in ignore}
     new = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
-    return bool(ckpt.get("finished")) and old == new
+    return saved[1] and old == new
 
 
 def train_stage(cfg: Config) -> tuple[Path, float]:
+    """Train one stage (reusing a finished run of the same config); (run dir, seconds)."""
     from s2bnn.engine import train
 
     if finished_with_same_config(cfg):
         print(f"reusing the finished run in {cfg.output_dir}", flush=True)
         return Path(cfg.output_dir), 0.0
+    saved = _saved_config(cfg)
+    if saved is not None and not saved[1] and saved[0].get("time_budget") is not None \
+            and cfg.time_budget is not None:
+        # An interrupted stage resumes with the budget it was measured for, not a new one.
+        cfg = config_from_dict({**config_to_dict(cfg), "time_budget": saved[0]["time_budget"]})
     start = time.perf_counter()
     run_dir = train(cfg)
     return Path(run_dir), time.perf_counter() - start
+
+
+def stage_summary(run_dir: Path, seconds: float, budget_s: float | None) -> dict[str, Any]:
+    """What a trained stage got: optimiser steps, epochs, seconds (and its budget)."""
+    from s2bnn.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir)
+    steps = int(ckpt.get("step", 0))
+    per_epoch = int(ckpt.get("steps_per_epoch") or 0)
+    return {"steps": steps, "epochs": round(steps / per_epoch, 2) if per_epoch else None,
+            "seconds": round(seconds, 1),
+            "budget_seconds": round(budget_s, 1) if budget_s is not None else None}
+
+
+def _describe_stage(name: str, got: dict[str, Any]) -> str:
+    text = f"{name}: {got['steps']} steps"
+    if got.get("epochs") is not None:
+        text += f" ({got['epochs']:g} epochs)"
+    text += f" in {format_duration(got['seconds'])}"
+    if got.get("budget_seconds") is not None:
+        text += f" (its budget {format_duration(got['budget_seconds'])})"
+    return text
 
 
 def eval_datasets(data: str, root: str | None, train_limit: int | None,
@@ -265,90 +359,151 @@ def _format_summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def weak_results(rows: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]],
+                 budget: str) -> list[str]:
+    """A warning, with its cause and fix, for each result not worth having."""
+    def top1(name: str) -> float | None:
+        return rows.get(name, {}).get("linear_top1")
+
+    more = "give the demo more time (e.g. budget=30m)"
+    out = []
+    for name, got in stages.items():
+        if got["steps"] < MIN_STEPS:
+            epochs = f" ({got['epochs']:g} epochs)" if got.get("epochs") is not None else ""
+            out.append(f"the {name} stage trained only {got['steps']} optimiser steps{epochs}, "
+                       f"too few to learn much from this data (budget {budget}); {more}")
+    teacher, pix, s2, rand = (top1(n) for n in ("teacher", "pixels", "s2bnn", "random_init"))
+    if teacher is not None and pix is not None and teacher <= pix:
+        out.append(f"the teacher ({teacher:.1f}) is not above raw pixels ({pix:.1f}), so it has "
+                   f"little to teach and the students are capped below pixels; {more}, or "
+                   "distil from a stronger teacher with s2bnn train configs/fashion_mnist/"
+                   "s2bnn.yaml method.teacher.path=...")
+    if s2 is not None and rand is not None and s2 < rand + 5:
+        out.append(f"the S2-BNN student ({s2:.1f}) is barely above the untrained network "
+                   f"({rand:.1f}): it has not learnt from its teacher yet; {more}")
+    elif s2 is not None and teacher is not None and s2 < teacher - 15:
+        out.append(f"the S2-BNN student ({s2:.1f}) is {teacher - s2:.0f} points below its "
+                   f"teacher ({teacher:.1f}); binary students need many more steps than real "
+                   f"ones: {more}")
+    return out
+
+
 def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
-    """Run the whole pipeline into ``out``; returns the ``results.json`` content."""
+    """Run the whole pipeline into ``out`` within ``plan.budget``; returns ``results.json``."""
     from s2bnn.data import dataset_info, default_image_size
-    from s2bnn.eval import evaluate_pixels, evaluate_untrained, load_backbone
+    from s2bnn.engine import build_parts
+    from s2bnn.eval import evaluate_pixels, evaluate_untrained
     from s2bnn.report import write_report
 
+    t0 = time.perf_counter()
     out = Path(out)
     if (out / "results.json").is_file() and not force:
         raise RunDirError(f"{out} holds a finished demo (results.json); choose another --out or "
                           "pass --force to run it again")
+    budget = _budget_seconds(plan)
     info = dataset_info(plan.data, root=plan.root)
     if info["num_classes"] < 2:
         raise DataError(f"{plan.data} has {info['num_classes']} class(es); the demo's probes "
                         "need at least 2 labelled classes")
     in_chans = int(info["image_shape"][0])
     image_size = plan.image_size or default_image_size(plan.data)
-    configs = stage_configs(plan, out, force=force)
+    configs = stage_configs(plan, out, force=force)  # every key checked before work starts
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(plan), indent=2))
-    total = 5
+    total = 6
     print(f"s2bnn demo on {info['name']}: {info['num_train']} train / {info['num_test']} test "
           f"images, {info['num_classes']} classes, {in_chans}x{image_size}x{image_size}; "
-          f"output in {out}", flush=True)
+          f"budget {format_duration(budget)}; output in {out}", flush=True)
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    _header(1, total, f"teacher: MoCo v2 on real-valued {plan.teacher_model} "
-                      f"({plan.teacher_epochs} epochs)")
-    teacher_dir, timings["teacher"] = train_stage(configs["teacher"])
-    _header(2, total, f"S2-BNN: distil binary {plan.student_model} from the frozen teacher "
-                      f"({plan.s2bnn_epochs} epochs, strategy 3)")
-    s2bnn_dir, timings["s2bnn"] = train_stage(configs["s2bnn"])
-    _header(3, total, f"MoCo v2: the same binary {plan.student_model} without a teacher "
-                      f"({plan.mocov2_epochs} epochs, strategy 1)")
-    mocov2_dir, timings["mocov2"] = train_stage(configs["mocov2"])
+    results: dict[str, dict[str, Any]] = {}
+    report_runs: dict[str, dict[str, Any]] = {}
+    common = {"knn_k": plan.knn_k, "device": plan.device}
 
-    _header(4, total, "evaluation: weighted kNN and linear probes (SGD and Adam LR sweeps)")
+    _header(1, total, "baselines: raw pixels and the untrained student "
+                      f"({plan.random_seeds} seeds), weighted kNN and linear probes")
     t_eval = time.perf_counter()
     ds = eval_datasets(plan.data, plan.root, plan.eval_train_limit, plan.eval_test_limit,
                        in_chans, image_size)
-    common = {"knn_k": plan.knn_k, "device": plan.device}
-    results: dict[str, dict[str, Any]] = {}
-    report_runs: dict[str, dict[str, Any]] = {}
-
-    print("raw pixels ...", flush=True)
     res = evaluate_pixels(ds["pixels_train"], ds["pixels_test"], **common)
     results["pixels"] = result_row("pixels", None, "flattened image", False, res,
                                    params=0, ops=0)
     report_runs["pixels"] = {**results["pixels"], "sweep": res.get("linear")}
-
-    for name, run_dir in (("teacher", teacher_dir), ("mocov2", mocov2_dir),
-                          ("s2bnn", s2bnn_dir)):
-        print(f"{name} ...", flush=True)
-        row, report_row = evaluate_run(name, run_dir, ds, image_size=image_size,
-                                       in_chans=in_chans, **common)
-        row["train_seconds"] = report_row["train_seconds"] = round(timings[name], 1)
-        results[name], report_runs[name] = row, report_row
-
-    print(f"untrained {plan.student_model} ({plan.random_seeds} seeds) ...", flush=True)
-    _, binfo = load_backbone(s2bnn_dir)
-    res = evaluate_untrained(plan.student_model, {**(binfo.get("kwargs") or {}),
-                                                  "num_classes": 0},
-                             ds["train"], ds["test"], seeds=range(plan.random_seeds),
-                             sample_size=2000, **common)
+    t_nets = time.perf_counter()
+    student_kwargs = build_parts(configs["s2bnn"]).backbone_kwargs
+    res = evaluate_untrained(plan.student_model, student_kwargs, ds["train"], ds["test"],
+                             seeds=range(plan.random_seeds), sample_size=2000, **common)
     results["random_init"] = result_row("random_init", None, plan.student_model, True, res,
                                         seeds=plan.random_seeds)
     report_runs["random_init"] = {**results["random_init"], "sweep": res.get("linear"),
                                   "embedding_sample": res.get("embedding_sample")}
+    now = time.perf_counter()
+    timings["baselines"] = now - t_eval
+    # The three trained networks are evaluated the same way: about three untrained seeds' worth
+    # (the teacher is a little slower), measured here on this data and this machine.
+    eval_reserve = 1.2 * 3 * (now - t_nets) / max(plan.random_seeds, 1)
+
+    stages: dict[str, dict[str, Any]] = {}
+    dirs: dict[str, Path] = {}
+    texts = {
+        "teacher": f"teacher: MoCo v2 on real-valued {plan.teacher_model}",
+        "s2bnn": f"S2-BNN: distil binary {plan.student_model} from the frozen teacher "
+                 "(strategy 3)",
+        "mocov2": f"MoCo v2: the same binary {plan.student_model} without a teacher "
+                  "(strategy 1)",
+    }
+    for i, name in enumerate(STAGES):
+        todo = {n: STAGE_SHARES[n] for n in STAGES[i:] if not stage_size(plan, n)}
+        left = budget - (time.perf_counter() - t0) - eval_reserve - REPORT_SECONDS
+        seconds = split_budget(left, todo) if todo else {}
+        if i > 0 and name in seconds:
+            # Earlier stages overran (or evaluation was under-estimated): still train something.
+            seconds[name] = max(seconds[name], MIN_STAGE_FRACTION * budget)
+        if name in seconds and seconds[name] <= 0:
+            raise ConfigError(
+                f"demo key 'budget': {format_duration(budget)} is used up before the {name} "
+                f"stage (the evaluation on this data needs about {format_duration(eval_reserve)});"
+                " raise budget or lower eval_train_limit")
+        cfg = stage_configs(plan, out, force=force, seconds=seconds)[name]
+        share = f", {format_duration(seconds[name])} of the budget" if name in seconds else ""
+        _header(2 + i, total, texts[name] + share)
+        dirs[name], timings[name] = train_stage(cfg)
+        stages[name] = stage_summary(dirs[name], timings[name], seconds.get(name))
+        print(_describe_stage(name, stages[name]), flush=True)
+
+    _header(5, total, "evaluation of the trained networks: weighted kNN and linear probes")
+    t_eval = time.perf_counter()
+    for name in ("teacher", "mocov2", "s2bnn"):
+        print(f"{name} ...", flush=True)
+        row, report_row = evaluate_run(name, dirs[name], ds, image_size=image_size,
+                                       in_chans=in_chans, **common)
+        for key in ("steps", "epochs"):
+            row[key] = report_row[key] = stages[name][key]
+        row["train_seconds"] = report_row["train_seconds"] = round(timings[name], 1)
+        results[name], report_runs[name] = row, report_row
     timings["evaluation"] = time.perf_counter() - t_eval
 
-    _header(5, total, "report")
+    _header(6, total, "report")
     order = ["pixels", "teacher", "random_init", "mocov2", "s2bnn"]
     claims = _check_claims(results)
+    warnings = weak_results(results, stages, format_duration(budget))
     wall = time.perf_counter() - t0
-    notes = [*claims, f"wall time {wall:.0f} s (" + ", ".join(
-        f"{k} {v:.0f} s" for k, v in timings.items()) + ")"]
+    notes = [*claims, *[_describe_stage(n, g) for n, g in stages.items()],
+             *[f"WARNING: {w}" for w in warnings],
+             f"wall time {wall:.0f} s of a {budget:.0f} s budget (" + ", ".join(
+                 f"{k} {v:.0f} s" for k, v in timings.items()) + ")"]
     report = write_report([report_runs[n] for n in order], out, title="s2bnn demo",
                           dataset=info["name"], notes=notes,
                           class_names=getattr(ds["test"], "classes", None))
+    wall = time.perf_counter() - t0
     payload = {
         "dataset": info["name"],
         "runs": [results[n] for n in order],
         "claims": claims,
+        "warnings": warnings,
+        "stages": stages,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "budget_seconds": round(budget, 1),
         "wall_seconds": round(wall, 1),
         "config": asdict(plan),
     }
@@ -357,7 +512,12 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
     print(_format_summary(payload["runs"]))
     for line in claims:
         print(f"- {line}")
-    print(f"\nreport: {report}\nresults: {out / 'results.json'}  ({wall:.0f} s)")
+    for name, got in stages.items():
+        print(f"- {_describe_stage(name, got)}")
+    for line in warnings:
+        print(f"WARNING: {line}")
+    print(f"\nreport: {report}\nresults: {out / 'results.json'}  ({wall:.0f} s of a "
+          f"{budget:.0f} s budget)")
     return payload
 
 
