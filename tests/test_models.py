@@ -16,7 +16,8 @@ from s2bnn.nn import QuantConv2d, RPReLU, RSign
 TORCHVISION = {
     "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"
 }
-BINARY = ["reactnet_a", "reactnet_small", "birealnet18", "xnor_resnet18"]
+BINARY = ["reactnet_a", "reactnet_small", "birealnet18", "xnor_resnet18",
+          "binary_resnet18_plain"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +39,8 @@ def _tiny_kwargs(name: str) -> dict:
 
 
 def test_required_names_are_registered() -> None:
-    required = {"reactnet_a", "reactnet_small", "birealnet18", "xnor_resnet18", "resnet_small"}
+    required = {"reactnet_a", "reactnet_small", "birealnet18", "xnor_resnet18",
+                "binary_resnet18_plain", "resnet_small"}
     assert required | TORCHVISION <= set(list_models())
 
 
@@ -192,6 +194,87 @@ def test_real_counterpart_of_bireal_is_nonlinear_hardtanh() -> None:
     assert q and all(type(x).__name__ == "HardTanh" for x in q)
 
 
+def _box_scale_by_loops(i: torch.Tensor, k: int, stride: int, pad: int) -> torch.Tensor:
+    """XNOR-Net's K written out: A = mean_c |I|, K[y, x] = sum of A over the k x k window / k^2."""
+    a = i.abs().sum(dim=1) / i.shape[1]  # (N, H, W)
+    a = F.pad(a, (pad, pad, pad, pad))
+    n, h, w = a.shape
+    out_h, out_w = (h - k) // stride + 1, (w - k) // stride + 1
+    out = torch.zeros(n, 1, out_h, out_w, dtype=i.dtype)
+    for y in range(out_h):
+        for x in range(out_w):
+            window = a[:, y * stride:y * stride + k, x * stride:x * stride + k]
+            out[:, 0, y, x] = window.sum(dim=(1, 2)) / (k * k)
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_xnor_block_is_bn_then_sign_then_conv_times_k_and_alpha(stride: int) -> None:
+    """The defining maths of XNOR-Net's block on a tiny input, written out independently."""
+    from s2bnn.models.resnet_binary import XnorConv
+
+    g = torch.Generator().manual_seed(0)
+    block = XnorConv(3, 4, stride, "ste_sign", "scaled_sign", scale_act=True).eval()
+    with torch.no_grad():  # a BN far from identity: negative scales, shifts, odd statistics
+        block.bn.weight.copy_(torch.tensor([1.5, -0.7, 0.4]))
+        block.bn.bias.copy_(torch.tensor([0.3, -0.2, 0.5]))
+        block.bn.running_mean.copy_(torch.tensor([0.2, -0.4, 1.0]))
+        block.bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.3]))
+        block.conv.weight.copy_(torch.randn(4, 3, 3, 3, generator=g))
+    x = torch.randn(2, 3, 5, 6, generator=g) * 2
+    with torch.no_grad():
+        out = block(x)
+    bn = block.bn
+    i = (x - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var + bn.eps).view(
+        1, -1, 1, 1) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    w = block.conv.weight.detach()
+    alpha = w.abs().mean(dim=(1, 2, 3)).view(1, -1, 1, 1)
+    signs = torch.where(i >= 0, 1.0, -1.0)
+    k_scale = _box_scale_by_loops(i, 3, stride, 1)
+    want = F.conv2d(signs, torch.where(w >= 0, 1.0, -1.0), stride=stride, padding=1) \
+        * alpha * k_scale
+    assert k_scale.shape == (2, 1) + out.shape[2:]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # Without the BN before the sign, or without K, the block would be another function.
+    no_bn = F.conv2d(torch.where(x >= 0, 1.0, -1.0), torch.where(w >= 0, 1.0, -1.0),
+                     stride=stride, padding=1) * alpha * _box_scale_by_loops(x, 3, stride, 1)
+    assert not torch.allclose(out, no_bn, atol=1e-3)
+    assert not torch.allclose(out, want / k_scale, atol=1e-3)
+
+
+def test_xnor_resnet18_puts_a_bn_over_the_input_before_every_binary_conv() -> None:
+    from s2bnn.models.resnet_binary import XnorConv
+    from s2bnn.nn.quantizers import SteSign
+
+    model = build_model("xnor_resnet18", in_chans=1, width_mult=0.125, layers=[1, 1, 1, 1])
+    binary = [m for m in model.modules() if isinstance(m, QuantConv2d) and m.binary_weight]
+    units = [m for m in model.modules() if isinstance(m, XnorConv)]
+    assert len(units) == len(binary) == 8
+    for u in units:
+        assert u.scale_act and u.bn.num_features == u.conv.in_channels
+        assert isinstance(u.conv.input_quantizer, SteSign)  # the paper's hardtanh STE
+    # A BN whose output is all negative makes every sign -1: the conv sees BN(x), not x.
+    seen: list[torch.Tensor] = []
+    unit = units[0]
+    unit.conv.input_quantizer.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    with torch.no_grad():
+        unit.bn.weight.zero_()
+        unit.bn.bias.fill_(-1.0)
+    model.eval()(torch.randn(2, 1, 16, 16))
+    assert seen and torch.all(seen[0] == -1.0)
+    # The real-valued/BWN variant has no activation scale.
+    bwn = build_model("xnor_resnet18", in_chans=1, width_mult=0.125, binary_act=False)
+    assert not any(m.scale_act for m in bwn.modules() if isinstance(m, XnorConv))
+
+
+def test_plain_binary_resnet_has_no_activation_scale_and_no_bn_before_sign() -> None:
+    from s2bnn.models.resnet_binary import PlainBlock, XnorConv
+
+    model = build_model("binary_resnet18_plain", in_chans=1, width_mult=0.125)
+    assert not any(isinstance(m, XnorConv) for m in model.modules())
+    assert any(isinstance(m, PlainBlock) for m in model.modules())
+
+
 def test_bad_inputs_raise_one_line_model_errors() -> None:
     with pytest.raises(ModelError, match="known models: .*reactnet_a"):
         build_model("reactnet_b")
@@ -206,7 +289,8 @@ def test_bad_inputs_raise_one_line_model_errors() -> None:
         build_model("reactnet_small", stem_stride=3)
 
 
-@pytest.mark.parametrize("name", ["reactnet_small", "xnor_resnet18", "resnet_small"])
+@pytest.mark.parametrize("name", ["reactnet_small", "xnor_resnet18", "binary_resnet18_plain",
+                                  "resnet_small"])
 def test_channels_last_is_a_pure_speed_option(name: str) -> None:
     # Real-valued graphs: a binary conv's output is a sum of +-alpha that is often exactly 0
     # in exact arithmetic, and which side of 0 float rounding puts it on depends on the
