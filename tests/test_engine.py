@@ -462,7 +462,13 @@ def test_batch_augment_true_needs_in_memory_data(tmp_path: Path) -> None:
         d = tmp_path / "data" / split / "a"
         d.mkdir(parents=True)
         Image.new("L", (8, 8)).save(d / "0.png")
+    # A small folder is held in memory by default, so it can be augmented per batch; kept on
+    # disk (data.in_memory=false) it cannot.
+    cfg = config_from_dict({"output_dir": str(tmp_path / "r"),
+                            "data": {"name": str(tmp_path / "data"), "batch_augment": True,
+                                     "in_memory": False}})
+    with pytest.raises(ConfigError, match="batch_augment.*data.in_memory=true"):
+        build_parts(cfg)
     cfg = config_from_dict({"output_dir": str(tmp_path / "r"),
                             "data": {"name": str(tmp_path / "data"), "batch_augment": True}})
-    with pytest.raises(ConfigError, match="batch_augment"):
-        build_parts(cfg)
+    assert build_parts(cfg).batch_transform is not None

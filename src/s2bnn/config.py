@@ -72,6 +72,9 @@ class DataConfig:
     # loader. None (auto): on for in-memory datasets (Fashion-MNIST, synthetic), whose
     # per-image augmentation would otherwise cost more than the training step on a CPU.
     batch_augment: Optional[bool] = None
+    # Decode an ImageFolder's training images once into memory (resized to the eval rule's
+    # square), so they are augmented per batch too. None (auto): when they fit in 1 GiB.
+    in_memory: Optional[bool] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -20,11 +20,13 @@ from s2bnn.data.datasets import (
     ImageFolderDataset,
     InMemoryDataset,
     build_dataset,
+    cached_size,
     dataset_info,
     dataset_stats,
     default_image_size,
     get_targets,
     labelled_subset,
+    to_memory,
 )
 from s2bnn.data.fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist, load_fashion_mnist
 
@@ -37,6 +39,8 @@ __all__ = [
     "InMemoryDataset",
     "ImageFolderDataset",
     "build_dataset",
+    "to_memory",
+    "cached_size",
     "build_train_transform",
     "build_eval_transform",
     "dataset_info",

@@ -40,6 +40,7 @@ from torchvision.transforms import v2
 from s2bnn.errors import DataError
 
 __all__ = [
+    "eval_resize_size",
     "PRESETS",
     "SMALL_IMAGE_SIZE",
     "MultiView",
@@ -65,6 +66,12 @@ _COLOUR = {
 
 def _small(image_size: int) -> bool:
     return image_size <= SMALL_IMAGE_SIZE
+
+
+def eval_resize_size(image_size: int) -> int:
+    """The short side an image is resized to before its centre ``image_size`` crop: the size
+    itself for small images, ``image_size / 0.875`` (256 for 224) for larger ones."""
+    return image_size if _small(image_size) else int(round(image_size / 0.875))
 
 
 def _blur_kernel(image_size: int) -> int:
@@ -189,9 +196,8 @@ def build_eval_transform(
     if image_size < 1:
         raise DataError(f"image size must be positive, got {image_size}")
     mean_, std_ = _mean_std(mean, std, in_chans)
-    resize = image_size if _small(image_size) else int(round(image_size / 0.875))
     return v2.Compose([
-        v2.Resize(resize, antialias=True),
+        v2.Resize(eval_resize_size(image_size), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean_, std_),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from s2bnn.data.augment import view_specs
+from s2bnn.data.augment import eval_resize_size, view_specs
 
 __all__ = ["BatchView", "BatchMultiView", "build_batch_train_transform"]
 
@@ -148,8 +148,8 @@ class BatchView:
         dev = images.device
         x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
         if s.get("eval"):
-            resize = s["size"] if s["size"] <= 64 else int(round(s["size"] / 0.875))
-            x = TF.center_crop(TF.resize(x, resize, antialias=True), [s["size"], s["size"]])
+            x = TF.resize(x, eval_resize_size(s["size"]), antialias=True)
+            x = TF.center_crop(x, [s["size"], s["size"]])
             return TF.normalize(x, s["mean"], s["std"])
         boxes = crop_boxes(n, hgt, wid, s["scale"], dev).to(x.dtype)
         rois = torch.cat([torch.arange(n, device=dev, dtype=x.dtype)[:, None], boxes], dim=1)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from s2bnn.data.augment import eval_resize_size
 from s2bnn.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -389,6 +390,48 @@ class ImageFolderDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+
+def cached_size(dataset: ImageFolderDataset, image_size: int) -> int:
+    """Bytes :func:`to_memory` would hold for ``dataset`` at ``image_size``."""
+    side = eval_resize_size(image_size)
+    return len(dataset) * dataset.in_chans * side * side
+
+
+def to_memory(dataset: ImageFolderDataset, image_size: int,
+              progress: bool = True) -> InMemoryDataset:
+    """Decode a folder once into one uint8 tensor, each image resized so its short side is
+    :func:`~s2bnn.data.augment.eval_resize_size` and centre-cropped square.
+
+    Training then augments whole batches on the device instead of decoding and transforming
+    image by image (for small images several times faster). Random crops see the centre square
+    of non-square images. Corrupt files are skipped when the dataset skips them, else raise.
+    """
+    from torchvision.transforms.v2 import functional as TF
+    from tqdm import tqdm
+
+    side = eval_resize_size(image_size)
+    images = torch.empty(len(dataset), dataset.in_chans, side, side, dtype=torch.uint8)
+    keep = torch.ones(len(dataset), dtype=torch.bool)
+    bar = tqdm(range(len(dataset)), desc=f"decoding {dataset.root.name} into memory",
+               disable=not progress or len(dataset) < 2000, leave=False, unit="img")
+    for i in bar:
+        try:
+            img = dataset.load(i)
+        except DataError:
+            if not dataset.skip_corrupt:
+                raise
+            dataset._bad[i] = True
+            keep[i] = False
+            continue
+        if img.shape[-2:] != (side, side):
+            img = TF.center_crop(TF.resize(img, side, antialias=True), [side, side])
+        images[i] = img
+    if not bool(keep.any()):
+        raise DataError(f"no readable image in {dataset.root}/{dataset.split}: every file "
+                        "failed to decode")
+    return InMemoryDataset(images[keep], dataset.targets[keep], dataset.classes,
+                           name=str(dataset.root))
 
 
 # --------------------------------------------------------------------------- public API

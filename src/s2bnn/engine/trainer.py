@@ -102,6 +102,10 @@ def _seeded_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     return Subset(dataset, sorted(torch.randperm(n, generator=gen)[:size].tolist()))
 
 
+# An ImageFolder whose decoded training images fit in this is held in memory (data.in_memory).
+IN_MEMORY_AUTO_BYTES = 1 << 30
+
+
 def build_parts(cfg: Config) -> Parts:
     """Dataset with augmented views, backbone and method builders, kNN splits for ``cfg``."""
     from s2bnn import data
@@ -122,6 +126,9 @@ def build_parts(cfg: Config) -> Parts:
     )
     in_chans = int(train_set.in_chans)  # type: ignore[attr-defined]
     image_size = int(dc.image_size or data.default_image_size(dc.name))
+    if isinstance(train_set, data.ImageFolderDataset) and dc.in_memory is not False and (
+            dc.in_memory or data.cached_size(train_set, image_size) <= IN_MEMORY_AUTO_BYTES):
+        train_set = data.to_memory(train_set, image_size, progress=cfg.progress)
     mean, std = data.dataset_stats(dc.name)
     aug = dc.augment
     aug_args = dict(
@@ -133,7 +140,8 @@ def build_parts(cfg: Config) -> Parts:
     if dc.batch_augment and not in_memory:
         raise ConfigError(
             f"data.batch_augment=true needs a dataset held in memory as one uint8 tensor "
-            f"(fashion-mnist, synthetic); {dc.name} is decoded image by image: leave it unset"
+            f"(fashion-mnist, synthetic, or a folder with data.in_memory); {dc.name} is decoded "
+            "image by image: leave it unset or set data.in_memory=true"
         )
     batch_transform = None
     if in_memory and dc.batch_augment is not False:
@@ -458,9 +466,12 @@ class _Trainer:
 
         _seed_all(cfg.seed)
         backbone = parts.build_backbone()
+        step1 = None
         if cfg.model.init_from and self.plan.action == "fresh":
-            self._init_backbone(backbone, cfg.model.init_from)
+            step1 = self._init_backbone(backbone, cfg.model.init_from)
         method = parts.build_method(backbone, planned or self.steps_per_epoch)
+        if step1 is not None:
+            self._init_rest_of_method(method, step1, cfg.model.init_from)
         if not isinstance(getattr(method, "backbone", None), nn.Module):
             raise TypeError("a method must expose its student backbone as `.backbone`")
         if cfg.sync_bn and self.world > 1:
@@ -506,13 +517,14 @@ class _Trainer:
                 gradient_as_bucket_view=True,
             )
 
-    def _init_backbone(self, backbone: nn.Module, source: str) -> None:
+    def _init_backbone(self, backbone: nn.Module, source: str) -> dict[str, Any] | None:
         """Two-step binarization: start from a step-1 run (or a converted reference checkpoint).
 
         ``model.init_scope=backbone`` loads the backbone only. ``model`` also loads the rest of
-        the step-1 model into the method once it is built -- projection head and, where both
-        steps have them, momentum key encoder and queue -- as the reference step 2 does
-        (S2-BNN ``main_moco.py --model-path``: ``model.load_state_dict(ckpt['state_dict'])``).
+        the step-1 model into the method once it is built (:meth:`_init_rest_of_method`, given
+        the step-1 method state this returns) -- projection head and, where both steps have
+        them, momentum key encoder and queue -- as the reference step 2 does (S2-BNN
+        ``main_moco.py --model-path``: ``model.load_state_dict(ckpt['state_dict'])``).
         """
         ckpt = load_checkpoint(source)
         entry = ckpt.get("backbone")
@@ -538,7 +550,7 @@ class _Trainer:
         load_backbone_state(backbone, entry["state_dict"], source)
         if self.cfg.model.init_scope != "model":
             self.say(f"backbone initialised from {source}")
-            return
+            return None
         saved = ckpt.get("method")
         if not isinstance(saved, dict) or not any(k.startswith("head.") for k in saved):
             raise CheckpointError(
@@ -546,38 +558,31 @@ class _Trainer:
                 "model.init_scope=model cannot load the whole step-1 model; use "
                 "model.init_scope=backbone"
             )
-        # The method is built after this call; load the rest of the step-1 model into it then.
-        parts, build = self.parts, self.parts.build_method
+        return saved
 
-        def build_then_load(bb: nn.Module, total: int) -> nn.Module:
-            try:
-                method = build(bb, total)
-            finally:
-                parts.build_method = build  # one use only
-            own = method.training_state() if hasattr(method, "training_state") \
-                else method.state_dict()
-            keys = [k for k in own if not k.startswith("backbone.")]
-            missing = [k for k in keys if k not in saved]
-            if any(k.startswith("head.") for k in missing):
-                raise CheckpointError(
-                    f"model.init_from={source}: its projection head does not fit this method "
-                    f"(missing {', '.join(k for k in missing if k.startswith('head.'))[:200]})"
-                )
-            bad = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in keys
-                   if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
-            if bad:
-                raise CheckpointError(
-                    f"model.init_from={source}: step-1 tensors do not fit this method (file vs "
-                    f"model): {', '.join(bad[:3])}; are both steps the same method and proj_dim?"
-                )
-            method.load_state_dict({k: saved[k] for k in keys if k in saved}, strict=False)
-            fresh = sorted({k.split(".")[0] for k in missing})
-            loaded = sorted({k.split(".")[0] for k in keys if k in saved})
-            self.say(f"{', '.join(['backbone', *loaded])} initialised from {source}"
-                     + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
-            return method
-
-        parts.build_method = build_then_load
+    def _init_rest_of_method(self, method: nn.Module, saved: dict[str, Any], source: str) -> None:
+        """``model.init_scope=model``: the step-1 head (and key encoder, queue) into ``method``."""
+        own = method.training_state() if hasattr(method, "training_state") \
+            else method.state_dict()
+        keys = [k for k in own if not k.startswith("backbone.")]
+        missing = [k for k in keys if k not in saved]
+        if any(k.startswith("head.") for k in missing):
+            raise CheckpointError(
+                f"model.init_from={source}: its projection head does not fit this method "
+                f"(missing {', '.join(k for k in missing if k.startswith('head.'))[:200]})"
+            )
+        bad = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in keys
+               if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+        if bad:
+            raise CheckpointError(
+                f"model.init_from={source}: step-1 tensors do not fit this method (file vs "
+                f"model): {', '.join(bad[:3])}; are both steps the same method and proj_dim?"
+            )
+        method.load_state_dict({k: saved[k] for k in keys if k in saved}, strict=False)
+        fresh = sorted({k.split(".")[0] for k in missing})
+        loaded = sorted({k.split(".")[0] for k in keys if k in saved})
+        self.say(f"{', '.join(['backbone', *loaded])} initialised from {source}"
+                 + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
 
     def _make_loader(self, sampler: Sampler) -> DataLoader:
         return DataLoader(
