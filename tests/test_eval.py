@@ -330,6 +330,88 @@ def test_cli_eval_knn_linear_finetune_and_export(tmp_path, capsys):
     assert json.loads(custom.read_text())["data"] == DATA
 
 
+def _protocol_call(tmp_path, monkeypatch, capsys, *flags: str) -> dict:
+    """Run ``eval linear --mode protocol`` with the probe replaced by a recorder."""
+    import s2bnn.eval.linear as linear_mod
+
+    seen: dict = {}
+
+    def record(backbone, train_ds, test_ds, **kwargs):
+        seen.update(train_ds=train_ds, kwargs=kwargs)
+        return {"mode": "protocol", "top1": 50.0, "top5": None}
+
+    monkeypatch.setattr(linear_mod, "linear_probe_protocol", record)
+    run = make_run(tmp_path)
+    assert main(["eval", "linear", str(run), "--mode", "protocol", "--json", *flags]) == 0
+    seen["json"] = json.loads(capsys.readouterr().out)
+    return seen
+
+
+def _crop_and_ops(train_ds) -> tuple:
+    from torchvision.transforms import v2
+
+    views = train_ds.transform.transforms  # MultiView of one view
+    assert len(views) == 1
+    ops = views[0].transforms
+    crops = [op for op in ops if isinstance(op, v2.RandomResizedCrop)]
+    assert len(crops) == 1
+    return crops[0], ops
+
+
+def test_cli_protocol_defaults_are_main_lincls(tmp_path, monkeypatch, capsys):
+    """Bare fc, RandomResizedCrop at torchvision's 0.08-1 with flips, SGD 0.1 / 0.9 / wd 0."""
+    from torchvision.transforms import v2
+
+    seen = _protocol_call(tmp_path, monkeypatch, capsys)
+    kw = seen["kwargs"]
+    assert kw["feature_norm"] is False
+    assert kw["lr"] == 0.1 and kw["momentum"] == 0.9 and kw["weight_decay"] == 0.0
+    assert kw["epochs"] == 100 and "milestones" not in kw  # -> 60 and 80 inside the probe
+    crop, ops = _crop_and_ops(seen["train_ds"])
+    assert tuple(crop.scale) == pytest.approx((0.08, 1.0))
+    assert tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
+    flips = [op for op in ops if isinstance(op, v2.RandomHorizontalFlip)]
+    assert len(flips) == 1 and flips[0].p == 0.5
+    # Nothing else random: no colour jitter, grayscale or blur (main_lincls has none).
+    assert not any(isinstance(op, (v2.RandomApply, v2.ColorJitter, v2.RandomGrayscale,
+                                   v2.GaussianBlur)) for op in ops)
+    assert seen["json"]["crop_scale"] == [0.08, 1.0]
+
+
+def test_cli_protocol_old_behaviour_is_reachable_by_flags(tmp_path, monkeypatch, capsys):
+    seen = _protocol_call(tmp_path, monkeypatch, capsys, "--feature-norm", "--crop-scale",
+                          "0.2", "1")
+    assert seen["kwargs"]["feature_norm"] is True
+    crop, _ = _crop_and_ops(seen["train_ds"])
+    assert tuple(crop.scale) == pytest.approx((0.2, 1.0))
+    seen = _protocol_call(tmp_path / "b", monkeypatch, capsys, "--no-feature-norm")
+    assert seen["kwargs"]["feature_norm"] is False
+
+
+def test_protocol_probe_trains_a_bare_fc_by_default():
+    """No BatchNorm or other normalisation sits between the frozen features and the fc."""
+    torch.manual_seed(0)
+    res = linear_probe_protocol(TinyNet(), image_set(32, 0), image_set(16, 1), epochs=1,
+                                batch_size=16, device="cpu")
+    assert res["head"] == ["Linear"] and res["feature_norm"] is False
+    assert res["lr"] == 0.1 and res["momentum"] == 0.9 and res["weight_decay"] == 0.0
+    assert linear_probe_protocol(TinyNet(), image_set(32, 0), image_set(16, 1), epochs=1,
+                                 batch_size=16, device="cpu", feature_norm=True)["head"] == \
+        ["BatchNorm1d", "Linear"]
+    assert linear_probe_protocol(TinyNet(), image_set(16, 0), image_set(8, 1), epochs=100,
+                                 batch_size=16, device="cpu")["milestones"] == [60, 80]
+
+
+def test_cli_protocol_runs_end_to_end_with_the_bare_fc(tmp_path, capsys):
+    run = make_run(tmp_path)
+    assert main(["eval", "linear", str(run), "--mode", "protocol", "--epochs", "1",
+                 "--batch-size", "64", "--limit", "64", "--json"]) == 0
+    saved = json.loads((run / "eval_linear_protocol.json").read_text())
+    assert saved["head"] == ["Linear"] and saved["crop_scale"] == [0.08, 1.0]
+    _one_line_error(capsys, main(["eval", "linear", str(run), "--mode", "protocol",
+                                  "--crop-scale", "0.5", "0.2"]), "--crop-scale")
+
+
 def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
     bare = make_run(tmp_path, "bare", with_backbone=False)
     _one_line_error(capsys, main(["eval", "knn", str(bare)]), "holds no backbone")

@@ -105,15 +105,19 @@ def _cmd_linear(args: argparse.Namespace) -> int:
                                       lin[opt]["test_top1"]))
                 print(f"    {opt:>4}: {cells}")
         return 0
+    # The reference main_lincls.py: a bare fc (no normalisation before it) on 0.08-1 crops.
     protocol: dict[str, Any] = {"epochs": args.epochs or 100, "lr": args.lr,
                                 "momentum": args.momentum, "weight_decay": args.weight_decay,
-                                "feature_norm": not args.no_feature_norm}
+                                "feature_norm": bool(args.feature_norm)}
     if args.save_head:
         raise UserError("--save-head needs the fast linear mode (the default)")
     if args.milestones is not None:
         protocol["milestones"] = args.milestones
+    lo, hi = args.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise UserError(f"--crop-scale must be MIN MAX with 0 < MIN <= MAX <= 1, got {lo} {hi}")
     res = run_linear(args.checkpoint, mode="protocol", protocol_kwargs=protocol,
-                     log=None if args.json else _log, **_common(args))
+                     crop_scale=(lo, hi), log=None if args.json else _log, **_common(args))
     _show(res, args, [("linear top-1", res["top1"]), ("linear top-5", res["top5"]),
                       ("backbone unchanged", "yes")])
     return 0
@@ -212,8 +216,9 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q = esub.add_parser("linear", help="linear probe: fast LR sweep (default) or the paper's")
     _add_common(q)
     q.add_argument("--mode", choices=("fast", "protocol"), default="fast",
-                   help="fast: cached features, SGD+Adam LR sweep; protocol: frozen backbone, "
-                        "augmented crops, SGD lr 0.1, 100 epochs")
+                   help="fast: cached features, SGD+Adam LR sweep; protocol: the reference "
+                        "main_lincls.py (bare fc on a frozen eval-mode backbone, random crops "
+                        "0.08-1 + flips, SGD lr 0.1, 100 epochs)")
     q.add_argument("--epochs", type=_positive_int, default=None,
                    help="epochs (default: 10 fast, 100 protocol)")
     q.add_argument("--lr", type=_positive_float, default=0.1, help="protocol learning rate")
@@ -221,8 +226,17 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--weight-decay", type=float, default=0.0, help="protocol weight decay")
     q.add_argument("--milestones", type=_positive_int, nargs="+", default=None,
                    help="protocol epochs where lr drops x0.1 (default: 60 %% and 80 %% of epochs)")
-    q.add_argument("--no-feature-norm", action="store_true",
-                   help="protocol: a bare linear layer (default: parameter-free BatchNorm first)")
+    norm = q.add_mutually_exclusive_group()
+    norm.add_argument("--feature-norm", action="store_true",
+                      help="protocol: a parameter-free BatchNorm before the linear layer "
+                           "(default: the bare fc of the reference main_lincls.py)")
+    norm.add_argument("--no-feature-norm", action="store_false", dest="feature_norm",
+                      help="protocol: the bare linear layer (the default)")
+    q.add_argument("--crop-scale", type=_positive_float, nargs=2, default=[0.08, 1.0],
+                   metavar=("MIN", "MAX"),
+                   help="protocol: RandomResizedCrop scale of the training crops (default "
+                        "0.08 1, torchvision's, as main_lincls.py; the augmentation presets "
+                        "use 0.2 1)")
     q.add_argument("--sgd-lrs", type=_positive_float, nargs="*", default=None,
                    help="fast-mode SGD grid (default 0.01 ... 30); empty to skip SGD")
     q.add_argument("--adam-lrs", type=_positive_float, nargs="*", default=None,
@@ -237,7 +251,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--save-head", action="store_true",
                    help="fast mode: save the chosen head as head.safetensors next to the JSON "
                         "(`s2bnn export` then includes the classifier)")
-    q.set_defaults(func=_cmd_linear)
+    q.set_defaults(func=_cmd_linear, feature_norm=False)
 
     q = esub.add_parser("knn", help="weighted kNN on L2-normalised features")
     _add_common(q)

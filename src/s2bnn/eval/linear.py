@@ -457,6 +457,7 @@ def linear_probe_protocol(
         "milestones": list(milestones),
         "gamma": gamma,
         "feature_norm": feature_norm,
+        "head": [type(m).__name__ for m in head],
         "batch_size": batch_size,
         "num_train": len(train_ds),  # type: ignore[arg-type]
         "num_test": len(test_ds),  # type: ignore[arg-type]

@@ -37,6 +37,8 @@ __all__ = [
 
 DEFAULT_DATA = "fashion-mnist"
 SAMPLE_FILE = "eval_features.npz"
+# torchvision's RandomResizedCrop default, used by the reference main_lincls.py's training crops.
+LINCLS_CROP_SCALE = (0.08, 1.0)
 
 
 @dataclass
@@ -64,12 +66,21 @@ class EvalSetup:
         tf = build_eval_transform(self.image_size, self.in_chans, self.mean, self.std)
         return _with_transform(self.train_raw, tf), _with_transform(self.test_raw, tf)
 
-    def train_augmented(self, dataset: Dataset | None = None) -> Dataset:
-        """A training split that yields one randomly cropped, flipped view per item."""
+    def train_augmented(self, dataset: Dataset | None = None,
+                        crop_scale: tuple[float, float] | None = LINCLS_CROP_SCALE) -> Dataset:
+        """A training split that yields one randomly cropped, flipped view per item.
+
+        RandomResizedCrop(``image_size``, scale ``crop_scale``, aspect 3/4-4/3) + horizontal
+        flip, then normalisation; no colour or blur. The default ``crop_scale`` is torchvision's
+        (0.08, 1), the training transform of the reference ``main_lincls.py``; ``None`` is the
+        augmentation presets' sized crop scale (0.2-1, or 0.35-1 up to 64 px).
+        """
         from s2bnn.data import build_train_transform
 
+        # With colour and blur off, the preset adds nothing but crop, flip and normalise.
         tf = build_train_transform("s2bnn_lite", self.image_size, self.in_chans, num_views=1,
-                                   color=False, blur=False, mean=self.mean, std=self.std)
+                                   crop_scale=crop_scale, color=False, blur=False,
+                                   mean=self.mean, std=self.std)
         return _with_transform(dataset if dataset is not None else self.train_raw, tf)
 
     def describe(self) -> dict[str, Any]:
@@ -245,6 +256,7 @@ def run_linear(
     protocol_kwargs: dict[str, Any] | None = None,
     log: Any = None,
     save_head: bool = False,
+    crop_scale: tuple[float, float] | None = LINCLS_CROP_SCALE,
     **prepare_kwargs: Any,
 ) -> dict[str, Any]:
     """Linear probe of a saved backbone, ``fast`` (cached LR sweep) or ``protocol`` (paper).
@@ -252,7 +264,9 @@ def run_linear(
     Writes ``eval_linear.json`` (fast; kNN included since the features are at hand) or
     ``eval_linear_protocol.json``. Returns the JSON dict. ``save_head`` (fast mode) also writes
     the chosen head as ``head.safetensors`` next to the JSON (see :func:`save_head_file`);
-    ``s2bnn export`` includes it.
+    ``s2bnn export`` includes it. ``protocol`` trains on :meth:`EvalSetup.train_augmented` crops
+    at ``crop_scale`` (default: the reference ``main_lincls.py``'s 0.08-1, with flips) and,
+    unless ``protocol_kwargs`` say otherwise, the bare linear layer of ``main_lincls.py``.
     """
     from s2bnn.eval.baselines import evaluate_backbone
     from s2bnn.eval.linear import linear_probe_protocol
@@ -276,10 +290,11 @@ def run_linear(
             save_head_file(setup, head, target, res["linear"]["best_optimizer"])
             payload["head_file"] = str(target)
         return payload
-    res = linear_probe_protocol(setup.backbone, setup.train_augmented(), test_ds,
-                                num_classes=setup.num_classes, batch_size=batch_size,
+    res = linear_probe_protocol(setup.backbone, setup.train_augmented(crop_scale=crop_scale),
+                                test_ds, num_classes=setup.num_classes, batch_size=batch_size,
                                 num_workers=num_workers, device=setup.device, log=log,
                                 **(protocol_kwargs or {}))
+    res["crop_scale"] = list(crop_scale) if crop_scale is not None else None
     return _finish(setup, "linear_protocol", res, out)
 
 
@@ -307,7 +322,8 @@ def run_finetune(
     train_eval, test_ds = setup.eval_sets()
     subset = labelled_subset(setup.train_raw, fraction, seed)
     calib = Subset(train_eval, subset.indices)  # the labelled images, eval transform
-    res = finetune(setup.backbone, setup.train_augmented(subset), test_ds,
+    # Fine-tuning keeps the presets' sized crops (0.2-1, 0.35-1 for small images).
+    res = finetune(setup.backbone, setup.train_augmented(subset, crop_scale=None), test_ds,
                    num_classes=setup.num_classes, batch_size=batch_size, num_workers=num_workers,
                    seed=seed, device=setup.device, calib_ds=calib, log=log,
                    **(finetune_kwargs or {}))
