@@ -110,6 +110,16 @@ def test_demo_stages_match_the_recipes(embedded, recipe_file):
             recipe[block]["teacher"].pop("path"), demo[block]["teacher"].pop("path")
         assert recipe[block] == demo[block], block
     assert recipe["data"]["augment"] == demo["data"]["augment"]
+    if "batch_size" in embedded:  # a recipe's own batch (the teacher's) is kept in step too
+        assert recipe["batch_size"] == embedded["batch_size"]
+
+
+def test_teacher_stage_keeps_its_recipe_batch(tmp_path):
+    cfgs = stage_configs(DemoConfig(data="synthetic", batch_size=512), tmp_path)
+    assert cfgs["teacher"].batch_size == TEACHER_RECIPE["batch_size"] < 512
+    assert cfgs["s2bnn"].batch_size == cfgs["mocov2"].batch_size == 512
+    small = stage_configs(DemoConfig(data="synthetic", batch_size=16), tmp_path)
+    assert small["teacher"].batch_size == 16  # the demo's batch caps the recipe's
 
 
 @pytest.mark.slow

@@ -89,8 +89,12 @@ class DemoConfig:
 
 # The three recipes the demo runs, as data. They match configs/fashion_mnist/*.yaml except for
 # the keys the demo sets from DemoConfig (data, sizes, output dirs).
+# The teacher's augmentation and batch (DemoConfig.batch_size only caps it) come from
+# benchmarks/teacher_study.py: on 28 px grey images brightness/contrast jitter, crops of 0.6-1
+# and batch 128 each lifted it (docs/TEACHER_STUDY.md).
 TEACHER_RECIPE: dict[str, Any] = {
-    "data": {"augment": {"preset": "mocov2"}},
+    "batch_size": 128,
+    "data": {"augment": {"preset": "mocov2", "color": True, "crop_scale": [0.6, 1.0]}},
     "model": {"name": "resnet_small"},
     "method": {"name": "mocov2", "proj_dim": 128, "temperature": 0.2, "queue_size": 4096,
                "momentum": 0.99},
@@ -164,7 +168,9 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
     teacher_dir = out / "runs" / "teacher"
     stages = {
         "teacher": _merge(TEACHER_RECIPE, {
-            **common, "output_dir": str(teacher_dir), **sizes["teacher"],
+            **common, "batch_size": min(TEACHER_RECIPE.get("batch_size", plan.batch_size),
+                                        plan.batch_size),
+            "output_dir": str(teacher_dir), **sizes["teacher"],
             "model": {"name": plan.teacher_model}}),
         "s2bnn": _merge(S2BNN_RECIPE, {
             **common, "output_dir": str(out / "runs" / "s2bnn"), **sizes["s2bnn"],
