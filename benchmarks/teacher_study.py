@@ -151,16 +151,6 @@ def parse_key(key: str) -> Row:
 
 
 # --------------------------------------------------------------------------- configs
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 @dataclass
 class Plan:
     out: Path
@@ -185,19 +175,19 @@ def _has_steps_key() -> bool:
 def row_config(row: Row, plan: Plan, out_dir: Path, steps: int | None,
                calibrate: bool = False) -> dict[str, Any]:
     """The training config dict of a row (steps=None: a calibration run of cal_steps)."""
-    from s2bnn.demo import MOCOV2_RECIPE, S2BNN_RECIPE, TEACHER_RECIPE
+    from s2bnn.demo import MOCOV2_RECIPE, S2BNN_RECIPE, TEACHER_RECIPE, deep_merge
 
     base = {"teacher": TEACHER_RECIPE, "student": S2BNN_RECIPE, "mocov2": MOCOV2_RECIPE}[row.table]
-    cfg = merge(base, {
+    cfg = deep_merge(base, {
         "seed": row.seed, "batch_size": 256, "device": "cpu", "resume": "auto",
         "force": calibrate, "progress": False, "log_every": 10 if calibrate else 20,
         "knn_every": 0, "output_dir": str(out_dir),
         "data": {"name": "fashion-mnist", "limit": plan.limit, "num_workers": 0},
     })
-    cfg = merge(cfg, row.overrides)
+    cfg = deep_merge(cfg, row.overrides)
     if row.table == "student":
         tdir = plan.out / "runs" / (row.teacher or plan.teacher)
-        cfg = merge(cfg, {"method": {"teacher": {"path": str(tdir), "arch": "resnet_small"}}})
+        cfg = deep_merge(cfg, {"method": {"teacher": {"path": str(tdir), "arch": "resnet_small"}}})
     n_train = plan.limit or 60000
     per_epoch = max(1, n_train // int(cfg["batch_size"]))
     if calibrate:

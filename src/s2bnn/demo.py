@@ -42,6 +42,7 @@ from s2bnn.errors import ConfigError, DataError, RunDirError
 __all__ = [
     "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
     "result_row", "train_stage", "finished_with_same_config", "STAGE_SHARES", "weak_results",
+    "deep_merge",
 ]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
@@ -118,13 +119,14 @@ MOCOV2_RECIPE: dict[str, Any] = {  # the enhanced baseline: S2-BNN's optimiser a
 }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, nested dicts merged key by key; neither is changed."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 
@@ -167,16 +169,16 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
             "time_budget": f"{(seconds or {}).get(name, total * STAGE_SHARES[name]):.1f}"}
     teacher_dir = out / "runs" / "teacher"
     stages = {
-        "teacher": _merge(TEACHER_RECIPE, {
+        "teacher": deep_merge(TEACHER_RECIPE, {
             **common, "batch_size": min(TEACHER_RECIPE.get("batch_size", plan.batch_size),
                                         plan.batch_size),
             "output_dir": str(teacher_dir), **sizes["teacher"],
             "model": {"name": plan.teacher_model}}),
-        "s2bnn": _merge(S2BNN_RECIPE, {
+        "s2bnn": deep_merge(S2BNN_RECIPE, {
             **common, "output_dir": str(out / "runs" / "s2bnn"), **sizes["s2bnn"],
             "model": {"name": plan.student_model},
             "method": {"teacher": {"path": str(teacher_dir), "arch": plan.teacher_model}}}),
-        "mocov2": _merge(MOCOV2_RECIPE, {
+        "mocov2": deep_merge(MOCOV2_RECIPE, {
             **common, "output_dir": str(out / "runs" / "mocov2"), **sizes["mocov2"],
             "model": {"name": plan.student_model}}),
     }
