@@ -28,7 +28,7 @@ __all__ = ["kernels", "ISA_LEVELS", "available_isas", "default_isa", "build", "B
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 ISA_LEVELS = {"portable": 0, "popcnt": 1, "avx2": 2, "avx512": 3}
 ISA_ENV = "S2BNN_DEPLOY_ISA"
 
@@ -167,7 +167,7 @@ def default_isa() -> str:
     if forced:
         return forced
     names = available_isas()
-    for name in ("avx512", "popcnt", "avx2", "portable"):
+    for name in ("avx512", "avx2", "popcnt", "portable"):
         if name in names:
             return name
     return "torch"

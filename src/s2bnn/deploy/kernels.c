@@ -27,7 +27,7 @@
 #define S2D_X86 1
 #endif
 
-#define S2D_ABI_VERSION 1
+#define S2D_ABI_VERSION 2
 #define PT 4 /* output pixels per tile */
 
 int s2d_abi_version(void) { return S2D_ABI_VERSION; }
@@ -54,31 +54,38 @@ static inline int popc_portable(uint64_t v) {
 }
 
 /* ------------------------------------------------------------------ GEMM micro-kernels
- * acc[i * cout + co] = sum_j popcount(p[i * lp + j] ^ w[co * lp + j]), i < PT, for all co. */
-static void gemm_portable(const uint64_t *p, const uint64_t *w, int lp, int cout, int32_t *acc) {
+ * acc[i * cout + co] = sum_j popcount(r[i][j] ^ w[co * lp + j]) for the PT pixel rows r[i] (lp
+ * words each: a gathered patch, or for a 1x1 convolution the input pixel itself) and all co. */
+#define S2D_INLINE static inline __attribute__((always_inline))
+typedef const uint64_t *const rows_t[PT];
+
+static void gemm_portable(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+    const uint64_t *p0 = r[0], *p1 = r[1], *p2 = r[2], *p3 = r[3];
     for (int co = 0; co < cout; co++) {
         const uint64_t *wr = w + (size_t)co * lp;
         int s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         for (int j = 0; j < lp; j++) {
             uint64_t wj = wr[j];
-            s0 += popc_portable(p[j] ^ wj);
-            s1 += popc_portable(p[lp + j] ^ wj);
-            s2 += popc_portable(p[2 * lp + j] ^ wj);
-            s3 += popc_portable(p[3 * lp + j] ^ wj);
+            s0 += popc_portable(p0[j] ^ wj);
+            s1 += popc_portable(p1[j] ^ wj);
+            s2 += popc_portable(p2[j] ^ wj);
+            s3 += popc_portable(p3[j] ^ wj);
         }
         acc[co] = s0; acc[cout + co] = s1; acc[2 * cout + co] = s2; acc[3 * cout + co] = s3;
     }
 }
 
 #ifdef S2D_X86
+/* Scalar POPCNT: 4 pixels x 2 output channels per inner step (8 accumulators in registers). */
 __attribute__((target("popcnt")))
-static void gemm_popcnt(const uint64_t *p, const uint64_t *w, int lp, int cout, int32_t *acc) {
+static inline void gemm_popcnt(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+    const uint64_t *p0 = r[0], *p1 = r[1], *p2 = r[2], *p3 = r[3];
     int co = 0;
     for (; co + 1 < cout; co += 2) {
         const uint64_t *wa = w + (size_t)co * lp, *wb = wa + lp;
         uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
         for (int j = 0; j < lp; j++) {
-            uint64_t x0 = p[j], x1 = p[lp + j], x2 = p[2 * lp + j], x3 = p[3 * lp + j];
+            uint64_t x0 = p0[j], x1 = p1[j], x2 = p2[j], x3 = p3[j];
             uint64_t u = wa[j], v = wb[j];
             a0 += __builtin_popcountll(x0 ^ u); a1 += __builtin_popcountll(x1 ^ u);
             a2 += __builtin_popcountll(x2 ^ u); a3 += __builtin_popcountll(x3 ^ u);
@@ -95,9 +102,8 @@ static void gemm_popcnt(const uint64_t *p, const uint64_t *w, int lp, int cout, 
         uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         for (int j = 0; j < lp; j++) {
             uint64_t wj = wr[j];
-            s0 += __builtin_popcountll(p[j] ^ wj); s1 += __builtin_popcountll(p[lp + j] ^ wj);
-            s2 += __builtin_popcountll(p[2 * lp + j] ^ wj);
-            s3 += __builtin_popcountll(p[3 * lp + j] ^ wj);
+            s0 += __builtin_popcountll(p0[j] ^ wj); s1 += __builtin_popcountll(p1[j] ^ wj);
+            s2 += __builtin_popcountll(p2[j] ^ wj); s3 += __builtin_popcountll(p3[j] ^ wj);
         }
         acc[co] = (int32_t)s0; acc[cout + co] = (int32_t)s1;
         acc[2 * cout + co] = (int32_t)s2; acc[3 * cout + co] = (int32_t)s3;
@@ -117,13 +123,14 @@ static inline int64_t hsum4_avx2(__m256i v) {
     return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
-/* lp is a multiple of 4 words (one 256-bit chunk). Byte counters take at most 31 chunks
- * (8 per byte each) before they are widened with psadbw. */
-__attribute__((target("avx2")))
-static void gemm_avx2(const uint64_t *p, const uint64_t *w, int lp, int cout, int32_t *acc) {
+/* pshufb nibble table over whole 256-bit chunks of the row; a tail of lp % 4 words with scalar
+ * POPCNT. Byte counters take at most 31 chunks (8 per byte each) before psadbw widens them. */
+__attribute__((target("avx2,popcnt")))
+static inline void gemm_avx2(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    const uint64_t *p0 = r[0], *p1 = r[1], *p2 = r[2], *p3 = r[3];
     const int nch = lp / 4;
     for (int co = 0; co < cout; co++) {
         const uint64_t *wr = w + (size_t)co * lp;
@@ -134,27 +141,35 @@ static void gemm_avx2(const uint64_t *p, const uint64_t *w, int lp, int cout, in
             for (int c = c0; c < c1; c++) {
                 __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + 4 * c));
                 b0 = _mm256_add_epi8(b0, popc8_avx2(_mm256_xor_si256(
-                    _mm256_loadu_si256((const __m256i *)(p + 4 * c)), wv), lut, low));
+                    _mm256_loadu_si256((const __m256i *)(p0 + 4 * c)), wv), lut, low));
                 b1 = _mm256_add_epi8(b1, popc8_avx2(_mm256_xor_si256(
-                    _mm256_loadu_si256((const __m256i *)(p + lp + 4 * c)), wv), lut, low));
+                    _mm256_loadu_si256((const __m256i *)(p1 + 4 * c)), wv), lut, low));
                 b2 = _mm256_add_epi8(b2, popc8_avx2(_mm256_xor_si256(
-                    _mm256_loadu_si256((const __m256i *)(p + 2 * lp + 4 * c)), wv), lut, low));
+                    _mm256_loadu_si256((const __m256i *)(p2 + 4 * c)), wv), lut, low));
                 b3 = _mm256_add_epi8(b3, popc8_avx2(_mm256_xor_si256(
-                    _mm256_loadu_si256((const __m256i *)(p + 3 * lp + 4 * c)), wv), lut, low));
+                    _mm256_loadu_si256((const __m256i *)(p3 + 4 * c)), wv), lut, low));
             }
             t0 = _mm256_add_epi64(t0, _mm256_sad_epu8(b0, zero));
             t1 = _mm256_add_epi64(t1, _mm256_sad_epu8(b1, zero));
             t2 = _mm256_add_epi64(t2, _mm256_sad_epu8(b2, zero));
             t3 = _mm256_add_epi64(t3, _mm256_sad_epu8(b3, zero));
         }
-        acc[co] = (int32_t)hsum4_avx2(t0); acc[cout + co] = (int32_t)hsum4_avx2(t1);
-        acc[2 * cout + co] = (int32_t)hsum4_avx2(t2); acc[3 * cout + co] = (int32_t)hsum4_avx2(t3);
+        int64_t s0 = hsum4_avx2(t0), s1 = hsum4_avx2(t1), s2 = hsum4_avx2(t2),
+                s3 = hsum4_avx2(t3);
+        for (int j = 4 * nch; j < lp; j++) {
+            uint64_t wj = wr[j];
+            s0 += __builtin_popcountll(p0[j] ^ wj); s1 += __builtin_popcountll(p1[j] ^ wj);
+            s2 += __builtin_popcountll(p2[j] ^ wj); s3 += __builtin_popcountll(p3[j] ^ wj);
+        }
+        acc[co] = (int32_t)s0; acc[cout + co] = (int32_t)s1;
+        acc[2 * cout + co] = (int32_t)s2; acc[3 * cout + co] = (int32_t)s3;
     }
 }
 
 /* lp is a multiple of 8 words: whole 512-bit chunks. Two output channels x four pixels. */
 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
-static void gemm_avx512(const uint64_t *p, const uint64_t *w, int lp, int cout, int32_t *acc) {
+static inline void gemm_avx512(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+    const uint64_t *p0 = r[0], *p1 = r[1], *p2 = r[2], *p3 = r[3];
     int co = 0;
     for (; co + 1 < cout; co += 2) {
         const uint64_t *wa = w + (size_t)co * lp, *wb = wa + lp;
@@ -162,9 +177,8 @@ static void gemm_avx512(const uint64_t *p, const uint64_t *w, int lp, int cout, 
         __m512i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int j = 0; j < lp; j += 8) {
             __m512i u = _mm512_loadu_si512(wa + j), v = _mm512_loadu_si512(wb + j);
-            __m512i x0 = _mm512_loadu_si512(p + j), x1 = _mm512_loadu_si512(p + lp + j);
-            __m512i x2 = _mm512_loadu_si512(p + 2 * lp + j);
-            __m512i x3 = _mm512_loadu_si512(p + 3 * lp + j);
+            __m512i x0 = _mm512_loadu_si512(p0 + j), x1 = _mm512_loadu_si512(p1 + j);
+            __m512i x2 = _mm512_loadu_si512(p2 + j), x3 = _mm512_loadu_si512(p3 + j);
             a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_xor_si512(x0, u)));
             a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_xor_si512(x1, u)));
             a2 = _mm512_add_epi64(a2, _mm512_popcnt_epi64(_mm512_xor_si512(x2, u)));
@@ -189,13 +203,13 @@ static void gemm_avx512(const uint64_t *p, const uint64_t *w, int lp, int cout, 
         for (int j = 0; j < lp; j += 8) {
             __m512i u = _mm512_loadu_si512(wr + j);
             a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(
-                _mm512_xor_si512(_mm512_loadu_si512(p + j), u)));
+                _mm512_xor_si512(_mm512_loadu_si512(p0 + j), u)));
             a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(
-                _mm512_xor_si512(_mm512_loadu_si512(p + lp + j), u)));
+                _mm512_xor_si512(_mm512_loadu_si512(p1 + j), u)));
             a2 = _mm512_add_epi64(a2, _mm512_popcnt_epi64(
-                _mm512_xor_si512(_mm512_loadu_si512(p + 2 * lp + j), u)));
+                _mm512_xor_si512(_mm512_loadu_si512(p2 + j), u)));
             a3 = _mm512_add_epi64(a3, _mm512_popcnt_epi64(
-                _mm512_xor_si512(_mm512_loadu_si512(p + 3 * lp + j), u)));
+                _mm512_xor_si512(_mm512_loadu_si512(p3 + j), u)));
         }
         acc[co] = (int32_t)_mm512_reduce_add_epi64(a0);
         acc[cout + co] = (int32_t)_mm512_reduce_add_epi64(a1);
@@ -205,37 +219,27 @@ static void gemm_avx512(const uint64_t *p, const uint64_t *w, int lp, int cout, 
 }
 #endif
 
-typedef void (*gemm_fn)(const uint64_t *, const uint64_t *, int, int, int32_t *);
-
-static gemm_fn pick_gemm(int isa) {
-#ifdef S2D_X86
-    int f = s2d_cpu_features();
-    if (isa >= 3 && (f & 4)) return gemm_avx512;
-    if (isa == 2 && (f & 2)) return gemm_avx2;
-    if (isa >= 1 && (f & 1)) return gemm_popcnt;
-#endif
-    (void)isa;
-    return gemm_portable;
-}
-
 /* Highest level this build and CPU can run (the value s2d_bconv accepts for `isa`). */
 int s2d_max_isa(void) {
 #ifdef S2D_X86
     int f = s2d_cpu_features();
     if (f & 4) return 3;
-    if (f & 2) return 2;
+    if ((f & 2) && (f & 1)) return 2;
     if (f & 1) return 1;
 #endif
     return 0;
 }
 
-/* Weight rows must be padded to a multiple of this many words for level `isa`. */
-int s2d_lp_align(int isa) {
-    int f = s2d_cpu_features();
-    if (isa >= 3 && (f & 4)) return 8;
-    if (isa == 2 && (f & 2)) return 4;
-    return 1;
+/* The level actually run for a requested one (a level the CPU lacks falls back). */
+static int eff_isa(int isa) {
+    int top = s2d_max_isa();
+    if (isa > top) isa = top;
+    if (isa == 2 && !((s2d_cpu_features() & 3) == 3)) isa = (s2d_cpu_features() & 1) ? 1 : 0;
+    return isa < 0 ? 0 : isa;
 }
+
+/* Weight rows must be padded to a multiple of this many words for level `isa`. */
+int s2d_lp_align(int isa) { return eff_isa(isa) == 3 ? 8 : 1; }
 
 /* ------------------------------------------------------------------ sign + bit-pack */
 static inline void pack_row(const float *v, const float *thr, int c, int wd, uint64_t *out) {
@@ -292,11 +296,12 @@ void s2d_sign_pack(const float *x, int64_t npix, int c, const float *thr, uint64
     for (int64_t p = 0; p < npix; p++) pk(x + p * c, thr, c, wd, out + p * wd);
 }
 
+
 /* ------------------------------------------------------------------ binary convolution */
 typedef struct {
     const uint64_t *x;   /* [N, H, W, wd] */
     const uint64_t *w;   /* [cout, lp] */
-    const int32_t *wpc;  /* [cout, kh*kw] popcount of each tap's weight words */
+    const int32_t *wpc;  /* [kh*kw, cout] popcount of each tap's weight words */
     int n, h, w_, wd, cin, cout, kh, kw, stride, pad, oh, ow, lp;
     const float *scale, *bias;       /* [cout]: y = dot * scale + bias */
     const float *res; int res_c;      /* optional residual [N, oh, ow, res_c], channel co % res_c */
@@ -308,89 +313,269 @@ typedef struct {
     int isa, nthreads;
 } s2d_bconv_args;
 
-int s2d_bconv(const s2d_bconv_args *a) {
-    const int taps = a->kh * a->kw, lp = a->lp, cout = a->cout, owd = (cout + 63) / 64;
-    if (taps > 64 || lp < taps * a->wd || lp % s2d_lp_align(a->isa)) return -1;
-    const int64_t total = (int64_t)a->n * a->oh * a->ow;
-    const int64_t ntiles = (total + PT - 1) / PT;
-    gemm_fn gemm = pick_gemm(a->isa);
-    pack_fn pack = pick_pack(a->isa);
-    int failed = 0;
-#pragma omp parallel num_threads(a->nthreads)
-    {
-        uint64_t *patch = aligned_alloc(64, sizeof(uint64_t) * PT * (size_t)lp);
-        int32_t *acc = malloc(sizeof(int32_t) * PT * (size_t)cout);
-        float *vals = malloc(sizeof(float) * (size_t)cout);
-        if (!patch || !acc || !vals) {
-#pragma omp atomic write
-            failed = 1;
+/* Per-thread scratch: PT gathered patches, PT x cout accumulators, one float row. */
+typedef struct { uint64_t *patch; int32_t *acc; float *vals; } scratch_t;
+
+/* Output transform of one pixel, while its accumulators are hot: border correction, integer dot,
+ * scale/bias, residual, RPReLU, sign + bit-pack. Plain loops over channels that the compiler
+ * vectorises for the level's target (element-wise IEEE operations: every level rounds the same). */
+S2D_INLINE void epilogue_px(const s2d_bconv_args *a, int32_t *restrict ac, int nb, uint64_t inv,
+                            int64_t pix, float *restrict vals, int level) {
+    const int cout = a->cout;
+    while (inv) { /* take back popcount(0 XOR w) of each padded tap */
+        int tap = __builtin_ctzll(inv);
+        inv &= inv - 1;
+        const int32_t *restrict wp = a->wpc + (size_t)tap * cout;
+        for (int co = 0; co < cout; co++) ac[co] -= wp[co];
+    }
+    if (a->dot_out) {
+        int32_t *restrict d = a->dot_out + pix * cout;
+        for (int co = 0; co < cout; co++) d[co] = nb - 2 * ac[co];
+    }
+    float *restrict v = a->out ? a->out + pix * cout : vals;
+    const float *restrict sc = a->scale, *restrict bi = a->bias;
+    for (int co = 0; co < cout; co++) {
+        float d = (float)(nb - 2 * ac[co]) * sc[co];
+        v[co] = d + bi[co];
+    }
+    if (a->res) {
+        const float *restrict r = a->res + pix * a->res_c;
+        const int rc = a->res_c;
+        if (rc == cout) {
+            for (int co = 0; co < cout; co++) v[co] = v[co] + r[co];
         } else {
-            memset(patch, 0, sizeof(uint64_t) * PT * (size_t)lp);
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < ntiles; t++) {
-                int64_t p0 = t * PT;
-                int np = total - p0 < PT ? (int)(total - p0) : PT;
-                uint64_t invalid[PT] = {0};
-                int nvalid[PT] = {0};
-                for (int i = 0; i < PT; i++) {
-                    uint64_t *dst = patch + (size_t)i * lp;
-                    if (i >= np) { memset(dst, 0, sizeof(uint64_t) * taps * a->wd); continue; }
-                    int64_t pix = p0 + i;
-                    int ox = (int)(pix % a->ow), oy = (int)((pix / a->ow) % a->oh);
-                    int64_t b = pix / ((int64_t)a->ow * a->oh);
-                    for (int ky = 0; ky < a->kh; ky++) {
-                        int iy = oy * a->stride - a->pad + ky;
-                        for (int kx = 0; kx < a->kw; kx++) {
-                            int ix = ox * a->stride - a->pad + kx, tap = ky * a->kw + kx;
-                            uint64_t *d = dst + (size_t)tap * a->wd;
-                            if (iy < 0 || iy >= a->h || ix < 0 || ix >= a->w_) {
-                                memset(d, 0, sizeof(uint64_t) * a->wd);
-                                invalid[i] |= 1ULL << tap;
+            for (int r0 = 0; r0 < cout; r0 += rc)
+                for (int c = 0; c < rc; c++) v[r0 + c] = v[r0 + c] + r[c];
+        }
+    }
+    if (a->slope) {
+        const float *restrict si = a->si, *restrict sl = a->slope, *restrict so = a->so;
+        for (int co = 0; co < cout; co++) {
+            /* u * 1 == u exactly: the same value as (u > 0 ? u : u * slope), without a branch */
+            float u = v[co] - si[co], k = sl[co];
+            v[co] = u * (u > 0.0f ? 1.0f : k) + so[co];
+        }
+    }
+    if (a->out_bits) {
+        const int owd = (cout + 63) / 64;
+#ifdef S2D_X86
+        if (level >= 2) pack_row_avx2(v, a->thr, cout, owd, a->out_bits + pix * owd);
+        else
+#endif
+            pack_row(v, a->thr, cout, owd, a->out_bits + pix * owd);
+    }
+}
+
+#ifdef S2D_X86
+/* The same output transform with AVX2, fused in one pass of 8 channels: each step's floats are
+ * computed with the same IEEE operations in the same order as epilogue_px (so the same bits), the
+ * sign bits go straight from the registers into the packed words. The caller has applied the
+ * border correction; needs res_c == cout or res_c % 8 == 0 (else epilogue_px runs). */
+__attribute__((target("avx2")))
+static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restrict ac, int nb,
+                                 int64_t pix) {
+    const int cout = a->cout, rc = a->res_c;
+    float *restrict v = a->out ? a->out + pix * cout : NULL;
+    const float *restrict r = a->res ? a->res + pix * rc : NULL;
+    const float *restrict thr = a->thr;
+    uint64_t *restrict ob = a->out_bits ? a->out_bits + pix * ((cout + 63) / 64) : NULL;
+    const int rp = a->slope != NULL;
+    const __m256i nbv = _mm256_set1_epi32(nb);
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    uint64_t word = 0;
+    int co = 0;
+    for (; co + 8 <= cout; co += 8) {
+        __m256i iv = _mm256_loadu_si256((const __m256i *)(ac + co));
+        iv = _mm256_sub_epi32(nbv, _mm256_add_epi32(iv, iv));
+        __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(iv), _mm256_loadu_ps(a->scale + co));
+        y = _mm256_add_ps(y, _mm256_loadu_ps(a->bias + co));
+        if (r) y = _mm256_add_ps(y, _mm256_loadu_ps(r + (rc == cout ? co : co % rc)));
+        if (rp) {
+            __m256 u = _mm256_sub_ps(y, _mm256_loadu_ps(a->si + co));
+            __m256 k = _mm256_blendv_ps(_mm256_loadu_ps(a->slope + co), one,
+                                        _mm256_cmp_ps(u, zero, _CMP_GT_OQ));
+            y = _mm256_add_ps(_mm256_mul_ps(u, k), _mm256_loadu_ps(a->so + co));
+        }
+        if (v) _mm256_storeu_ps(v + co, y);
+        if (ob) {
+            __m256 t = thr ? _mm256_add_ps(y, _mm256_loadu_ps(thr + co)) : y;
+            word |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(t, zero, _CMP_LT_OQ))
+                    << (co & 63);
+            if ((co & 63) == 56) { ob[co >> 6] = word; word = 0; }
+        }
+    }
+    for (; co < cout; co++) { /* channel tail, scalar: the formulas of epilogue_px */
+        float y = (float)(nb - 2 * ac[co]) * a->scale[co];
+        y = y + a->bias[co];
+        if (r) y = y + r[co % rc];
+        if (rp) {
+            float u = y - a->si[co], k = a->slope[co];
+            y = u * (u > 0.0f ? 1.0f : k) + a->so[co];
+        }
+        if (v) v[co] = y;
+        if (ob) {
+            float t = thr ? y + thr[co] : y;
+            word |= (uint64_t)(t < 0.0f) << (co & 63);
+            if ((co & 63) == 63) { ob[co >> 6] = word; word = 0; }
+        }
+    }
+    if (ob && (cout & 63)) ob[cout >> 6] = word;
+}
+#endif
+
+/* Tiles [t0, t1) of PT output pixels: gather, GEMM, epilogue. `level` is a constant in each
+ * instantiation below, so the kernel, the gather and the epilogue are compiled for its target. */
+S2D_INLINE void bconv_tiles(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s,
+                            int level) {
+    const int taps = a->kh * a->kw, lp = a->lp, wd = a->wd, cout = a->cout;
+    const int kh = a->kh, kw = a->kw, st = a->stride, pad = a->pad, h = a->h, wi = a->w_;
+    const int oh = a->oh, ow = a->ow;
+    const int64_t total = (int64_t)a->n * oh * ow;
+    /* A 1x1 convolution whose rows need no padding reads the input pixels in place. */
+    const int direct = kh == 1 && kw == 1 && pad == 0 && lp == wd;
+    const uint64_t *x = a->x;
+    int64_t p0 = t0 * PT;
+    int ox = (int)(p0 % ow), oy = (int)((p0 / ow) % oh);
+    int64_t b = p0 / ((int64_t)ow * oh);
+    for (int64_t t = t0; t < t1; t++, p0 += PT) {
+        const int np = total - p0 < PT ? (int)(total - p0) : PT;
+        const uint64_t *rows[PT] = {0};
+        uint64_t invalid[PT] = {0};
+        int nvalid[PT];
+        for (int i = 0; i < np; i++) {
+            const int iy0 = oy * st - pad, ix0 = ox * st - pad;
+            if (direct) {
+                rows[i] = x + (((b * h + iy0) * wi) + ix0) * wd;
+                nvalid[i] = 1;
+            } else {
+                uint64_t *dst = s->patch + (size_t)i * lp;
+                rows[i] = dst;
+                if (iy0 >= 0 && iy0 + kh <= h && ix0 >= 0 && ix0 + kw <= wi) {
+                    const int n = kw * wd;
+                    for (int ky = 0; ky < kh; ky++) {
+                        const uint64_t *src = x + (((b * h + iy0 + ky) * wi) + ix0) * wd;
+                        uint64_t *d = dst + (size_t)ky * n;
+                        for (int j = 0; j < n; j++) d[j] = src[j];
+                    }
+                    nvalid[i] = taps;
+                } else {
+                    int nv = 0;
+                    uint64_t inv = 0;
+                    for (int ky = 0; ky < kh; ky++) {
+                        const int iy = iy0 + ky;
+                        for (int kx = 0; kx < kw; kx++) {
+                            const int ix = ix0 + kx, tap = ky * kw + kx;
+                            uint64_t *d = dst + (size_t)tap * wd;
+                            if (iy < 0 || iy >= h || ix < 0 || ix >= wi) {
+                                for (int j = 0; j < wd; j++) d[j] = 0;
+                                inv |= 1ULL << tap;
                             } else {
-                                memcpy(d, a->x + (((b * a->h + iy) * a->w_) + ix) * a->wd,
-                                       sizeof(uint64_t) * a->wd);
-                                nvalid[i]++;
+                                const uint64_t *src = x + (((b * h + iy) * wi) + ix) * wd;
+                                for (int j = 0; j < wd; j++) d[j] = src[j];
+                                nv++;
                             }
                         }
                     }
-                }
-                gemm(patch, a->w, lp, cout, acc);
-                for (int i = 0; i < np; i++) {
-                    int64_t pix = p0 + i;
-                    int32_t *ac = acc + (size_t)i * cout;
-                    const int nb = nvalid[i] * a->cin;
-                    if (invalid[i]) { /* take back popcount(0 XOR w) of the padded taps */
-                        for (int co = 0; co < cout; co++) {
-                            const int32_t *wp = a->wpc + (size_t)co * taps;
-                            int32_t c = 0;
-                            for (int tap = 0; tap < taps; tap++)
-                                if (invalid[i] >> tap & 1) c += wp[tap];
-                            ac[co] -= c;
-                        }
-                    }
-                    if (a->dot_out)
-                        for (int co = 0; co < cout; co++) a->dot_out[pix * cout + co] = nb - 2 * ac[co];
-                    float *v = a->out ? a->out + pix * cout : vals;
-                    for (int co = 0; co < cout; co++) {
-                        float d = (float)(nb - 2 * ac[co]) * a->scale[co];
-                        v[co] = d + a->bias[co];
-                    }
-                    if (a->res) {
-                        const float *r = a->res + pix * a->res_c;
-                        for (int r0 = 0; r0 < cout; r0 += a->res_c)
-                            for (int c = 0; c < a->res_c; c++) v[r0 + c] = v[r0 + c] + r[c];
-                    }
-                    if (a->slope) {
-                        for (int co = 0; co < cout; co++) {
-                            float u = v[co] - a->si[co];
-                            v[co] = (u > 0.0f ? u : u * a->slope[co]) + a->so[co];
-                        }
-                    }
-                    if (a->out_bits) pack(v, a->thr, cout, owd, a->out_bits + pix * owd);
+                    invalid[i] = inv;
+                    nvalid[i] = nv;
                 }
             }
+            if (++ox == ow) { ox = 0; if (++oy == oh) { oy = 0; b++; } }
         }
-        free(patch); free(acc); free(vals);
+        for (int i = np; i < PT; i++) rows[i] = rows[0];
+        int32_t *acc = s->acc;
+        switch (level) {
+#ifdef S2D_X86
+        case 3: gemm_avx512(rows, a->w, lp, cout, acc); break;
+        case 2:
+            if (lp >= 8) gemm_avx2(rows, a->w, lp, cout, acc);
+            else gemm_popcnt(rows, a->w, lp, cout, acc);
+            break;
+        case 1: gemm_popcnt(rows, a->w, lp, cout, acc); break;
+#endif
+        default: gemm_portable(rows, a->w, lp, cout, acc); break;
+        }
+#ifdef S2D_X86
+        if (level >= 2 && !a->dot_out && (a->res_c == cout || a->res_c % 8 == 0)) {
+            for (int i = 0; i < np; i++) {
+                int32_t *ac = acc + (size_t)i * cout;
+                for (uint64_t inv = invalid[i]; inv; inv &= inv - 1) {
+                    const int32_t *restrict wp = a->wpc + (size_t)__builtin_ctzll(inv) * cout;
+                    for (int co = 0; co < cout; co++) ac[co] -= wp[co];
+                }
+                epilogue_avx2(a, ac, nvalid[i] * a->cin, p0 + i);
+            }
+            continue;
+        }
+#endif
+        for (int i = 0; i < np; i++)
+            epilogue_px(a, acc + (size_t)i * cout, nvalid[i] * a->cin, invalid[i], p0 + i,
+                        s->vals, level);
+    }
+}
+
+static void bconv_tiles_portable(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
+    bconv_tiles(a, t0, t1, s, 0);
+}
+#ifdef S2D_X86
+__attribute__((target("popcnt")))
+static void bconv_tiles_popcnt(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
+    bconv_tiles(a, t0, t1, s, 1);
+}
+__attribute__((target("avx2,popcnt")))
+static void bconv_tiles_avx2(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
+    bconv_tiles(a, t0, t1, s, 2);
+}
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
+static void bconv_tiles_avx512(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
+    bconv_tiles(a, t0, t1, s, 3);
+}
+#endif
+
+typedef void (*tiles_fn)(const s2d_bconv_args *, int64_t, int64_t, scratch_t *);
+
+static tiles_fn pick_tiles(int level) {
+#ifdef S2D_X86
+    if (level == 3) return bconv_tiles_avx512;
+    if (level == 2) return bconv_tiles_avx2;
+    if (level == 1) return bconv_tiles_popcnt;
+#endif
+    return bconv_tiles_portable;
+}
+
+int s2d_bconv(const s2d_bconv_args *a) {
+    const int taps = a->kh * a->kw, lp = a->lp, level = eff_isa(a->isa);
+    if (taps > 64 || lp < taps * a->wd || lp % s2d_lp_align(level)) return -1;
+    const int64_t total = (int64_t)a->n * a->oh * a->ow;
+    const int64_t ntiles = (total + PT - 1) / PT;
+    tiles_fn run = pick_tiles(level);
+    /* One thread where the work is too small to pay for waking another. */
+    const double work = (double)total * a->cout * (lp + 8);
+    int nth = a->nthreads < 1 ? 1 : a->nthreads;
+    if (nth > ntiles) nth = (int)ntiles;
+    if (work < 65536.0) nth = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        scratch_t s;
+        s.patch = aligned_alloc(64, sizeof(uint64_t) * PT * (size_t)(lp + 8));
+        s.acc = aligned_alloc(64, sizeof(int32_t) * PT * (size_t)(a->cout + 16));
+        s.vals = aligned_alloc(64, sizeof(float) * (size_t)(a->cout + 16));
+        if (!s.patch || !s.acc || !s.vals) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            /* words past the taps stay zero (the weights are zero there too) */
+            memset(s.patch, 0, sizeof(uint64_t) * PT * (size_t)lp);
+            int64_t t0 = ntiles * tid / nt, t1 = ntiles * (tid + 1) / nt;
+            if (t1 > t0) run(a, t0, t1, &s);
+        }
+        free(s.patch); free(s.acc); free(s.vals);
     }
     return failed ? -2 : 0;
 }
@@ -398,21 +583,53 @@ int s2d_bconv(const s2d_bconv_args *a) {
 /* Peak probe for the benchmark: the level's GEMM micro-kernel on L1-resident data (4 pixels x
  * 32 output channels x 64 words), `reps` times in each of `nthreads` threads. Returns a checksum
  * so the work cannot be optimised away; binary MACs done = nthreads * reps * 4 * 32 * 64 * 64. */
+S2D_INLINE int64_t gemm_l1_reps(int64_t reps, int level) {
+    uint64_t p[4 * 64] __attribute__((aligned(64)));
+    uint64_t w[32 * 64] __attribute__((aligned(64)));
+    int32_t acc[4 * 32];
+    int64_t total = 0;
+    uint64_t s = 0x9e3779b97f4a7c15ULL;
+    for (int i = 0; i < 4 * 64; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; p[i] = s; }
+    for (int i = 0; i < 32 * 64; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; w[i] = s; }
+    const uint64_t *rows[PT] = {p, p + 64, p + 128, p + 192};
+    for (int64_t r = 0; r < reps; r++) {
+        switch (level) {
+#ifdef S2D_X86
+        case 3: gemm_avx512(rows, w, 64, 32, acc); break;
+        case 2: gemm_avx2(rows, w, 64, 32, acc); break;
+        case 1: gemm_popcnt(rows, w, 64, 32, acc); break;
+#endif
+        default: gemm_portable(rows, w, 64, 32, acc); break;
+        }
+        p[r & 255] ^= (uint64_t)acc[r & 127];
+        total += acc[0];
+    }
+    return total;
+}
+static int64_t gemm_l1_portable(int64_t reps) { return gemm_l1_reps(reps, 0); }
+#ifdef S2D_X86
+__attribute__((target("popcnt"))) static int64_t gemm_l1_popcnt(int64_t reps) {
+    return gemm_l1_reps(reps, 1);
+}
+__attribute__((target("avx2,popcnt"))) static int64_t gemm_l1_avx2(int64_t reps) {
+    return gemm_l1_reps(reps, 2);
+}
+__attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
+static int64_t gemm_l1_avx512(int64_t reps) { return gemm_l1_reps(reps, 3); }
+#endif
+
 int64_t s2d_gemm_l1(int isa, int64_t reps, int nthreads) {
     int64_t total = 0;
-    gemm_fn gemm = pick_gemm(isa);
+    const int level = eff_isa(isa);
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {
-        uint64_t p[4 * 64] __attribute__((aligned(64)));
-        uint64_t w[32 * 64] __attribute__((aligned(64)));
-        int32_t acc[4 * 32];
-        uint64_t s = 0x9e3779b97f4a7c15ULL;
-        for (int i = 0; i < 4 * 64; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; p[i] = s; }
-        for (int i = 0; i < 32 * 64; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; w[i] = s; }
-        for (int64_t r = 0; r < reps; r++) {
-            gemm(p, w, 64, 32, acc);
-            p[r & 255] ^= (uint64_t)acc[r & 127];
-            total += acc[0];
+        switch (level) {
+#ifdef S2D_X86
+        case 3: total += gemm_l1_avx512(reps); break;
+        case 2: total += gemm_l1_avx2(reps); break;
+        case 1: total += gemm_l1_popcnt(reps); break;
+#endif
+        default: total += gemm_l1_portable(reps); break;
         }
     }
     return total;

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -174,6 +175,12 @@ class PackedModel:
         self.in_chans = int(graph["in_chans"])
         self.num_threads = num_threads
         self._prepared: dict[str, dict[str, torch.Tensor]] = {}
+        # Output buffers of the compiled ops, kept per node and shape from call to call: a fresh
+        # multi-MB tensor per layer costs more in page faults than the layer's arithmetic.
+        self._bufs: dict[tuple[str, int], torch.Tensor] = {}
+        self._buf_ptrs: set[int] = set()
+        self._args: dict[str, tuple[tuple[int, ...], Any]] = {}
+        self._lock = threading.Lock()
         self.set_isa(isa)
         self._last_use = self._compute_last_use()
         self.profile: list[tuple[str, str, float]] | None = None
@@ -194,6 +201,7 @@ class PackedModel:
         self._isa_level = _build.ISA_LEVELS.get(self.isa, 0)
         self._align = self._lib.s2d_lp_align(self._isa_level) if self._lib is not None else 1
         self._prepared = {}
+        self._args = {}
 
     def _compute_last_use(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -220,8 +228,9 @@ class PackedModel:
         words = F.pad(w.reshape(cout, taps, nbytes), (0, wd * 8 - nbytes)).contiguous()
         words = words.view(torch.int64).reshape(cout, taps * wd)
         words = F.pad(words, (0, lp - taps * wd)).contiguous()
+        # (taps, cout): the border correction runs over output channels, contiguous
         wpc = _BYTE_POPCOUNT[w.reshape(cout, taps, nbytes).long()].sum(-1).to(torch.int32)
-        got = {"words": words, "wpc": wpc.contiguous(), "lp": torch.tensor(lp),
+        got = {"words": words, "wpc": wpc.t().contiguous(), "lp": torch.tensor(lp),
                "pm1": weight_bits_pm1(w, a["cin"])}
         self._prepared[node["name"]] = got
         return got
@@ -243,8 +252,24 @@ class PackedModel:
         return x.detach().to(torch.float32).contiguous(memory_format=_CL)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self._run(self.check_input(x))
+        with torch.inference_mode(), self._lock:  # the reused buffers: one call at a time
+            out = self._run(self.check_input(x))
+            if out.untyped_storage().data_ptr() in self._buf_ptrs:
+                out = out.clone(memory_format=torch.preserve_format)
+            return out
+
+    def _buf(self, node: dict[str, Any], slot: int, shape: tuple[int, ...],
+             dtype: torch.dtype) -> torch.Tensor:
+        """The reused output buffer ``slot`` of ``node`` (reallocated when the shape changes)."""
+        key = (node["name"], slot)
+        t = self._bufs.get(key)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            if t is not None:
+                self._buf_ptrs.discard(t.untyped_storage().data_ptr())
+            t = torch.empty(shape, dtype=dtype)
+            self._bufs[key] = t
+            self._buf_ptrs.add(t.untyped_storage().data_ptr())
+        return t
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
@@ -334,7 +359,7 @@ class PackedModel:
             return pack_bits_torch(x, thr)
         x = x.contiguous(memory_format=_CL)
         n, _, h, w = x.shape
-        out = torch.empty((n, h, w, (c + 63) // 64), dtype=torch.int64)
+        out = self._buf(node, 0, (n, h, w, (c + 63) // 64), torch.int64)
         self._lib.s2d_sign_pack(x.data_ptr(), n * h * w, c,
                                 thr.data_ptr() if thr is not None else None, out.data_ptr(),
                                 self._isa_level, self._nthreads())
@@ -371,22 +396,33 @@ class PackedModel:
                 y = torch.where(u > 0, u, u * slope.view(1, -1, 1, 1)) + so.view(1, -1, 1, 1)
             y = y.contiguous(memory_format=_CL)
             return (y if want_float else None, pack_bits_torch(y, thr) if want_bits else None)
-        from s2bnn.deploy._build import BconvArgs
-
-        out = torch.empty((n, oh, ow, cout), dtype=torch.float32) if want_float else None
-        obits = torch.empty((n, oh, ow, (cout + 63) // 64), dtype=torch.int64) \
+        out = self._buf(node, 0, (n, oh, ow, cout), torch.float32) if want_float else None
+        obits = self._buf(node, 1, (n, oh, ow, (cout + 63) // 64), torch.int64) \
             if want_bits else None
         if res is not None:
             res = res.contiguous(memory_format=_CL)
-        ptr = (lambda t: t.data_ptr() if t is not None else None)  # noqa: E731
-        args = BconvArgs(
-            x=bits.data_ptr(), w=prep["words"].data_ptr(), wpc=prep["wpc"].data_ptr(),
-            n=n, h=h, w_=w, wd=wd, cin=a["cin"], cout=cout, kh=kh, kw=kw, stride=s, pad=p,
-            oh=oh, ow=ow, lp=int(prep["lp"]), scale=scale.data_ptr(), bias=bias.data_ptr(),
-            res=ptr(res), res_c=int(res.shape[1]) if res is not None else 0,
-            si=ptr(si), slope=ptr(slope), so=ptr(so), out=ptr(out), thr=ptr(thr),
-            out_bits=ptr(obits), dot_out=None, isa=self._isa_level, nthreads=self._nthreads(),
-        )
+        # The argument block is built once per node and input shape; per call only the
+        # activation pointers change.
+        key = (n, h, w, wd, int(res.shape[1]) if res is not None else 0, self._nthreads())
+        cached = self._args.get(node["name"])
+        if cached is None or cached[0] != key:
+            from s2bnn.deploy._build import BconvArgs
+
+            ptr = (lambda t: t.data_ptr() if t is not None else None)  # noqa: E731
+            args = BconvArgs(
+                w=prep["words"].data_ptr(), wpc=prep["wpc"].data_ptr(),
+                n=n, h=h, w_=w, wd=wd, cin=a["cin"], cout=cout, kh=kh, kw=kw, stride=s, pad=p,
+                oh=oh, ow=ow, lp=int(prep["lp"]), scale=scale.data_ptr(), bias=bias.data_ptr(),
+                res_c=key[4], si=ptr(si), slope=ptr(slope), so=ptr(so), thr=ptr(thr),
+                dot_out=None, isa=self._isa_level, nthreads=key[5],
+            )
+            self._args[node["name"]] = (key, args)
+        else:
+            args = cached[1]
+        args.x = bits.data_ptr()
+        args.res = res.data_ptr() if res is not None else None
+        args.out = out.data_ptr() if out is not None else None
+        args.out_bits = obits.data_ptr() if obits is not None else None
         rc = self._lib.s2d_bconv(args)
         if rc != 0:
             raise MemoryError(f"binary convolution kernel failed ({rc})")
