@@ -53,6 +53,8 @@ CASES = [
     ("birealnet18", dict(num_classes=0, in_chans=3, width_mult=0.2, layers=[1, 1, 2, 1]), 37),
     ("xnor_resnet18", dict(num_classes=3, in_chans=1, width_mult=0.25, stem_stride=1,
                            layers=[1, 1, 1, 1]), 19),
+    # channels multiples of 8: the vectorised epilogue, with cat shortcuts read as y[c mod C]
+    ("reactnet_small", dict(num_classes=4, in_chans=1, width_mult=1.0, mid_blocks=1), 13),
 ]
 
 
@@ -96,6 +98,9 @@ def test_every_isa_level_or_a_stated_skip():
 
 @pytest.mark.parametrize("k,stride,cin,cout,size", [
     (3, 1, 70, 33, 9), (3, 2, 130, 64, 10), (1, 1, 64, 129, 7), (1, 2, 5, 3, 8), (3, 2, 1, 7, 5),
+    # 1x1 read in place (rows of 4 words, 6 channels past the last whole 8 in the epilogue), the
+    # AVX2 two-unit GEMM with a scalar word tail (9 words) and an odd last channel (18 words)
+    (1, 1, 200, 70, 5), (3, 1, 64, 16, 6), (3, 1, 128, 9, 5), (3, 2, 256, 24, 7),
 ])
 def test_popcount_part_is_bit_exact(k, stride, cin, cout, size):
     """The integer dot products equal a float conv of +-1 tensors (exact below 2**24)."""

@@ -57,6 +57,9 @@ static inline int popc_portable(uint64_t v) {
  * acc[i * cout + co] = sum_j popcount(r[i][j] ^ w[co * lp + j]) for the PT pixel rows r[i] (lp
  * words each: a gathered patch, or for a 1x1 convolution the input pixel itself) and all co. */
 #define S2D_INLINE static inline __attribute__((always_inline))
+#ifndef S2D_GEMM2
+#define S2D_GEMM2 gemm_hybrid
+#endif
 typedef const uint64_t *const rows_t[PT];
 
 static void gemm_portable(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
@@ -160,6 +163,72 @@ static inline void gemm_avx2(rows_t r, const uint64_t *w, int lp, int cout, int3
             uint64_t wj = wr[j];
             s0 += __builtin_popcountll(p0[j] ^ wj); s1 += __builtin_popcountll(p1[j] ^ wj);
             s2 += __builtin_popcountll(p2[j] ^ wj); s3 += __builtin_popcountll(p3[j] ^ wj);
+        }
+        acc[co] = (int32_t)s0; acc[cout + co] = (int32_t)s1;
+        acc[2 * cout + co] = (int32_t)s2; acc[3 * cout + co] = (int32_t)s3;
+    }
+}
+
+/* Two output channels at once on both kinds of execution unit: channel co with the pshufb
+ * nibble table on the vector pipes, channel co + 1 with scalar POPCNT on the integer pipes, in one
+ * loop over the same 256-bit chunks (the out-of-order core runs both streams side by side). */
+__attribute__((target("avx2,popcnt")))
+static inline void gemm_hybrid(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    const uint64_t *p0 = r[0], *p1 = r[1], *p2 = r[2], *p3 = r[3];
+    const int nch = lp / 4;
+    int co = 0;
+    for (; co + 1 < cout; co += 2) {
+        const uint64_t *wr = w + (size_t)co * lp, *ws = wr + lp;
+        __m256i t0 = zero, t1 = zero, t2 = zero, t3 = zero;
+        uint64_t q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+        for (int c0 = 0; c0 < nch; c0 += 31) {
+            int c1 = c0 + 31 < nch ? c0 + 31 : nch;
+            __m256i b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+            for (int c = c0; c < c1; c++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + 4 * c));
+                b0 = _mm256_add_epi8(b0, popc8_avx2(_mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(p0 + 4 * c)), wv), lut, low));
+                b1 = _mm256_add_epi8(b1, popc8_avx2(_mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(p1 + 4 * c)), wv), lut, low));
+                b2 = _mm256_add_epi8(b2, popc8_avx2(_mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(p2 + 4 * c)), wv), lut, low));
+                b3 = _mm256_add_epi8(b3, popc8_avx2(_mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(p3 + 4 * c)), wv), lut, low));
+                for (int j = 4 * c; j < 4 * c + 4; j++) {
+                    uint64_t u = ws[j];
+                    q0 += __builtin_popcountll(p0[j] ^ u); q1 += __builtin_popcountll(p1[j] ^ u);
+                    q2 += __builtin_popcountll(p2[j] ^ u); q3 += __builtin_popcountll(p3[j] ^ u);
+                }
+            }
+            t0 = _mm256_add_epi64(t0, _mm256_sad_epu8(b0, zero));
+            t1 = _mm256_add_epi64(t1, _mm256_sad_epu8(b1, zero));
+            t2 = _mm256_add_epi64(t2, _mm256_sad_epu8(b2, zero));
+            t3 = _mm256_add_epi64(t3, _mm256_sad_epu8(b3, zero));
+        }
+        int64_t s0 = hsum4_avx2(t0), s1 = hsum4_avx2(t1), s2 = hsum4_avx2(t2),
+                s3 = hsum4_avx2(t3);
+        for (int j = 4 * nch; j < lp; j++) {
+            uint64_t u = wr[j], v = ws[j];
+            s0 += __builtin_popcountll(p0[j] ^ u); s1 += __builtin_popcountll(p1[j] ^ u);
+            s2 += __builtin_popcountll(p2[j] ^ u); s3 += __builtin_popcountll(p3[j] ^ u);
+            q0 += __builtin_popcountll(p0[j] ^ v); q1 += __builtin_popcountll(p1[j] ^ v);
+            q2 += __builtin_popcountll(p2[j] ^ v); q3 += __builtin_popcountll(p3[j] ^ v);
+        }
+        acc[co] = (int32_t)s0; acc[cout + co] = (int32_t)s1;
+        acc[2 * cout + co] = (int32_t)s2; acc[3 * cout + co] = (int32_t)s3;
+        acc[co + 1] = (int32_t)q0; acc[cout + co + 1] = (int32_t)q1;
+        acc[2 * cout + co + 1] = (int32_t)q2; acc[3 * cout + co + 1] = (int32_t)q3;
+    }
+    if (co < cout) { /* odd last channel: scalar POPCNT */
+        const uint64_t *wr = w + (size_t)co * lp;
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int j = 0; j < lp; j++) {
+            uint64_t u = wr[j];
+            s0 += __builtin_popcountll(p0[j] ^ u); s1 += __builtin_popcountll(p1[j] ^ u);
+            s2 += __builtin_popcountll(p2[j] ^ u); s3 += __builtin_popcountll(p3[j] ^ u);
         }
         acc[co] = (int32_t)s0; acc[cout + co] = (int32_t)s1;
         acc[2 * cout + co] = (int32_t)s2; acc[3 * cout + co] = (int32_t)s3;
@@ -488,7 +557,7 @@ S2D_INLINE void bconv_tiles(const s2d_bconv_args *a, int64_t t0, int64_t t1, scr
 #ifdef S2D_X86
         case 3: gemm_avx512(rows, a->w, lp, cout, acc); break;
         case 2:
-            if (lp >= 8) gemm_avx2(rows, a->w, lp, cout, acc);
+            if (lp >= 8) S2D_GEMM2(rows, a->w, lp, cout, acc);
             else gemm_popcnt(rows, a->w, lp, cout, acc);
             break;
         case 1: gemm_popcnt(rows, a->w, lp, cout, acc); break;
@@ -596,7 +665,7 @@ S2D_INLINE int64_t gemm_l1_reps(int64_t reps, int level) {
         switch (level) {
 #ifdef S2D_X86
         case 3: gemm_avx512(rows, w, 64, 32, acc); break;
-        case 2: gemm_avx2(rows, w, 64, 32, acc); break;
+        case 2: S2D_GEMM2(rows, w, 64, 32, acc); break;
         case 1: gemm_popcnt(rows, w, 64, 32, acc); break;
 #endif
         default: gemm_portable(rows, w, 64, 32, acc); break;
