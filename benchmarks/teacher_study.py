@@ -120,6 +120,7 @@ def _student_rows() -> list[Row]:
         s("s_color", "augmentation", "+ intensity jitter", overrides=aug(color=True)),
         s("s_crop06", "augmentation", "crop 0.6-1", overrides=aug(crop_scale=[0.6, 1.0])),
         s("s_cosine", "schedule", "cosine", overrides={"optim": {"schedule": "cosine"}}),
+        s("s_bs128", "batch size", "128", overrides={"batch_size": 128}),
         s("s_wide", "width", "x0.375 (12...384)", overrides={"model": {"width_mult": 0.375}}),
         s("s_stem1", "stem stride", "1", overrides={"model": {"stem_stride": 1}}),
         Row("m_base", "mocov2", "baseline", "MOCOV2_RECIPE (no teacher)"),

@@ -51,7 +51,7 @@ CASES = [
     ("birealnet18", dict(num_classes=5, in_chans=3, width_mult=0.3, stem_stride=2,
                          layers=[1, 1, 1, 1]), 33),
     ("birealnet18", dict(num_classes=0, in_chans=3, width_mult=0.2, layers=[1, 1, 2, 1]), 37),
-    ("xnor_resnet18", dict(num_classes=3, in_chans=1, width_mult=0.25, stem_stride=1,
+    ("binary_resnet18_plain", dict(num_classes=3, in_chans=1, width_mult=0.25, stem_stride=1,
                            layers=[1, 1, 1, 1]), 19),
     # channels multiples of 8: the vectorised epilogue, with cat shortcuts read as y[c mod C]
     ("reactnet_small", dict(num_classes=4, in_chans=1, width_mult=1.0, mid_blocks=1), 13),
