@@ -442,8 +442,11 @@ Written from the tables above (single seed unless section 3 says otherwise).
 - **Students** (120 s each): the better teacher lifts the S2-BNN student from 70.7 (distilled
   from t_base) to 73.3 linear; MoCo v2 on the same student 51.2, untrained 42.1 ± 3.9: the
   S2-BNN > MoCo v2 > untrained ranking holds. The student goal (>= 80) is not met by
-  a better teacher alone; the student-side suspects (tau, lr, views, augmentation, stem, width)
-  were not screened in this session's time.
+  a better teacher alone. Of the student-side suspects screened, only batch 128 (575 steps of
+  128 instead of 291 of 256 in the same time) clearly helped: 75.8 linear / 73.6 kNN (+2.4 /
+  +2.2, above seed noise); it is kept for both students. tau 0.5 (+0.5) and crops 0.6-1 (-0.2)
+  are noise; intensity jitter, which helped the teacher, costs the student 1.3. Not screened:
+  lr, 2 views, cosine schedule, width, stem stride 1.
 - **Not measured** (time): blur off, tau 0.1, queue 16384, SGD, width x1.5, depth 2, stem
   stride 1, the symmetric loss. The rows are defined in the script; run them with `--only`.
 - The `train s` column of two rows (t_color, t_m09) is inflated by another job that ran outside
