@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +67,8 @@ def write_folder(root: Path, n_train: int, n_val: int) -> Path:
 def run_row(name: str, spec: dict[str, object], budget: str, work: Path,
             extra: list[str]) -> dict[str, object]:
     out = work / name
+    if out.exists():  # a fresh demo: --force alone would reuse its finished stages
+        shutil.rmtree(out)
     cmd = [sys.executable, "-m", "s2bnn", "demo", "--out", str(out), "--force",
            f"budget={budget}", "progress=false", *spec["overrides"], *extra]  # type: ignore[misc]
     if "folder" in spec:

@@ -1,4 +1,5 @@
-"""Command-line interface: ``s2bnn train | eval | demo | profile | data | report | export``.
+"""Command-line interface: ``s2bnn train | eval | demo | profile | data | report | export |
+convert | predict``.
 
 This module only parses arguments and dispatches; each command's work lives in the package it
 belongs to and is imported lazily, so ``s2bnn --help`` stays fast. A :class:`UserError` anywhere
