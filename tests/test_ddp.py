@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,30 @@ def test_shuffle_bn_on_two_gloo_ranks_matches_moco(tmp_path: Path) -> None:
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(r0["perm"], r1["perm"])  # one permutation for all ranks
     assert not torch.allclose(r0["k"], r1["k"])
+
+
+# --------------------------------------------------------------------------- time budget
+def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+    })
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(Path(out), epochs=None, time_budget="4", optim={"name": "sgd", "lr": 0.1})
+    train(cfg, parts=tiny_parts(bn=False, noise=0.0))
+
+
+@pytest.mark.slow
+def test_time_budget_under_ddp_gives_every_rank_the_same_steps(tmp_path: Path) -> None:
+    """Each rank times its own steps; the run takes the slowest, so the ranks agree on the
+    number of steps (ranks that disagreed would wait forever in the gradient all-reduce)."""
+    ctx = mp.start_processes(_budget_worker, args=(2, _free_port(), str(tmp_path / "ddp")),
+                             nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks of a time-budgeted run did not finish together")
+    ck = load_checkpoint(tmp_path / "ddp")
+    assert ck["finished"] and ck["world_size"] == 2 and ck["step"] == ck["total_steps"] >= 1

@@ -623,7 +623,9 @@ class _Trainer:
         times: list[float] = []
         batches: Iterator[list[torch.Tensor]] = iter(())
         try:
-            for i in range(12):
+            # Under DDP every rank runs the same number of steps: methods with collectives in
+            # their forward (shuffle BN) would otherwise wait on each other forever.
+            for i in range(12 if self.world == 1 else 6):
                 t0 = time.perf_counter()
                 views = next(batches, None)
                 if views is None:  # a tiny dataset: fewer batches an epoch than timed steps
@@ -639,7 +641,7 @@ class _Trainer:
                     torch.cuda.synchronize(self.device)
                 if i > 0:  # the first step pays for allocations and lazy initialisation
                     times.append(time.perf_counter() - t0)
-                if len(times) >= 3 and sum(times) > 2.0:
+                if self.world == 1 and len(times) >= 3 and sum(times) > 2.0:
                     break
             # What each epoch end adds: a new loader iterator (worker start-up) and last.pt
             # (serialised here in memory, then doubled for the disk and its fsync). On a small
