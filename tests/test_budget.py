@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import assert_identical
 from test_engine import one_thread, read_metrics, snapshot, tiny_cfg, tiny_parts  # noqa: F401
-from test_faults import RECIPE, _command, _env, killed, rows, train_cli
+from test_faults import RECIPE, assert_same_finished_run, killed, train_cli, uninterrupted_alongside
 
 from s2bnn.budget import (
     BudgetError,
@@ -143,23 +142,14 @@ def test_steps_run_killed_mid_epoch_resumes_where_an_epochs_run_would(tmp_path: 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE)
     full, run = tmp_path / "full", tmp_path / "run"
-    ref = subprocess.Popen(_command(recipe, full), env=_env(None), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
+    with uninterrupted_alongside(recipe, full):
         by_steps = ("steps=9", "save_every_steps=2")
         killed(train_cli(recipe, run, *by_steps, fault="kill-step:5"))
         mid = load_checkpoint(run)
         assert (mid["step"], mid["epoch"], mid["epoch_step"]) == (4, 1, 1)
         done = train_cli(recipe, run, *by_steps, "resume=auto")
         assert done.returncode == 0, done.stderr[-2000:]
-    finally:
-        _, err = ref.communicate(timeout=180)
-    assert ref.returncode == 0, err[-2000:]
-    a, b = load_checkpoint(full), load_checkpoint(run)
-    assert b["finished"] and (b["epoch"], b["step"]) == (a["epoch"], a["step"]) == (3, 9)
-    for key in ("method", "backbone", "optimizer", "scheduler", "rng"):
-        assert_identical(a[key], b[key], key)
-    assert rows(run) == rows(full)
+    assert_same_finished_run(full, run)
 
 
 def test_time_budget_sizes_the_run_once_and_resume_keeps_it(tmp_path: Path,

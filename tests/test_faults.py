@@ -9,11 +9,13 @@ sends itself SIGKILL at a chosen point, so the test is deterministic and the kil
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,15 +78,34 @@ def killed(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
 
 
+@contextlib.contextmanager
+def uninterrupted_alongside(recipe: Path, full: Path, *over: str) -> Iterator[None]:
+    """The uninterrupted reference run, in a process of its own beside the body (2 cores)."""
+    ref = subprocess.Popen(_command(recipe, full, *over), env=_env(None),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield
+    finally:
+        _, err = ref.communicate(timeout=180)
+    assert ref.returncode == 0, err[-2000:]
+
+
+def assert_same_finished_run(full: Path, run: Path) -> None:
+    """The interrupted-and-resumed ``run`` ended as the 9-step ``full`` run did, bit for bit."""
+    a, b = load_checkpoint(full), load_checkpoint(run)
+    assert b["finished"] and (b["epoch"], b["step"]) == (a["epoch"], a["step"]) == (3, 9)
+    for key in ("method", "backbone", "optimizer", "scheduler", "rng"):
+        assert_identical(a[key], b[key], key)
+    # Rows the killed processes logged after their last checkpoint were dropped, then re-logged.
+    assert rows(run) == rows(full)
+
+
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path: Path) -> None:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE)
     full, run = tmp_path / "full", tmp_path / "run"
-    # The uninterrupted reference runs alongside the interrupted chain (2 cores).
-    ref = subprocess.Popen(_command(recipe, full), env=_env(None), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
+    with uninterrupted_alongside(recipe, full):
         # 1. Killed mid-epoch 2, right after step 5 (step 4 was logged): last.pt is epoch 1's.
         killed(train_cli(recipe, run, fault="kill-step:5"))
         first = load_checkpoint(run)
@@ -116,16 +137,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path: Path) -> None:
         done = train_cli(recipe, run, "resume=auto")
         assert done.returncode == 0, done.stderr[-2000:]
         assert temp_files(run) == []
-    finally:
-        out, err = ref.communicate(timeout=180)
-    assert ref.returncode == 0, err[-2000:]
-
-    a, b = load_checkpoint(full), load_checkpoint(run)
-    assert b["finished"] and (b["epoch"], b["step"]) == (a["epoch"], a["step"]) == (3, 9)
-    for key in ("method", "backbone", "optimizer", "scheduler", "rng"):
-        assert_identical(a[key], b[key], key)
-    # Rows the killed processes logged after their last checkpoint were dropped, then re-logged.
-    assert rows(run) == rows(full)
+    assert_same_finished_run(full, run)
     assert sum(1 for r in rows(run) if r.get("knn_top1")) == 3
 
 
