@@ -403,7 +403,7 @@ def weak_results(rows: dict[str, dict[str, Any]], stages: dict[str, dict[str, An
 def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Run the whole pipeline into ``out`` within ``plan.budget``; returns ``results.json``."""
     from s2bnn.data import dataset_info, default_image_size
-    from s2bnn.engine import build_parts
+    from s2bnn.engine import backbone_kwargs
     from s2bnn.eval import evaluate_pixels, evaluate_untrained
     from s2bnn.report import write_report
 
@@ -442,7 +442,7 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
                                    params=0, ops=0)
     report_runs["pixels"] = {**results["pixels"], "sweep": res.get("linear")}
     t_nets = time.perf_counter()
-    student_kwargs = build_parts(configs["s2bnn"]).backbone_kwargs
+    student_kwargs = backbone_kwargs(configs["s2bnn"], in_chans)
     res = evaluate_untrained(plan.student_model, student_kwargs, ds["train"], ds["test"],
                              seeds=range(plan.random_seeds), sample_size=2000, **common)
     results["random_init"] = result_row("random_init", None, plan.student_model, True, res,

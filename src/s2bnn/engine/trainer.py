@@ -66,7 +66,8 @@ from s2bnn.engine.rundir import (
 )
 from s2bnn.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 
-__all__ = ["Parts", "build_parts", "train", "resolve_device", "autocast_context"]
+__all__ = ["Parts", "build_parts", "backbone_kwargs", "train", "resolve_device",
+           "autocast_context"]
 
 
 # --------------------------------------------------------------------------- what is trained
@@ -104,6 +105,24 @@ def _seeded_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
 
 # An ImageFolder whose decoded training images fit in this is held in memory (data.in_memory).
 IN_MEMORY_AUTO_BYTES = 1 << 30
+
+
+def backbone_kwargs(cfg: Config, in_chans: int) -> dict[str, Any]:
+    """The ``build_model`` arguments of the student ``cfg.model`` describes, for images with
+    ``in_chans`` channels (features only: ``num_classes=0``)."""
+    mc = cfg.model
+    kwargs: dict[str, Any] = dict(mc.kwargs)
+    if "in_chans" in kwargs and kwargs["in_chans"] != in_chans:
+        raise ConfigError(
+            f"model.kwargs.in_chans={kwargs['in_chans']} but {cfg.data.name} has {in_chans}-"
+            "channel images; drop model.kwargs.in_chans (the data sets it) or use matching data"
+        )
+    for key in ("binary_act", "binary_weight", "width_mult", "stem_stride"):
+        value = getattr(mc, key)
+        if value is not None:
+            kwargs[key] = value
+    kwargs.update(num_classes=0, in_chans=in_chans)
+    return kwargs
 
 
 def build_parts(cfg: Config) -> Parts:
@@ -153,17 +172,7 @@ def build_parts(cfg: Config) -> Parts:
             aug.preset, image_size, in_chans, **aug_args)
 
     mc = cfg.model
-    kwargs: dict[str, Any] = dict(mc.kwargs)
-    if "in_chans" in kwargs and kwargs["in_chans"] != in_chans:
-        raise ConfigError(
-            f"model.kwargs.in_chans={kwargs['in_chans']} but {dc.name} has {in_chans}-channel "
-            "images; drop model.kwargs.in_chans (the data sets it) or use matching data"
-        )
-    for key in ("binary_act", "binary_weight", "width_mult", "stem_stride"):
-        value = getattr(mc, key)
-        if value is not None:
-            kwargs[key] = value
-    kwargs.update(num_classes=0, in_chans=in_chans)
+    kwargs = backbone_kwargs(cfg, in_chans)
     num_train = len(train_set)  # type: ignore[arg-type]
 
     def knn_sets() -> tuple[Dataset, Dataset, int] | None:
