@@ -188,3 +188,21 @@ def test_stage_configs_chain_teacher_into_student(tmp_path):
                          seconds={"mocov2": 12.5})
     assert cfgs["s2bnn"].steps == 7 and cfgs["mocov2"].time_budget == "12.5"
     assert cfgs["mocov2"].model.name == cfgs["s2bnn"].model.name
+
+
+def test_finished_stage_reuse_and_time_budgets(tmp_path):
+    """A resumed demo keeps a finished stage whatever its budget; a forced rerun does not."""
+    from s2bnn.demo import finished_with_same_config
+    from s2bnn.engine import train
+
+    base = {"output_dir": str(tmp_path / "t"), "progress": False, "batch_size": 8,
+            "data": {"name": "synthetic:1:8:32:4"}, "model": {"name": "resnet_small"},
+            "method": {"name": "mocov2", "queue_size": 16}}
+    train(config_from_dict({**base, "steps": 2}))
+    assert finished_with_same_config(config_from_dict({**base, "steps": 2}))
+    assert not finished_with_same_config(config_from_dict({**base, "steps": 3}))
+    budgeted = {**base, "output_dir": str(tmp_path / "b"), "time_budget": "3"}
+    train(config_from_dict(budgeted))
+    other = config_from_dict({**budgeted, "time_budget": "30"})
+    assert finished_with_same_config(other, any_budget=True)
+    assert not finished_with_same_config(other)

@@ -211,25 +211,27 @@ def _saved_config(cfg: Config) -> tuple[dict[str, Any], bool] | None:
     return ckpt.get("config") or {}, bool(ckpt.get("finished"))
 
 
-def finished_with_same_config(cfg: Config) -> bool:
-    """True when the stage's run dir holds a finished run of this config (a time budget may
-    differ: the seconds left for a stage change from one demo run to the next)."""
+def finished_with_same_config(cfg: Config, any_budget: bool = False) -> bool:
+    """True when the stage's run dir holds a finished run of this config. With ``any_budget``
+    its time budget may differ (the seconds left for a stage change from one demo run to the
+    next, so a demo resumed after a crash would otherwise retrain its finished stages)."""
     saved = _saved_config(cfg)
     if saved is None:
         return False
     ignore = {"force", "resume", "progress"}
-    if cfg.time_budget is not None and saved[0].get("time_budget") is not None:
+    if any_budget and cfg.time_budget is not None and saved[0].get("time_budget") is not None:
         ignore.add("time_budget")
     old = {k: v for k, v in saved[0].items() if k not in ignore}
     new = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
     return saved[1] and old == new
 
 
-def train_stage(cfg: Config) -> tuple[Path, float]:
-    """Train one stage (reusing a finished run of the same config); (run dir, seconds)."""
+def train_stage(cfg: Config, any_budget: bool = False) -> tuple[Path, float]:
+    """Train one stage, reusing a finished run of the same config (``any_budget``: of any time
+    budget); returns (run dir, seconds)."""
     from s2bnn.engine import train
 
-    if finished_with_same_config(cfg):
+    if finished_with_same_config(cfg, any_budget):
         print(f"reusing the finished run in {cfg.output_dir}", flush=True)
         return Path(cfg.output_dir), 0.0
     saved = _saved_config(cfg)
@@ -479,7 +481,9 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
         cfg = stage_configs(plan, out, force=force, seconds=seconds)[name]
         share = f", {format_duration(seconds[name])} of the budget" if name in seconds else ""
         _header(2 + i, total, texts[name] + share)
-        dirs[name], timings[name] = train_stage(cfg)
+        # A rerun with --force trains again (e.g. with a larger budget); a demo resumed after a
+        # crash keeps the stages it had finished.
+        dirs[name], timings[name] = train_stage(cfg, any_budget=not force)
         stages[name] = stage_summary(dirs[name], timings[name], seconds.get(name))
         print(_describe_stage(name, stages[name]), flush=True)
 
