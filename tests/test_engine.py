@@ -421,7 +421,7 @@ def test_cli_refusal_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_precision_choices(tmp_path: Path) -> None:
-    from s2bnn.engine.trainer import autocast_context
+    from s2bnn.devices import autocast_context
 
     cpu = torch.device("cpu")
     with autocast_context("auto", cpu)():

@@ -202,7 +202,7 @@ def test_seed_loss_is_the_official_seed_loss() -> None:
     (set(), False),
 ])
 def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(flags: set, bf16: bool) -> None:
-    from s2bnn.engine.trainer import autocast_context
+    from s2bnn.devices import autocast_context
 
     factory = autocast_context("auto", torch.device("cpu"), cpu_flags=flags)
     with factory():

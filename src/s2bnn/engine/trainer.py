@@ -23,7 +23,6 @@ augmentation draws from the main process (``data.num_workers=0`` or batch augmen
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import io
@@ -56,6 +55,7 @@ from s2bnn.checkpoint import (
     save_checkpoint,
 )
 from s2bnn.config import SIZING_KEYS, Config, config_to_dict, save_config
+from s2bnn.devices import autocast_context, resolve_device
 from s2bnn.engine.optim import build_optimizer, build_scheduler
 from s2bnn.engine.rundir import (
     MetricsCSV,
@@ -66,8 +66,7 @@ from s2bnn.engine.rundir import (
 )
 from s2bnn.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
 
-__all__ = ["Parts", "build_parts", "backbone_kwargs", "train", "resolve_device",
-           "autocast_context"]
+__all__ = ["Parts", "build_parts", "backbone_kwargs", "train"]
 
 
 # --------------------------------------------------------------------------- what is trained
@@ -210,63 +209,7 @@ def build_parts(cfg: Config) -> Parts:
     )
 
 
-# --------------------------------------------------------------------------- devices and seeds
-def resolve_device(pref: str) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU; ``cuda`` -> this rank's."""
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cpu":
-        return torch.device("cpu")
-    if pref.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device={pref} but no CUDA device is visible; use device=cpu or device=auto"
-            )
-        if pref == "cuda":
-            return torch.device("cuda", D.local_rank())
-        try:
-            dev = torch.device(pref)
-        except RuntimeError:
-            raise ConfigError(
-                f"config key 'device' is '{pref}'; use auto, cpu, cuda or cuda:N"
-            ) from None
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={pref} but only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-        return dev
-    raise ConfigError(f"config key 'device' is '{pref}'; allowed values: auto, cpu, cuda, cuda:N")
-
-
-def autocast_context(
-    precision: str, device: torch.device, cpu_flags: frozenset[str] | set[str] | None = None
-) -> Callable[[], Any]:
-    """A factory of the autocast context for ``precision`` on ``device`` (bf16 needs no scaler).
-
-    ``auto`` trains under bf16 autocast only where the hardware computes bf16 natively: a GPU
-    with bf16, or a CPU whose flags (``/proc/cpuinfo``; ``cpu_flags`` injects them, for tests)
-    include ``avx512_bf16`` or ``amx_bf16``. Elsewhere (e.g. AVX2-only CPUs, where bf16 is
-    emulated and slower) it is fp32, the reference's precision.
-    """
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("precision=bf16 but this GPU has no bf16 support; use precision=fp32")
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "auto" and device.type == "cpu":
-        if cpu_flags is None:
-            try:
-                with open("/proc/cpuinfo") as fh:
-                    line = next((ln for ln in fh if ln.startswith("flags")), "")
-                cpu_flags = frozenset(line.partition(":")[2].split())
-            except OSError:
-                cpu_flags = frozenset()
-        if {"avx512_bf16", "amx_bf16"} & set(cpu_flags):
-            return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
+# --------------------------------------------------------------------------- seeds
 def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 

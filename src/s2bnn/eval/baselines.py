@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from s2bnn.devices import resolve_device
 from s2bnn.eval.features import (
     extract_features,
     extract_pixels,
     make_loader,
     num_classes_of,
-    resolve_device,
     standardize,
 )
 from s2bnn.eval.knn import knn_eval

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from s2bnn.devices import resolve_device
+
 __all__ = [
-    "resolve_device",
     "to_float_images",
     "make_loader",
     "extract_features",
@@ -20,13 +21,6 @@ __all__ = [
     "dataset_targets",
     "num_classes_of",
 ]
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/``None`` -> the first CUDA device when there is one, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def to_float_images(x: Any) -> torch.Tensor:

@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from s2bnn.devices import resolve_device
 from s2bnn.errors import UserError
 from s2bnn.eval.features import (
     make_loader,
     num_classes_of,
-    resolve_device,
     to_float_images,
     topk_accuracy,
 )

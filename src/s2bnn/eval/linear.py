@@ -26,10 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from s2bnn.devices import resolve_device
 from s2bnn.eval.features import (
     make_loader,
     num_classes_of,
-    resolve_device,
     standardize,
     to_float_images,
     topk_accuracy,

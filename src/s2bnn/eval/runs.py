@@ -21,8 +21,8 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 from s2bnn.checkpoint import atomic_write_bytes
+from s2bnn.devices import resolve_device
 from s2bnn.errors import DataError
-from s2bnn.eval.features import resolve_device
 
 __all__ = [
     "EvalSetup",
