@@ -15,12 +15,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import faults
 import numpy as np
 import pytest
 import torch
 
-from s2bnn import checkpoint as ckpt
-from s2bnn.checkpoint import FAULT_ENV, load_checkpoint, save_checkpoint
+from s2bnn.checkpoint import load_checkpoint, save_checkpoint
 from s2bnn.cli import main
 
 TINY = """\
@@ -214,8 +214,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(ws: Path, tmp_path: 
     last = run / "checkpoints" / "last.pt"
     before = (last.stat().st_mtime_ns, last.read_bytes())
     argv = ["train", str(ws / "tiny.yaml"), f"output_dir={run}", "resume=auto", "epochs=2"]
-    monkeypatch.setattr(ckpt, "_fault_counts", {})
-    monkeypatch.setenv(FAULT_ENV, "enospc:last.pt:1")
+    faults.install("enospc:last.pt:1", monkeypatch.setattr)  # only the first write fails
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -224,7 +223,6 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(ws: Path, tmp_path: 
     assert "previous checkpoint" in err
     assert (last.stat().st_mtime_ns, last.read_bytes()) == before
     assert not list(last.parent.glob(".*.tmp"))
-    monkeypatch.delenv(FAULT_ENV)
     assert main(argv) == 0
     assert load_checkpoint(run)["epoch"] == 2 and load_checkpoint(run)["finished"]
 
@@ -234,7 +232,6 @@ def test_worker_error_is_one_line_in_a_real_process(ws: Path, tmp_path: Path) ->
     """A real process whose truncated image is met in a DataLoader worker: stderr holds exactly
     the one line (torch re-raises worker errors with the worker's traceback in the message)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(FAULT_ENV, None)
     before = snapshot(ws)
     proc = subprocess.run(
         [sys.executable, "-m", "s2bnn", "train", str(ws / "tiny.yaml"),

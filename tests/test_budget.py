@@ -18,8 +18,7 @@ from s2bnn.budget import (
 )
 from s2bnn.checkpoint import load_checkpoint
 from s2bnn.config import load_config
-from s2bnn.engine import train
-from s2bnn.engine.trainer import _Trainer
+from s2bnn.engine import Trainer, train
 from s2bnn.errors import ConfigError
 
 
@@ -109,7 +108,7 @@ def test_steps_equal_to_epochs_train_the_same_run(tmp_path: Path) -> None:
     train(tiny_cfg(tmp_path / "e", epochs=2), parts=tiny_parts())
     train(tiny_cfg(tmp_path / "s", epochs=None, steps=12), parts=tiny_parts())
     a, b = load_checkpoint(tmp_path / "e"), load_checkpoint(tmp_path / "s")
-    for key in ("method", "optimizer", "scheduler"):
+    for key in ("backbone", "method", "optimizer", "scheduler"):
         assert_identical(a[key], b[key], key)
 
 
@@ -160,7 +159,7 @@ def test_time_budget_sizes_the_run_once_and_resume_keeps_it(tmp_path: Path,
         calls.append(1)
         return 0.05
 
-    monkeypatch.setattr(_Trainer, "_measure_step_seconds", fake_step_seconds)
+    monkeypatch.setattr(Trainer, "measure_step_seconds", fake_step_seconds)
     run = tmp_path / "run"
     # 1 s of budget at 50 ms a step, minus the set-up so far: at most 20 steps. The run
     # crashes at step 5, after a checkpoint at step 4.
@@ -185,7 +184,7 @@ def test_time_budget_measures_a_copy_not_the_run(tmp_path: Path) -> None:
     assert n >= 1
     train(tiny_cfg(tmp_path / "s", epochs=None, steps=n), parts=tiny_parts())
     a, b = load_checkpoint(tmp_path / "b"), load_checkpoint(tmp_path / "s")
-    for key in ("method", "optimizer", "scheduler"):
+    for key in ("backbone", "method", "optimizer", "scheduler"):
         assert_identical(a[key], b[key], key)
 
 
@@ -193,7 +192,7 @@ def test_budget_below_one_step_refused_and_old_run_kept(tmp_path: Path, monkeypa
     run = tmp_path / "run"
     train(tiny_cfg(run), parts=tiny_parts())
     before = snapshot(run)
-    monkeypatch.setattr(_Trainer, "_measure_step_seconds", lambda self: 5.0)
+    monkeypatch.setattr(Trainer, "measure_step_seconds", lambda self: 5.0)
     with pytest.raises(ConfigError, match="config key 'time_budget'.*less than one optimiser"):
         train(tiny_cfg(run, epochs=None, time_budget="2s", force=True), parts=tiny_parts())
     assert snapshot(run) == before

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from s2bnn import distributed as D
-from s2bnn.checkpoint import load_checkpoint, save_checkpoint
+from s2bnn.checkpoint import load_checkpoint, method_state, save_checkpoint
 from s2bnn.config import config_from_dict, load_config
 from s2bnn.engine import Parts, train
 from s2bnn.engine.optim import LARS, build_optimizer, lr_factor, param_groups
 from s2bnn.errors import CheckpointError, ConfigError, RunDirError, TrainingError
+from s2bnn.eval.monitor import monitors
 from s2bnn.methods import Method
 
 
@@ -170,7 +171,8 @@ def snapshot(run: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- run dir
 def test_run_dir_layout_checkpoint_and_metrics(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    out = train(tiny_cfg(run, knn_every=1, save_every=1), parts=tiny_parts())
+    cfg = tiny_cfg(run, knn_every=1, save_every=1)
+    out = train(cfg, parts=tiny_parts(), callbacks=monitors(cfg))
     assert out == run
     loaded = load_config(run / "config.yaml")
     assert loaded.batch_size == 8 and loaded.output_dir == str(run)
@@ -181,10 +183,11 @@ def test_run_dir_layout_checkpoint_and_metrics(tmp_path: Path) -> None:
     assert ckpt["backbone"]["name"] == "tiny"
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python"}
     assert {"optimizer", "scheduler", "method", "config"} <= set(ckpt)
-    # The backbone entry alone rebuilds the trained student.
+    # The backbone entry alone rebuilds the trained student; it is stored once.
     fresh = TinyBackbone(**ckpt["backbone"]["kwargs"])
     fresh.load_state_dict(ckpt["backbone"]["state_dict"])
-    assert torch.equal(fresh.net[0].weight, ckpt["method"]["backbone.net.0.weight"])
+    assert not any(k.startswith("backbone.") for k in ckpt["method"])
+    assert torch.equal(fresh.net[0].weight, method_state(ckpt)["backbone.net.0.weight"])
     assert (run / "checkpoints" / "epoch_1.pt").is_file()
     assert load_checkpoint(run / "checkpoints" / "epoch_1.pt")["finished"] is False
 
@@ -398,11 +401,11 @@ def test_unreadable_checkpoint_needs_force(tmp_path: Path) -> None:
 
 
 def test_sync_bn_converts_trainable_parts_only() -> None:
-    from s2bnn.engine.trainer import _convert_sync_bn
+    from s2bnn.engine.ddp import convert_sync_bn
 
     method = TinyMethod(TinyBackbone())
     method.teacher = TinyBackbone().eval()  # a frozen teacher is kept in eval mode
-    _convert_sync_bn(method)
+    convert_sync_bn(method)
     assert isinstance(method.backbone.net[1], nn.SyncBatchNorm)
     assert isinstance(method.key.net[1], nn.SyncBatchNorm)  # momentum encoder, as in MoCo
     assert type(method.teacher.net[1]) is nn.BatchNorm1d

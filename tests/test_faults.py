@@ -2,9 +2,10 @@
 checkpoint write and just before the checkpoint's rename; rerunning the same command with
 ``resume=auto`` ends bit-identical to an uninterrupted run (CPU, deterministic, one thread).
 
-The kills come from the ``S2BNN_FAULT`` hook (``s2bnn.checkpoint.fault_point``): the process
-sends itself SIGKILL at a chosen point, so the test is deterministic and the kill is as hard as
-``kill -9`` (no handler, no ``finally``, no flush).
+The kills come from the test helper :mod:`faults` (``$S2BNN_FAULT``; the library has no hooks):
+``python tests/faults.py train ...`` is ``s2bnn train ...`` with the named fault installed, and
+the process sends itself SIGKILL at the chosen point, so the test is deterministic and the kill
+is as hard as ``kill -9`` (no handler, no ``finally``, no flush).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import faults
 import pytest
+from faults import FAULT_ENV
 from helpers import assert_identical
 
 from s2bnn import checkpoint as ckpt
-from s2bnn.checkpoint import FAULT_ENV, load_checkpoint
+from s2bnn.checkpoint import load_checkpoint
 from s2bnn.errors import CheckpointError
 
 # 48 images of 8x8 px, batch 16: 3 steps per epoch, 3 epochs. MoCo v2 has a momentum encoder
@@ -54,7 +57,7 @@ def _env(fault: str | None) -> dict[str, str]:
 
 
 def _command(recipe: Path, out: Path, *over: str) -> list[str]:
-    return [sys.executable, "-m", "s2bnn", "train", str(recipe), f"output_dir={out}", *over]
+    return [sys.executable, faults.__file__, "train", str(recipe), f"output_dir={out}", *over]
 
 
 def train_cli(recipe: Path, out: Path, *over: str, fault: str | None = None
@@ -143,10 +146,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- the hook itself
 def test_fault_hook_is_inert_unless_it_names_the_point(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(ckpt, "_fault_counts", {})
-    monkeypatch.delenv(FAULT_ENV, raising=False)
-    ckpt.fault_point("kill-step")  # unset: nothing happens
-    monkeypatch.setenv(FAULT_ENV, "enospc:metrics.csv:2")
+    faults.install("enospc:metrics.csv:2", monkeypatch.setattr)
     ckpt.atomic_write_bytes(tmp_path / "last.pt", b"a")  # another file: not counted
     ckpt.atomic_write_bytes(tmp_path / "metrics.csv", b"one")  # 1st metrics.csv write: fine
     with pytest.raises(OSError, match="No space left"):
@@ -163,8 +163,7 @@ def test_config_yaml_rewrite_is_atomic(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "config.yaml"
     save_config(config_from_dict({"output_dir": str(tmp_path), "seed": 1}), path)
     before = path.read_bytes()
-    monkeypatch.setattr(ckpt, "_fault_counts", {})
-    monkeypatch.setenv(FAULT_ENV, "enospc:config.yaml:1")
+    faults.install("enospc:config.yaml:1", monkeypatch.setattr)
     with pytest.raises(OSError):
         save_config(config_from_dict({"output_dir": str(tmp_path), "seed": 2}), path)
     assert path.read_bytes() == before and load_config(path).seed == 1

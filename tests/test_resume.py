@@ -10,6 +10,7 @@ from test_engine import one_thread, read_metrics, tiny_cfg, tiny_parts  # noqa: 
 
 from s2bnn.checkpoint import load_checkpoint
 from s2bnn.engine import train
+from s2bnn.eval.monitor import KNNMonitor
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -64,12 +65,12 @@ def test_resume_real_method_with_augmentation_and_knn(tmp_path: Path) -> None:
         return config_from_dict({**base, **over})
 
     crashing = _crashing_parts(5)  # in epoch 2 (3 steps per epoch)
-    train(cfg(tmp_path / "full"))
+    train(cfg(tmp_path / "full"), callbacks=[KNNMonitor(every=1)])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg(tmp_path / "run"), parts=crashing)
-    train(cfg(tmp_path / "run", resume="auto"))
+        train(cfg(tmp_path / "run"), parts=crashing, callbacks=[KNNMonitor(every=1)])
+    train(cfg(tmp_path / "run", resume="auto"), callbacks=[KNNMonitor(every=1)])
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "run")
-    for key in ("method", "optimizer", "scheduler"):
+    for key in ("backbone", "method", "optimizer", "scheduler"):
         assert_identical(a[key], b[key], key)
     knn = [r["knn_top1"] for r in read_metrics(tmp_path / "run") if r["knn_top1"]]
     assert knn == [r["knn_top1"] for r in read_metrics(tmp_path / "full") if r["knn_top1"]]
@@ -109,7 +110,7 @@ def test_offline_teacher_is_reloaded_not_checkpointed(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg(tmp_path / "run"), parts=crashing)
     train(cfg(tmp_path / "run", resume="auto"))
-    for key in ("method", "optimizer", "scheduler"):
+    for key in ("backbone", "method", "optimizer", "scheduler"):
         assert_identical(ckpt[key], load_checkpoint(tmp_path / "run")[key], key)
 
     with pytest.raises(RuntimeError, match="simulated crash"):

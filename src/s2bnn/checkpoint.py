@@ -5,34 +5,26 @@ fsync'ed, and only then renamed over the target, so a crash or a full disk mid-w
 a truncated checkpoint in place of a good one. Reads use ``torch.load(weights_only=True)``: a
 checkpoint that would need to run pickled code is refused, never executed.
 
-A training checkpoint is a dict::
+A training checkpoint is a dict (written by :func:`s2bnn.engine.state.checkpoint_state`)::
 
     {"format": "s2bnn", "version": 1, "config": {...}, "epoch": int, "step": int,
      "backbone": {"name": str, "kwargs": {...}, "state_dict": {...}},
-     "method": method.training_state(), "frozen_fingerprint": str | None,
+     "method": the rest of method.training_state(), "frozen_fingerprint": str | None,
      "optimizer": ..., "scheduler": ..., "rng": {...}, ...}
 
-Fault injection (tests only, see docs/RELIABILITY.md): ``S2BNN_FAULT=POINT[:FILE]:N`` makes the
-N-th matching event of the process fail. ``kill-step:N`` SIGKILLs after the N-th optimiser step
-(the engine checks it only when the variable is set); ``kill-write:FILE:N`` SIGKILLs half-way
-through writing the temporary file of the N-th atomic write of a file named FILE (e.g.
-``last.pt``); ``kill-rename:FILE:N`` SIGKILLs after that temporary file is complete, before the
-rename; ``enospc:FILE:N`` fails that write half-way with "No space left on device". Unset, it
-costs one environment lookup per write.
+The backbone is stored once, under ``backbone``; checkpoints written before that also repeat it
+as ``backbone.*`` keys of ``method``, and :func:`method_state` reads both.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import io
 import json
 import os
 import pickle
-import signal
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,42 +38,14 @@ VERSION = 1
 __all__ = [
     "FORMAT",
     "VERSION",
-    "FAULT_ENV",
-    "fault_point",
     "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
+    "method_state",
     "resolve_checkpoint",
     "save_safetensors",
     "load_safetensors",
 ]
-
-
-FAULT_ENV = "S2BNN_FAULT"
-_fault_counts: dict[str, int] = {}
-
-
-def fault_point(point: str, name: str = "", partial: Callable[[], object] | None = None) -> None:
-    """Test hook: fail here if ``$S2BNN_FAULT`` names this point (see the module docstring).
-
-    Counts the calls whose ``point`` (and file ``name``) match the variable; on the N-th one,
-    runs ``partial`` (e.g. write half a file), then raises ENOSPC (``enospc``) or SIGKILLs the
-    process (``kill-*``). Does nothing when the variable is unset or names another point.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    *where, nth = spec.split(":")
-    if where != ([point, name] if name else [point]):
-        return
-    _fault_counts[spec] = _fault_counts.get(spec, 0) + 1
-    if str(_fault_counts[spec]) != nth.strip():
-        return
-    if partial is not None:
-        partial()
-    if point == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @functools.cache
@@ -98,34 +62,31 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a new, complete and fsync'ed temporary file beside ``path``; removed again if
+    the write fails (e.g. a full disk)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _new_file_mode())
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    faults = bool(os.environ.get(FAULT_ENV))
+    tmp = _write_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), _new_file_mode())
-            if faults:
-                def half() -> None:
-                    fh.write(data[: len(data) // 2])
-                    fh.flush()
-                    os.fsync(fh.fileno())
-
-                fault_point("kill-write", path.name, half)
-                fault_point("enospc", path.name, half)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if faults:
-            fault_point("kill-rename", path.name)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
     # The rename itself must survive a power cut: sync the directory entry too.
     try:
@@ -198,6 +159,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of weights")
     return obj
+
+
+def method_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's whole method state: its ``method`` entry with the backbone's
+    tensors (stored once, under ``backbone``) back under ``backbone.*``."""
+    state = dict(ckpt.get("method") or {})
+    entry = ckpt.get("backbone")
+    if isinstance(entry, dict) and isinstance(entry.get("state_dict"), dict):
+        for key, value in entry["state_dict"].items():
+            state.setdefault(f"backbone.{key}", value)
+    return state
 
 
 def save_safetensors(

@@ -28,8 +28,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validate before importing the heavy parts
     from s2bnn.engine import train
+    from s2bnn.eval.monitor import monitors
 
-    run_dir = train(cfg)
+    run_dir = train(cfg, callbacks=monitors(cfg))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only the first process reports
         print(f"run dir: {run_dir}")
     return 0

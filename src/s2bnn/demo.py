@@ -230,6 +230,7 @@ def train_stage(cfg: Config, any_budget: bool = False) -> tuple[Path, float]:
     """Train one stage, reusing a finished run of the same config (``any_budget``: of any time
     budget); returns (run dir, seconds)."""
     from s2bnn.engine import train
+    from s2bnn.eval.monitor import monitors
 
     if finished_with_same_config(cfg, any_budget):
         print(f"reusing the finished run in {cfg.output_dir}", flush=True)
@@ -240,7 +241,7 @@ def train_stage(cfg: Config, any_budget: bool = False) -> tuple[Path, float]:
         # An interrupted stage resumes with the budget it was measured for, not a new one.
         cfg = config_from_dict({**config_to_dict(cfg), "time_budget": saved[0]["time_budget"]})
     start = time.perf_counter()
-    run_dir = train(cfg)
+    run_dir = train(cfg, callbacks=monitors(cfg))
     return Path(run_dir), time.perf_counter() - start
 
 

@@ -1,0 +1,114 @@
+"""How long a run trains: its optimiser steps from ``epochs``, ``steps`` or ``time_budget``.
+
+A time budget is turned into steps before training starts: a throw-away copy of the method
+trains a few steps on real batches, and the run gets as many steps as fit in what is left of the
+budget; the LR schedule then spans exactly those steps, and the checkpoint keeps the number so
+a resume does not re-measure. The arithmetic itself is :mod:`s2bnn.budget`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from s2bnn.budget import BudgetError, format_duration, steps_for_budget
+from s2bnn.config import SIZING_KEYS, Config
+from s2bnn.engine.build import make_optimizer
+from s2bnn.engine.state import rng_state, set_rng_state
+from s2bnn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from s2bnn.engine.loop import Trainer
+
+__all__ = ["sizing_of", "planned_steps", "measure_step_seconds", "steps_in_budget"]
+
+
+def sizing_of(cfg: Config) -> dict[str, Any]:
+    """The config keys that size a run (kept in the checkpoint, compared on resume)."""
+    return {key: getattr(cfg, key) for key in SIZING_KEYS}
+
+
+def planned_steps(cfg: Config, steps_per_epoch: int,
+                  resume_ckpt: dict[str, Any] | None = None) -> int | None:
+    """Optimiser steps of the run, or ``None`` when a time budget is still to be measured.
+
+    A resume with unchanged sizing keys keeps what its budget was measured to be."""
+    ckpt = resume_ckpt
+    if ckpt is not None and ckpt.get("sizing") == sizing_of(cfg) and ckpt.get("total_steps"):
+        return int(ckpt["total_steps"])
+    if cfg.steps is not None:
+        return int(cfg.steps)
+    if cfg.time_budget is not None:
+        return None
+    return int(cfg.epochs or 1) * steps_per_epoch
+
+
+def measure_step_seconds(trainer: Trainer) -> float:
+    """Seconds per optimiser step of ``trainer``'s run, timed on a throw-away copy of its method
+    (real batches, loading included), so the run itself starts from untouched weights and RNG
+    state; what each epoch end adds is spread over the epoch's steps."""
+    probe = copy.deepcopy(trainer.method)
+    opt = make_optimizer(trainer.cfg.optim, probe)
+    rng = rng_state()
+    times: list[float] = []
+    batches: Iterator[list[torch.Tensor]] = iter(())
+    world, device = trainer.world, trainer.device
+    try:
+        # Under DDP every rank runs the same number of steps: methods with collectives in
+        # their forward (shuffle BN) would otherwise wait on each other forever.
+        for i in range(12 if world == 1 else 6):
+            t0 = time.perf_counter()
+            views = next(batches, None)
+            if views is None:  # a tiny dataset: fewer batches an epoch than timed steps
+                batches = trainer.batches(trainer.loader)
+                views = next(batches)
+            with trainer.autocast():
+                loss, _ = probe(views)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            probe.on_train_step_end(i, trainer.steps_per_epoch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:  # the first step pays for allocations and lazy initialisation
+                times.append(time.perf_counter() - t0)
+            if world == 1 and len(times) >= 3 and sum(times) > 2.0:
+                break
+        # What each epoch end adds: a new loader iterator (worker start-up) and last.pt
+        # (serialised here in memory, then doubled for the disk and its fsync). On a small
+        # dataset of a few steps an epoch this is a large part of the time.
+        t0 = time.perf_counter()
+        del batches
+        iter(trainer.loader)
+        t1 = time.perf_counter()
+        torch.save({"m": probe.state_dict(), "o": opt.state_dict()}, io.BytesIO())
+        epoch_end = (t1 - t0) + 2 * (time.perf_counter() - t1)
+    finally:
+        set_rng_state(rng, "the engine's own snapshot")
+        del probe, opt
+    times.sort()
+    seconds = times[len(times) // 2] + epoch_end / trainer.steps_per_epoch
+    if world > 1:  # every rank must train the same number of steps
+        t = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        seconds = float(t[0])
+    return seconds
+
+
+def steps_in_budget(budget: float, step_seconds: float, spent: float, steps_per_epoch: int,
+                    ) -> tuple[int, str]:
+    """The steps that fit in ``budget`` seconds after ``spent`` seconds of set-up, and a line
+    saying so. A budget too small for one step is a one-line :class:`ConfigError`."""
+    try:
+        steps = steps_for_budget(budget, step_seconds, spent)
+    except BudgetError as err:
+        raise ConfigError(f"config key 'time_budget': {err}; raise it or use steps=N") from None
+    return steps, (f"time budget {format_duration(budget)}: {step_seconds * 1000:.0f} ms a step "
+                   f"after {format_duration(spent)} of set-up -> {steps} steps "
+                   f"({steps / steps_per_epoch:.2f} epochs)")
