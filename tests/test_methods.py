@@ -391,3 +391,97 @@ def test_seed_closes_the_gap_to_the_teacher(registry: None, teacher_run: Path) -
 def test_missing_teacher_file_names_the_fix(registry: None, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="teacher not found: .*teacher_mocov2.yaml"):
         _build(_cfg("s2bnn", teacher=_teacher_cfg(tmp_path / "no_such_run")))
+
+
+# --------------------------------------------------------------------------- registry
+def test_registry_names_match_the_config_choices() -> None:
+    from s2bnn.config import CHOICES
+    from s2bnn.methods import method_names
+
+    assert set(method_names()) == set(CHOICES["method.name"])
+
+
+@pytest.mark.parametrize("name, key, value, match", [
+    ("mocov2", "momentum", 1.5, r"method.momentum must be in \[0, 1\]"),
+    ("s2bnn", "contrastive_weight", -1.0, r"method.contrastive_weight must be >= 0"),
+    ("seed", "seed_teacher_temp", 0.0, r"method.seed_teacher_temp must be > 0"),
+    ("dino", "dino_warmup_teacher_temp_frac", 2.0, r"must be in \[0, 1\]"),
+    ("dino", "dino_student_temp", -0.1, r"method.dino_student_temp must be > 0"),
+])
+def test_each_method_checks_its_own_keys_before_anything_loads(
+        name: str, key: str, value: float, match: str) -> None:
+    from s2bnn.methods import check_method_config
+
+    with pytest.raises(ConfigError, match=match):
+        check_method_config(_cfg(name, **{key: value}))
+    # Another method's keys are not this method's business.
+    other = "mocov2" if name != "mocov2" else "dino"
+    check_method_config(_cfg(other, **{key: value}) if key not in ("momentum",) else _cfg(other))
+
+
+def test_views_are_checked_with_the_config() -> None:
+    from s2bnn.methods import check_method_config
+
+    with pytest.raises(ConfigError, match="set data.augment.num_views=2"):
+        check_method_config(_cfg("mocov2"), num_views=1)
+    check_method_config(_cfg("s2bnn"), num_views=1)
+
+
+def test_a_registered_method_builds_from_its_name(registry: None) -> None:
+    from s2bnn.methods import Method, register_method
+    from s2bnn.methods.registry import _REGISTRY as METHOD_REGISTRY
+
+    class Probe(Method):
+        name = "probe_method"
+
+        @classmethod
+        def from_config(cls, cfg, backbone, ctx):  # type: ignore[no-untyped-def]
+            method = cls(backbone)
+            method.ctx = ctx
+            return method
+
+    try:
+        register_method(Probe)
+        built = _build(_cfg("probe_method"), total_steps=7)
+        assert isinstance(built, Probe) and built.ctx.total_steps == 7
+        assert built.ctx.num_train == N_IMAGES and built.ctx.in_chans == 1
+    finally:
+        METHOD_REGISTRY.pop("probe_method", None)
+
+
+# --------------------------------------------------------------------------- momentum encoders
+def test_one_momentum_helper_for_moco_and_dino(registry: None, teacher_run: Path) -> None:
+    """MoCo's key encoder and DINO's EMA teacher: synced at the first training forward (not
+    at construction, not again after a resume), then EMA-updated with the method's momentum."""
+    from s2bnn.methods.momentum import MomentumEncoders
+
+    for case, owner, online, copy_name in (
+            ("mocov2", lambda m: m.moco, lambda m: m.backbone, "key_backbone"),
+            ("dino", lambda m: m, lambda m: m.backbone, "ema_backbone")):
+        method = _build(CASES[case](teacher_run))
+        enc = owner(method)
+        assert isinstance(enc, MomentumEncoders) and not bool(enc.initialized)
+        target = getattr(enc, copy_name)
+        with torch.no_grad():
+            for p in online(method).parameters():
+                p.add_(1.0)  # the student moves before the first forward (e.g. DDP broadcast)
+        method.train()
+        method(_data()[0])
+        assert bool(enc.initialized)
+        for a, b in zip(target.parameters(), online(method).parameters()):
+            assert torch.equal(a, b) and not a.requires_grad
+        before = [p.clone() for p in target.parameters()]
+        with torch.no_grad():
+            for p in online(method).parameters():
+                p.add_(1.0)
+        method.on_train_step_end(0, 100)
+        moved = [not torch.equal(a, b) for a, b in zip(before, target.parameters())]
+        assert any(moved)
+        # A resumed method keeps its loaded copies: the first forward does not re-copy.
+        state = method.state_dict()
+        resumed = _build(CASES[case](teacher_run), seed=1)
+        resumed.load_state_dict(state)
+        resumed.train()
+        resumed(_data()[0])
+        for a, b in zip(getattr(owner(resumed), copy_name).parameters(), target.parameters()):
+            assert torch.equal(a, b)

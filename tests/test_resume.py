@@ -8,9 +8,28 @@ import pytest
 from helpers import assert_identical
 from test_engine import one_thread, read_metrics, tiny_cfg, tiny_parts  # noqa: F401
 
-from s2bnn.checkpoint import load_checkpoint
+from s2bnn.checkpoint import load_checkpoint, method_state, save_checkpoint
 from s2bnn.engine import train
 from s2bnn.eval.monitor import KNNMonitor
+
+
+def test_checkpoint_that_repeats_the_backbone_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before the backbone was stored once also hold it as ``backbone.*``
+    keys of ``method``: such a checkpoint resumes and ends as the uninterrupted run."""
+    common = {"deterministic": True}
+    full, run = tmp_path / "full", tmp_path / "run"
+    train(tiny_cfg(full, **common), parts=tiny_parts())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(run, **common), parts=tiny_parts(crash_at=9))
+    old = load_checkpoint(run)
+    assert not any(k.startswith("backbone.") for k in old["method"])
+    old["method"] = method_state(old)  # the earlier layout
+    assert any(k.startswith("backbone.") for k in old["method"])
+    save_checkpoint(old, run / "checkpoints" / "last.pt")
+    train(tiny_cfg(run, resume="auto", **common), parts=tiny_parts())
+    a, b = load_checkpoint(full), load_checkpoint(run)
+    for key in ("backbone", "method", "optimizer"):
+        assert_identical(a[key], b[key], key)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -119,10 +119,15 @@ def test_official_moco_v2_layout_resnet50_head(registry: None, tmp_path: Path) -
 def test_teacher_is_frozen_and_stays_in_eval(
     registry: None, moco18: tuple[Path, nn.Module]
 ) -> None:
+    from s2bnn.methods import Method
+
     teacher = load_teacher(moco18[0], "resnet18")
     assert all(not p.requires_grad for p in teacher.parameters())
-    teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
+    holder = Method(nn.Linear(1, 1))
+    holder.attach_offline_teacher(teacher)
+    holder.train()  # the method trains; its teacher stays in eval
+    assert holder.training and not any(m.training for m in teacher.modules())
     x = _images().requires_grad_()
     assert not teacher(x).requires_grad
 

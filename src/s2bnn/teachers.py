@@ -117,10 +117,9 @@ class Teacher(nn.Module):
         self.embed_dim = linears[-1].out_features if linears else int(backbone.feature_dim)
         for p in self.parameters():
             p.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - frozen: always eval
-        return super().train(False)
+        # Built in eval mode; a method that holds it keeps it there (Method.attach_offline_teacher
+        # is the one place that enforces it, for any frozen module).
+        self.eval()
 
     def _autocast(self, x: torch.Tensor) -> Any:
         if self.precision == "auto":

@@ -84,17 +84,12 @@ def backbone_kwargs(cfg: Config, in_chans: int) -> dict[str, Any]:
 def build_parts(cfg: Config) -> Parts:
     """Dataset with augmented views, backbone and method builders, kNN splits for ``cfg``."""
     from s2bnn import data
-    from s2bnn.methods import build_method, views_needed
+    from s2bnn.methods import build_method, check_method_config
     from s2bnn.models import build_model
 
-    need = views_needed(cfg.method)
-    if cfg.data.augment.num_views < need:
-        # Checked here, before any data or teacher is loaded, not at the first forward pass.
-        raise ConfigError(
-            f"method '{cfg.method.name}' with these settings needs {need} augmented views per "
-            f"image, but data.augment.num_views={cfg.data.augment.num_views}; "
-            f"set data.augment.num_views={need}"
-        )
+    # Every method key (and the views the method needs) is checked before any data or teacher
+    # is loaded, not at the first forward pass.
+    check_method_config(cfg.method, cfg.data.augment.num_views)
     dc = cfg.data
     train_set = data.build_dataset(
         dc.name, "train", root=dc.root, limit=dc.limit, skip_corrupt=dc.skip_corrupt

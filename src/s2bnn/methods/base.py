@@ -20,12 +20,18 @@ any method can later serve as a teacher.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from s2bnn.distributed import all_gather_nograd
 from s2bnn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from s2bnn.config import MethodConfig
+    from s2bnn.methods.registry import BuildContext
 
 __all__ = [
     "Method",
@@ -34,6 +40,7 @@ __all__ = [
     "KeyQueue",
     "frozen_copy",
     "check_views",
+    "distill_over_views",
 ]
 
 QUEUE_MULTIPLE = 256  # queue lengths are rounded down to a multiple of this (a typical batch)
@@ -55,6 +62,22 @@ class Method(nn.Module):
         # left out of checkpoints, which would otherwise carry e.g. a ResNet-50 (~100 MB) each.
         self._frozen: list[str] = []
 
+    # ---------------------------------------------------------------- config (registry)
+    @classmethod
+    def views_needed(cls, cfg: MethodConfig) -> int:
+        """Augmented views per image this method trains on with ``cfg``."""
+        return 1
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        """Refuse bad values of this method's own ``method.*`` keys (one-line ConfigError)."""
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> Method:
+        """Build the method from its config around the student ``backbone``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- training
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training step on a list of augmented views: ``(loss, detached scalar logs)``."""
         raise NotImplementedError
@@ -163,6 +186,20 @@ def check_views(views: list[torch.Tensor], method: str, need: int) -> None:
             f"method '{method}' needs {need} augmented views per image, got {got}; "
             f"set data.augment.num_views={need}"
         )
+
+
+def distill_over_views(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    students: list[torch.Tensor], targets: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distillation over several views: the mean over views of ``loss(student, target)``, and
+    the mean student-teacher cosine (a detached log). With several views each image gives that
+    many student-teacher pairs a step; the loss keeps the scale of one view."""
+    value = torch.stack([loss(s, t) for s, t in zip(students, targets)]).mean()
+    cosine = torch.stack([
+        (s.detach().float() * t.float()).sum(1).mean() for s, t in zip(students, targets)
+    ]).mean()
+    return value, cosine
 
 
 class KeyQueue(nn.Module):

@@ -10,8 +10,9 @@ Read top to bottom:
   ``dino_head`` (not ``head``: its outputs are prototype scores, not an embedding to distil).
 * **EMA teacher.** ``ema_backbone``/``ema_head`` are copies of the student, updated after each
   step as ``theta_t <- m theta_t + (1 - m) theta_s`` with ``m`` raised from ``ema_momentum`` to 1
-  by a cosine schedule over the run. They follow the method's train mode (batch statistics), as
-  DINO's teacher does, and are re-copied from the student at the first training forward.
+  by a cosine schedule over the run: momentum encoders (:mod:`.momentum`), which follow the
+  method's train mode (batch statistics, as DINO's teacher) and are re-copied from the student at
+  the first training forward.
 * **Centring and sharpening.** The teacher's outputs minus the centre ``c`` (an EMA, momentum
   ``dino_center_momentum``, of the teacher's batch mean over all ranks) go through a softmax at a
   low temperature; centring keeps one prototype from dominating, sharpening keeps the output from
@@ -24,6 +25,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -31,7 +33,12 @@ import torch.nn.functional as F
 
 from s2bnn.distributed import all_reduce_mean
 from s2bnn.losses import dino_loss
-from s2bnn.methods.base import Method, check_views, frozen_copy
+from s2bnn.methods.base import Method, check_views
+from s2bnn.methods.momentum import MomentumEncoders
+from s2bnn.methods.registry import BuildContext, check_range, register_method
+
+if TYPE_CHECKING:
+    from s2bnn.config import MethodConfig
 
 __all__ = ["DINOHead", "DINO", "cosine_momentum"]
 
@@ -73,10 +80,33 @@ def _by_resolution(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return groups
 
 
-class DINO(Method):
+@register_method
+class DINO(Method, MomentumEncoders):
     """Student backbone + DINO head, EMA teacher, multi-crop, centring and sharpening."""
 
     name = "dino"
+
+    @classmethod
+    def views_needed(cls, cfg: MethodConfig) -> int:
+        return 2
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        for key in ("ema_momentum", "dino_center_momentum", "dino_warmup_teacher_temp_frac"):
+            check_range(cfg, key, 0.0, 1.0)
+        for key in ("dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp"):
+            check_range(cfg, key, 0.0, strict_low=True)
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> DINO:
+        return cls(
+            backbone, total_steps=ctx.total_steps, out_dim=cfg.dino_out_dim,
+            bottleneck_dim=cfg.proj_dim, hidden_dim=cfg.proj_hidden_dim,
+            student_temp=cfg.dino_student_temp, teacher_temp=cfg.dino_teacher_temp,
+            warmup_teacher_temp=cfg.dino_warmup_teacher_temp,
+            warmup_frac=cfg.dino_warmup_teacher_temp_frac,
+            center_momentum=cfg.dino_center_momentum, ema_momentum=cfg.ema_momentum,
+        )
 
     def __init__(
         self,
@@ -96,11 +126,10 @@ class DINO(Method):
         super().__init__(backbone)
         feat = int(backbone.feature_dim)
         self.dino_head = DINOHead(feat, hidden_dim or feat, bottleneck_dim, out_dim)
-        self.ema_backbone = frozen_copy(backbone)
-        self.ema_head = frozen_copy(self.dino_head)
+        self.ema_backbone = self.add_momentum_copy("ema_backbone", backbone)
+        self.ema_head = self.add_momentum_copy("ema_head", self.dino_head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.warmup_teacher_temp = warmup_teacher_temp
@@ -110,15 +139,10 @@ class DINO(Method):
         self.ema_momentum = ema_momentum
         self._ddp_ignored = ["ema_backbone", "ema_head", "center"]
         self._pending_center: torch.Tensor | None = None
-        self._synced = False
 
     def set_total_steps(self, total_steps: int) -> None:
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = int(self.warmup_frac * self.total_steps)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self._synced = False
-        super()._load_from_state_dict(*args, **kwargs)
 
     def teacher_temp_at(self, step: int) -> float:
         """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``."""
@@ -127,18 +151,10 @@ class DINO(Method):
         frac = step / self.warmup_steps
         return self.warmup_teacher_temp + frac * (self.teacher_temp - self.warmup_teacher_temp)
 
-    @torch.no_grad()
-    def _sync_teacher(self) -> None:
-        if not bool(self.initialized):
-            self.ema_backbone.load_state_dict(self.backbone.state_dict())
-            self.ema_head.load_state_dict(self.dino_head.state_dict())
-            self.initialized.fill_(True)
-        self._synced = True
-
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_views(views, self.name, 2)
-        if self.training and not self._synced:
-            self._sync_teacher()
+        if self.training:
+            self.sync_momentum(self.backbone, self.dino_head)
         student_out: list[torch.Tensor] = []
         for group in _by_resolution(list(views)):
             out = self.dino_head(self.backbone(torch.cat(group)))
@@ -155,9 +171,7 @@ class DINO(Method):
     @torch.no_grad()
     def on_train_step_end(self, step: int, total_steps: int) -> None:
         m = cosine_momentum(self.ema_momentum, step, total_steps)
-        for src, dst in ((self.backbone, self.ema_backbone), (self.dino_head, self.ema_head)):
-            torch._foreach_lerp_(list(dst.parameters()),
-                                 [p.detach() for p in src.parameters()], 1.0 - m)
+        self.update_momentum(m, self.backbone, self.dino_head)
         if self._pending_center is not None:
             batch_center = all_reduce_mean(self._pending_center)
             self.center.mul_(self.center_momentum).add_(

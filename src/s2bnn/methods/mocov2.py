@@ -18,12 +18,13 @@ shuffled across GPUs, so a key's statistics come from other images than its quer
   groups of a shuffled order, which is exactly what G ranks would compute ("split BN"). It costs G
   smaller forward passes instead of one; with ``shuffle_bn=syncbn`` or ``none`` nothing is done.
 
-The key encoder follows the method's train/eval mode (batch statistics in training, as in MoCo);
-it is (re)copied from the query encoder at the first training forward, after DDP has broadcast
-the student, so ranks start equal even if they were initialised differently.
+The key encoder is a momentum encoder (:mod:`.momentum`): it follows the method's train/eval mode
+and is (re)copied from the query encoder at the first training forward.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -31,12 +32,26 @@ import torch.nn.functional as F
 
 from s2bnn.distributed import all_gather_nograd, is_distributed, rank, world_size
 from s2bnn.losses import info_nce
-from s2bnn.methods.base import KeyQueue, Method, check_views, frozen_copy, mlp_head
+from s2bnn.methods.base import KeyQueue, Method, check_views, mlp_head, queue_length
+from s2bnn.methods.momentum import MomentumEncoders
+from s2bnn.methods.registry import BuildContext, check_range, register_method
 
-__all__ = ["MomentumContrast", "MoCoV2"]
+if TYPE_CHECKING:
+    from s2bnn.config import MethodConfig
+
+__all__ = ["MomentumContrast", "MoCoV2", "moco_kwargs"]
 
 
-class MomentumContrast(nn.Module):
+def moco_kwargs(cfg: MethodConfig, num_train: int) -> dict[str, Any]:
+    """The momentum-contrast arguments of ``cfg`` (shared by MoCo v2 and S2-BNN's terms)."""
+    return dict(
+        proj_dim=cfg.proj_dim, hidden_dim=cfg.proj_hidden_dim, temperature=cfg.temperature,
+        queue_len=queue_length(cfg.queue_size, num_train), momentum=cfg.momentum,
+        shuffle=cfg.shuffle_bn in ("auto", "shuffle"), groups=cfg.shuffle_bn_groups,
+    )
+
+
+class MomentumContrast(MomentumEncoders):
     """Momentum key encoder + key queue + shuffle-BN for a query encoder (backbone, head).
 
     The query encoder is not registered here (it belongs to the method); it is passed to the
@@ -56,36 +71,20 @@ class MomentumContrast(nn.Module):
         groups: int,
     ) -> None:
         super().__init__()
-        self.key_backbone = frozen_copy(backbone)
-        self.key_head = frozen_copy(head)
+        self.key_backbone = self.add_momentum_copy("key_backbone", backbone)
+        self.key_head = self.add_momentum_copy("key_head", head)
         self.queue = KeyQueue(queue_len, dim)
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # seeds the shuffle
         self.temperature = temperature
         self.momentum = momentum
         self.shuffle = shuffle
         self.groups = groups
         self._pending: torch.Tensor | None = None
-        self._synced = False
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self._synced = False
-        super()._load_from_state_dict(*args, **kwargs)
 
     def _local_groups(self, n: int) -> int:
         if not self.shuffle or is_distributed() or self.groups <= 1:
             return 1
         return self.groups if n >= 2 * self.groups else 1  # BN needs >1 sample per group
-
-    @torch.no_grad()
-    def _sync_from(self, backbone: nn.Module, head: nn.Module) -> None:
-        if self._synced:
-            return
-        if not bool(self.initialized):
-            for src, dst in ((backbone, self.key_backbone), (head, self.key_head)):
-                dst.load_state_dict(src.state_dict())
-            self.initialized.fill_(True)
-        self._synced = True
 
     def query(self, backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Normalised query embeddings, in BN groups on a single device (see module doc)."""
@@ -101,7 +100,7 @@ class MomentumContrast(nn.Module):
     def keys(self, x: torch.Tensor, backbone: nn.Module, head: nn.Module) -> torch.Tensor:
         """Normalised keys of ``x`` from the momentum encoder, with shuffle-BN."""
         if self.training:
-            self._sync_from(backbone, head)
+            self.sync_momentum(backbone, head)
         gen = torch.Generator().manual_seed(1_000_003 + int(self.step))
         if self.shuffle and is_distributed():
             x_all = all_gather_nograd(x)
@@ -128,20 +127,30 @@ class MomentumContrast(nn.Module):
     @torch.no_grad()
     def step_end(self, backbone: nn.Module, head: nn.Module) -> None:
         """Momentum update of the key encoder, then enqueue this step's keys."""
-        for src, dst in ((backbone, self.key_backbone), (head, self.key_head)):
-            k_params = list(dst.parameters())
-            q_params = [p.detach() for p in src.parameters()]
-            torch._foreach_lerp_(k_params, q_params, 1.0 - self.momentum)
+        self.update_momentum(self.momentum, backbone, head)
         if self._pending is not None:
             self.queue.push(self._pending)
             self._pending = None
         self.step.add_(1)
 
 
+@register_method
 class MoCoV2(Method):
     """MoCo v2: backbone + MLP head (feat -> hidden -> dim), momentum key encoder and queue."""
 
     name = "mocov2"
+
+    @classmethod
+    def views_needed(cls, cfg: MethodConfig) -> int:
+        return 2
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        check_range(cfg, "momentum", 0.0, 1.0)
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> MoCoV2:
+        return cls(backbone, **moco_kwargs(cfg, ctx.num_train))
 
     def __init__(
         self,

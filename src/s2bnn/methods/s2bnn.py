@@ -27,21 +27,58 @@ query embeddings of the same views.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from s2bnn.errors import ConfigError
 from s2bnn.losses import soft_cross_entropy
-from s2bnn.methods.base import Method, check_views, mlp_head
-from s2bnn.methods.mocov2 import MomentumContrast
+from s2bnn.methods.base import Method, check_views, distill_over_views, mlp_head
+from s2bnn.methods.mocov2 import MomentumContrast, moco_kwargs
+from s2bnn.methods.registry import (
+    BuildContext,
+    check_range,
+    offline_teacher,
+    online_teacher,
+    register_method,
+)
+
+if TYPE_CHECKING:
+    from s2bnn.config import MethodConfig
 
 __all__ = ["S2BNN"]
 
 
+@register_method
 class S2BNN(Method):
     """Strategy 3 (distillation) and, with ``contrastive_weight > 0``, strategy 2."""
 
     name = "s2bnn"
+
+    @classmethod
+    def views_needed(cls, cfg: MethodConfig) -> int:
+        """2 with a contrastive term or an online (MoCo v2) teacher, else 1."""
+        return 2 if cfg.contrastive_weight > 0 or cfg.teacher.kind == "online" else 1
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        check_range(cfg, "momentum", 0.0, 1.0)
+        check_range(cfg, "distill_weight", 0.0)
+        check_range(cfg, "contrastive_weight", 0.0)
+        if cfg.distill_weight == 0 and cfg.contrastive_weight == 0:
+            raise ConfigError("method.distill_weight and method.contrastive_weight are both 0")
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> S2BNN:
+        kw = dict(distill_weight=cfg.distill_weight, contrastive_weight=cfg.contrastive_weight,
+                  distill_views=cfg.distill_views, **moco_kwargs(cfg, ctx.num_train))
+        if cfg.teacher.kind == "online":
+            return cls(backbone, online_teacher=online_teacher(cfg.teacher, ctx.in_chans,
+                                                               cfg.proj_dim), **kw)
+        teacher = offline_teacher(cfg.teacher, cls.name, ctx.in_chans, cfg.proj_dim)
+        return cls(backbone, teacher=teacher, **kw)
 
     def __init__(
         self,
@@ -107,9 +144,8 @@ class S2BNN(Method):
         else:
             targets = self.offline_targets(distilled)
         students = [self._student(v) for v in distilled]
-        loss_distill = torch.stack([
-            soft_cross_entropy(s, t, self.temperature) for s, t in zip(students, targets)
-        ]).mean()
+        loss_distill, cosine = distill_over_views(
+            lambda s, t: soft_cross_entropy(s, t, self.temperature), students, targets)
         loss = self.distill_weight * loss_distill
         logs["loss_distill"] = loss_distill.detach()
         if self.moco is not None:
@@ -119,9 +155,7 @@ class S2BNN(Method):
             logs["loss_contrastive"] = loss_contrastive.detach()
         if loss_teacher is not None:
             loss = loss + loss_teacher
-        logs["cosine"] = torch.stack([
-            (s.detach().float() * t.float()).sum(1).mean() for s, t in zip(students, targets)
-        ]).mean()
+        logs["cosine"] = cosine
         return loss, logs
 
     def on_train_step_end(self, step: int, total_steps: int) -> None:

@@ -14,20 +14,51 @@ distribution almost one-hot on its own embedding; those are the defaults here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from s2bnn.errors import ConfigError
 from s2bnn.losses import seed_loss
-from s2bnn.methods.base import KeyQueue, Method, check_views, mlp_head
+from s2bnn.methods.base import (
+    KeyQueue,
+    Method,
+    check_views,
+    distill_over_views,
+    mlp_head,
+    queue_length,
+)
+from s2bnn.methods.registry import BuildContext, check_range, offline_teacher, register_method
+
+if TYPE_CHECKING:
+    from s2bnn.config import MethodConfig
 
 __all__ = ["SEED"]
 
 
+@register_method
 class SEED(Method):
     """Student backbone + MLP head distilled from a frozen teacher through a queue."""
 
     name = "seed"
+
+    @classmethod
+    def check_config(cls, cfg: MethodConfig) -> None:
+        check_range(cfg, "seed_student_temp", 0.0, strict_low=True)
+        check_range(cfg, "seed_teacher_temp", 0.0, strict_low=True)
+        if cfg.teacher.kind != "offline":
+            raise ConfigError("method 'seed' distils from an offline teacher only; "
+                              "set method.teacher.kind=offline")
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> SEED:
+        teacher = offline_teacher(cfg.teacher, cls.name, ctx.in_chans, cfg.proj_dim)
+        return cls(backbone, teacher=teacher, proj_dim=cfg.proj_dim,
+                   hidden_dim=cfg.proj_hidden_dim,
+                   queue_len=queue_length(cfg.queue_size, ctx.num_train),
+                   student_temp=cfg.seed_student_temp, teacher_temp=cfg.seed_teacher_temp)
 
     def __init__(
         self,
@@ -54,14 +85,10 @@ class SEED(Method):
         check_views(views, self.name, 1)
         targets = self.offline_targets(views)
         students = [F.normalize(self.head(self.backbone(v)), dim=1) for v in views]
-        loss = torch.stack([
-            seed_loss(s, t, self.queue.keys, self.student_temp, self.teacher_temp)
-            for s, t in zip(students, targets)
-        ]).mean()
+        loss, cosine = distill_over_views(
+            lambda s, t: seed_loss(s, t, self.queue.keys, self.student_temp, self.teacher_temp),
+            students, targets)
         self._pending = targets[0].detach()
-        cosine = torch.stack([
-            (s.detach().float() * t.float()).sum(1).mean() for s, t in zip(students, targets)
-        ]).mean()
         return loss, {"loss_seed": loss.detach(), "cosine": cosine}
 
     def on_train_step_end(self, step: int, total_steps: int) -> None:
