@@ -155,6 +155,7 @@ def test_convert_cli_output_works_in_eval_init_from_and_export(tmp_path: Path, c
         assert torch.allclose(again.double()(x), ref.features(x), atol=1e-10)
     # The method state: MLP head, key encoder and queue (dim x K in the file, K x dim here).
     method = load_checkpoint(out)["method"]
+    assert not any(k.startswith("backbone.") for k in method)  # stored once
     sd = s2bnn_checkpoint(ref, dim=16)["state_dict"]
     assert torch.equal(method["head.0.weight"], sd["module.encoder_q.fc.0.weight"])
     assert torch.equal(method["moco.key_head.2.bias"], sd["module.encoder_k.fc.2.bias"])

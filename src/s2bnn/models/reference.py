@@ -359,7 +359,8 @@ def convert_reference_checkpoint(
                                                             "layout": conv["layout"]},
         "epoch": conv["epoch"], "step": None, "finished": True,
         "backbone": {"name": arch, "kwargs": conv["kwargs"], "state_dict": conv["backbone"]},
-        "method": conv["method"],
+        # The backbone is stored once, under "backbone" (s2bnn.checkpoint.method_state).
+        "method": {k: v for k, v in conv["method"].items() if not k.startswith("backbone.")},
     }
     if conv["classifier"]:
         ckpt["classifier"] = conv["classifier"]
