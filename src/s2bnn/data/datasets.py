@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from s2bnn.data.augment import eval_resize_size
 from s2bnn.data.fashion_mnist import (
@@ -535,14 +535,20 @@ def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def get_targets(dataset: Dataset) -> torch.Tensor:
-    """Labels of a dataset (or a ``Subset`` of one) as an int64 tensor, without decoding images."""
-    if isinstance(dataset, Subset):
+    """Labels of a dataset as an int64 tensor, read without decoding images where possible.
+
+    ``targets`` first, then a ``Subset``'s parent labels and a ``TensorDataset``'s label tensor;
+    only a dataset that exposes none of them is iterated.
+    """
+    targets = getattr(dataset, "targets", None)
+    if targets is None and isinstance(dataset, Subset):
         indices = torch.as_tensor(list(dataset.indices), dtype=torch.long)
         return get_targets(dataset.dataset)[indices]
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return torch.as_tensor(targets, dtype=torch.int64)
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
+    if targets is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
+        targets = dataset.tensors[1]  # (image, label) pairs, like every dataset here
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    return torch.as_tensor(targets, dtype=torch.int64)
 
 
 def labelled_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Subset:
