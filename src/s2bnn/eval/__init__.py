@@ -1,7 +1,7 @@
 """Evaluation of frozen backbones: features, linear probe, kNN, fine-tuning, baselines.
 
-Public names are imported lazily (PEP 562) so that ``s2bnn.cli``, which imports
-``s2bnn.eval.cli`` to register sub-commands, does not pay for torch at ``s2bnn --help``.
+Public names are imported lazily (PEP 562): importing one module (the engine's kNN monitor
+reads ``s2bnn.eval.features``) does not import every probe.
 """
 
 from __future__ import annotations
