@@ -239,7 +239,7 @@ def one_line(err: UserError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from s2bnn.nn import tune_malloc
+    from s2bnn.runtime import tune_malloc
 
     tune_malloc()  # cheap element-wise ops cost ~3x more when glibc trims freed memory each step
     try:
