@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from s2bnn.data.datasets import get_targets
+from s2bnn.data.labels import get_targets
 from s2bnn.devices import resolve_device
 
 __all__ = [
