@@ -19,7 +19,7 @@ import torch
 from s2bnn.errors import DataError
 from s2bnn.eval.baselines import evaluate_pixels
 from s2bnn.eval.knn import knn_eval
-from s2bnn.eval.linear import fast_linear_sweep
+from s2bnn.eval.linear_sweep import fast_linear_sweep
 
 
 def synthetic_features(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,7 +111,7 @@ def main() -> int:
 
     from s2bnn.config import load_config
     from s2bnn.engine import build_parts, train
-    from s2bnn.nn import tune_malloc
+    from s2bnn.runtime import tune_malloc
 
     tune_malloc()  # as the CLI does
     every = args.every or max(1, args.steps // 40)

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from s2bnn.models import build_model
-from s2bnn.nn import tune_malloc
-from s2bnn.nn.reference import use_reference_ops
+from s2bnn.runtime import tune_malloc
+
+# The naive reference quantizers are test code (tests/reference_ops.py), not part of s2bnn.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_ops import use_reference_ops  # noqa: E402
 
 
 def _rate(fn: Callable[[], None], batch: int, steps: int, repeats: int) -> float:

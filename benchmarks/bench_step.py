@@ -8,7 +8,7 @@ Default: 128 px, batch 16, 2 threads.
 
 Variants, each adding one thing to the one above it:
 
-1. straightforward: the quantizers of :mod:`s2bnn.nn.reference` (sign STE as masked element-wise
+1. straightforward: the quantizers of ``tests/reference_ops.py`` (sign STE as masked element-wise
    ops, weight scale recomputed with separate ops, RPReLU as a chain of ops) and the teacher as
    torchvision lays it out (NCHW, fp32);
 2. fused quantizers and RPReLU (:mod:`s2bnn.nn.quantizers`, one autograd node each);
@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -37,9 +39,12 @@ import torch.nn.functional as F
 
 from s2bnn.losses import soft_cross_entropy
 from s2bnn.models import build_model
-from s2bnn.nn import tune_malloc
-from s2bnn.nn.reference import use_reference_ops
+from s2bnn.runtime import tune_malloc
 from s2bnn.teachers import Teacher
+
+# The naive reference quantizers are test code (tests/reference_ops.py), not part of s2bnn.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_ops import use_reference_ops  # noqa: E402
 
 TAU = 0.2
 Step = Callable[[], None]

@@ -126,7 +126,7 @@ def main() -> int:
 
     from s2bnn.demo import eval_datasets, evaluate_run
     from s2bnn.eval import evaluate_untrained, load_backbone
-    from s2bnn.nn import tune_malloc
+    from s2bnn.runtime import tune_malloc
 
     tune_malloc()
     t0 = time.perf_counter()

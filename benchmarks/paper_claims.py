@@ -133,8 +133,8 @@ def main() -> int:
 
     from s2bnn.demo import eval_datasets, evaluate_run, result_row
     from s2bnn.eval import evaluate_pixels, evaluate_untrained
-    from s2bnn.nn import tune_malloc
     from s2bnn.report import write_report
+    from s2bnn.runtime import tune_malloc
 
     tune_malloc()
     out = Path(args.out)

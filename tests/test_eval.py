@@ -18,12 +18,12 @@ from s2bnn.eval.baselines import evaluate_backbone, evaluate_pixels, evaluate_un
 from s2bnn.eval.features import extract_features, make_loader
 from s2bnn.eval.finetune import check_label_fraction, finetune, fraction_tag
 from s2bnn.eval.knn import knn_eval, knn_scores
-from s2bnn.eval.linear import (
+from s2bnn.eval.linear_protocol import (
     assert_state_unchanged,
-    fast_linear_sweep,
     linear_probe_protocol,
     snapshot_state,
 )
+from s2bnn.eval.linear_sweep import fast_linear_sweep
 from s2bnn.eval.loading import export_backbone, load_backbone
 from s2bnn.models import list_models, register_model
 
@@ -332,7 +332,7 @@ def test_cli_eval_knn_linear_finetune_and_export(tmp_path, capsys):
 
 def _protocol_call(tmp_path, monkeypatch, capsys, *flags: str) -> dict:
     """Run ``eval linear --mode protocol`` with the probe replaced by a recorder."""
-    import s2bnn.eval.linear as linear_mod
+    import s2bnn.eval.linear_protocol as linear_mod
 
     seen: dict = {}
 
@@ -431,7 +431,7 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
 
 def test_batched_heads_match_torch_optimisers():
     """Hand-written gradients and updates equal autograd + torch.optim SGD/Adam, head by head."""
-    from s2bnn.eval.linear import _train_heads
+    from s2bnn.eval.linear_sweep import _train_heads
 
     x, y = blobs(50, 6, 3, seed=0, spread=2.0)
     sgd_lrs, adam_lrs = [0.05, 0.5], [1e-3, 3e-2]

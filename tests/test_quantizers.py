@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_ops import (
+    reference_react_sign,
+    reference_scaled_sign,
+    reference_ste_sign,
+    use_reference_ops,
+)
 
 from s2bnn.errors import ModelError
 from s2bnn.nn import (
@@ -15,12 +21,6 @@ from s2bnn.nn import (
     react_sign,
     scaled_sign,
     ste_sign,
-)
-from s2bnn.nn.reference import (
-    reference_react_sign,
-    reference_scaled_sign,
-    reference_ste_sign,
-    use_reference_ops,
 )
 
 

@@ -7,6 +7,8 @@ without a traceback; every other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """An error caused by the user's input, with a message that says how to fix it."""
@@ -36,3 +38,13 @@ class RunDirError(UserError):
 
 class TrainingError(UserError):
     """A run stopped on purpose, e.g. a NaN loss (the last good checkpoint is kept)."""
+
+
+def few(names: Iterable[str], n: int = 4, *, sort: bool = True) -> str:
+    """The first ``n`` of ``names`` joined for an error message, with ``(+k more)`` for the rest.
+
+    Sorted by default, so a message lists the same keys whatever the file's key order.
+    """
+    names = sorted(names) if sort else list(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more

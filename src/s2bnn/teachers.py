@@ -50,12 +50,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s2bnn.checkpoint import load_checkpoint
-from s2bnn.errors import CheckpointError, ConfigError
+from s2bnn.errors import CheckpointError, ConfigError, few
 from s2bnn.models import build_model
+from s2bnn.models.common import model_in_chans
 
 __all__ = [
     "PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "PRECISION_CHOICES", "FORMAT_CHOICES", "Teacher",
-    "load_teacher", "input_channels", "detect_format",
+    "load_teacher", "detect_format",
 ]
 
 # Key prefix of the student's projection head in every method's state_dict (see module docstring).
@@ -76,16 +77,6 @@ _FORMAT_ACCEPTS = {"dino": ("dino", "torchvision")}
 _MOCO_Q = "module.encoder_q."
 _MOCO_K = "module.encoder_k."
 _MOCO_IGNORED_EXACT = ("module.queue", "module.queue_ptr")
-_SHOW = 4  # keys listed in an error message
-
-
-def input_channels(module: nn.Module) -> int | None:
-    """Input channels of the first convolution (``None`` if the module has none)."""
-    for m in module.modules():
-        weight = getattr(m, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 4:
-            return int(weight.shape[1]) * int(getattr(m, "groups", 1))
-    return None
 
 
 class Teacher(nn.Module):
@@ -112,7 +103,7 @@ class Teacher(nn.Module):
         self.head = head
         self.arch = arch
         self.precision = precision
-        self.in_chans = input_channels(backbone)
+        self.in_chans = model_in_chans(backbone)
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
         self.embed_dim = linears[-1].out_features if linears else int(backbone.feature_dim)
         for p in self.parameters():
@@ -134,12 +125,6 @@ class Teacher(nn.Module):
         with torch.no_grad(), self._autocast(x):
             z = self.head(self.backbone(x))
         return F.normalize(z.float(), dim=1)
-
-
-def _few(keys: Any) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
 
 
 def _tensors(obj: Any) -> bool:
@@ -222,7 +207,7 @@ def _split_checkpoint(
         flat = _unmodule(_flat_of(ckpt) or {})
         stray = [k for k in flat if not k.startswith(("encoder.", "predictor."))]
         if stray:
-            raise CheckpointError(f"{path}: unexpected keys in a SimSiam checkpoint: {_few(stray)}")
+            raise CheckpointError(f"{path}: unexpected keys in a SimSiam checkpoint: {few(stray)}")
         enc = _strip(flat, "encoder.")
         head = _strip(enc, "fc.")
         return {k: v for k, v in enc.items() if not k.startswith("fc.")}, head, {}
@@ -270,7 +255,7 @@ def _split_checkpoint(
             else:
                 stray.append(k)
         if stray:
-            raise CheckpointError(f"{path}: unexpected keys in a MoCo v2 checkpoint: {_few(stray)}")
+            raise CheckpointError(f"{path}: unexpected keys in a MoCo v2 checkpoint: {few(stray)}")
         return kept, None, {}
     # (b) plain state dict, possibly saved from a DDP-wrapped model
     if all(k.startswith("module.") for k in flat):
@@ -331,9 +316,9 @@ def _load_backbone(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_few(missing)}")
+            parts.append(f"missing keys: {few(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_few(unexpected)}")
+            parts.append(f"unexpected keys: {few(unexpected)}")
         raise CheckpointError(
             f"{path} does not fit a '{arch}' backbone ({'; '.join(parts)}); is it a checkpoint of "
             "another architecture or of other model kwargs (method.teacher.kwargs)?"
@@ -343,7 +328,7 @@ def _load_backbone(
     if bad:
         raise CheckpointError(
             f"{path} does not fit a '{arch}' backbone: shape mismatch (checkpoint vs model) for "
-            f"{_few(bad)}; another architecture, width or in_chans?"
+            f"{few(bad)}; another architecture, width or in_chans?"
         )
     backbone.load_state_dict(mapped, strict=True)
     if not leftover:
@@ -360,7 +345,7 @@ def _build_head(sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
     if "weight" in sd and sd["weight"].dim() == 2:
         extra = set(sd) - {"weight", "bias"}
         if extra:
-            raise CheckpointError(f"{path}: unexpected keys in the projection head: {_few(extra)}")
+            raise CheckpointError(f"{path}: unexpected keys in the projection head: {few(extra)}")
         w = sd["weight"]
         head: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias="bias" in sd)
         head.load_state_dict(sd)
@@ -382,7 +367,7 @@ def _build_head(sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
             layers.append(nn.BatchNorm1d(p["running_mean"].shape[0], affine="weight" in p))
         else:
             raise CheckpointError(
-                f"{path}: cannot rebuild layer {i} of the projection head (keys {_few(p)})"
+                f"{path}: cannot rebuild layer {i} of the projection head (keys {few(p)})"
             )
     seq = nn.Sequential(*layers)
     try:

@@ -1,7 +1,7 @@
 """Evaluation of frozen backbones: features, linear probe, kNN, fine-tuning, baselines.
 
-Public names are imported lazily (PEP 562) so that ``s2bnn.cli``, which imports
-``s2bnn.eval.cli`` to register sub-commands, does not pay for torch at ``s2bnn --help``.
+Public names are imported lazily (PEP 562): importing one module (the engine's kNN monitor
+reads ``s2bnn.eval.features``) does not import every probe.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ _EXPORTS = {
     "topk_accuracy": "features",
     "knn_eval": "knn",
     "knn_scores": "knn",
-    "fast_linear_sweep": "linear",
-    "linear_probe_protocol": "linear",
-    "DEFAULT_SGD_LRS": "linear",
-    "DEFAULT_ADAM_LRS": "linear",
+    "fast_linear_sweep": "linear_sweep",
+    "linear_probe_protocol": "linear_protocol",
+    "DEFAULT_SGD_LRS": "linear_sweep",
+    "DEFAULT_ADAM_LRS": "linear_sweep",
     "finetune": "finetune",
     "check_label_fraction": "finetune",
     "evaluate_features": "baselines",

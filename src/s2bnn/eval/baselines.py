@@ -24,7 +24,7 @@ from s2bnn.eval.features import (
     standardize,
 )
 from s2bnn.eval.knn import knn_eval
-from s2bnn.eval.linear import fast_linear_sweep
+from s2bnn.eval.linear_sweep import fast_linear_sweep
 
 __all__ = [
     "evaluate_features",

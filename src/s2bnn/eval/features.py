@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from s2bnn.data.labels import get_targets
 from s2bnn.devices import resolve_device
 
 __all__ = [
@@ -18,7 +19,6 @@ __all__ = [
     "extract_pixels",
     "standardize",
     "topk_accuracy",
-    "dataset_targets",
     "num_classes_of",
 ]
 
@@ -114,20 +114,6 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return out
 
 
-def dataset_targets(dataset: Dataset) -> torch.Tensor | None:
-    """The labels of a dataset without loading its images, when it exposes them."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None and hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
-        parent = dataset_targets(dataset.dataset)
-        if parent is not None:
-            return parent[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    if targets is None and hasattr(dataset, "tensors"):
-        targets = dataset.tensors[-1]
-    if targets is None:
-        return None
-    return torch.as_tensor(targets).long()
-
-
 def num_classes_of(dataset: Dataset, *labels: torch.Tensor) -> int:
     """``dataset.num_classes`` when present, else one more than the largest label seen."""
     n = getattr(dataset, "num_classes", None)
@@ -137,7 +123,7 @@ def num_classes_of(dataset: Dataset, *labels: torch.Tensor) -> int:
         return int(n)
     seen = [int(t.max()) + 1 for t in labels if t.numel()]
     if not seen:
-        targets = dataset_targets(dataset)
-        if targets is not None and targets.numel():
+        targets = get_targets(dataset)
+        if targets.numel():
             seen.append(int(targets.max()) + 1)
     return max(seen) if seen else 0

@@ -12,7 +12,7 @@ import yaml
 from s2bnn.checkpoint import load_checkpoint, load_safetensors, save_safetensors
 from s2bnn.errors import CheckpointError, RunDirError
 
-__all__ = ["load_backbone", "export_backbone", "model_in_chans", "run_dir_of", "read_run_config"]
+__all__ = ["load_backbone", "export_backbone", "run_dir_of", "read_run_config"]
 
 EXPORT_FORMAT = "s2bnn-backbone"
 
@@ -40,19 +40,6 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def model_in_chans(model: nn.Module, kwargs: dict[str, Any] | None = None) -> int | None:
-    """Input channels a model takes: its ``in_chans``, its kwargs, or its first conv."""
-    value = getattr(model, "in_chans", None)
-    if isinstance(value, int):
-        return value
-    if kwargs and isinstance(kwargs.get("in_chans"), int):
-        return int(kwargs["in_chans"])
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return int(module.in_channels)
-    return None
-
-
 def _backbone_entry(obj: dict[str, Any], source: str) -> dict[str, Any]:
     entry = obj.get("backbone")
     if not isinstance(entry, dict) or "name" not in entry or "state_dict" not in entry:
@@ -73,6 +60,7 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     config as a dict, or ``None``), ``epoch``, ``step`` and ``in_chans``.
     """
     from s2bnn.models import build_model, load_backbone_state
+    from s2bnn.models.common import model_in_chans
 
     path = Path(path)
     source = str(path)

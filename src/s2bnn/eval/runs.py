@@ -269,7 +269,7 @@ def run_linear(
     unless ``protocol_kwargs`` say otherwise, the bare linear layer of ``main_lincls.py``.
     """
     from s2bnn.eval.baselines import evaluate_backbone
-    from s2bnn.eval.linear import linear_probe_protocol
+    from s2bnn.eval.linear_protocol import linear_probe_protocol
 
     if mode not in ("fast", "protocol"):
         raise DataError(f"linear eval mode must be fast or protocol, got '{mode}'")

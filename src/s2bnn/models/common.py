@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from s2bnn.errors import CheckpointError, ModelError
+from s2bnn.errors import CheckpointError, ModelError, few
 
-__all__ = ["attach_input_check", "load_backbone_state", "act_weight_quantizers"]
+__all__ = ["attach_input_check", "model_in_chans", "load_backbone_state", "act_weight_quantizers"]
 
 
 def _check_input(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -41,6 +41,22 @@ def attach_input_check(model: nn.Module, in_chans: int, min_image_size: int = 1)
     return model
 
 
+def model_in_chans(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """Input channels a model takes: its ``in_chans``, its build ``kwargs``, or its first conv.
+
+    ``None`` when none of them says (a model without a convolution).
+    """
+    value = getattr(model, "in_chans", None)
+    if isinstance(value, int):
+        return value
+    if kwargs and isinstance(kwargs.get("in_chans"), int):
+        return int(kwargs["in_chans"])
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return None
+
+
 def act_weight_quantizers(
     binary_act: bool, binary_weight: bool, act: str = "react_sign", real_act: str | None = None
 ) -> tuple[str | None, str | None]:
@@ -50,11 +66,6 @@ def act_weight_quantizers(
     training) is both True; the real-valued counterpart is both False.
     """
     return (act if binary_act else real_act), ("scaled_sign" if binary_weight else None)
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def load_backbone_state(
@@ -81,14 +92,11 @@ def load_backbone_state(
     ]
     if missing or unexpected or mismatched:
         parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
-        if mismatched:
-            parts.append(
-                f"{len(mismatched)} shape mismatch(es) (file vs model): {_few(mismatched)}"
-            )
+        # Three names each, in the model's key order: the message names where loading broke.
+        for label, names in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                             ("shape mismatch(es) (file vs model)", mismatched)):
+            if names:
+                parts.append(f"{len(names)} {label}: {few(names, 3, sort=False)}")
         raise CheckpointError(
             f"weights from {source} do not fit this model ({'; '.join(parts)}); "
             "check that the architecture and its arguments match the checkpoint"

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from s2bnn.errors import CheckpointError, ModelError
+from s2bnn.errors import CheckpointError, ModelError, few
 
 __all__ = [
     "REFERENCE_ARCHS",
@@ -59,13 +59,6 @@ __all__ = [
 
 REFERENCE_ARCHS = ("reactnet_a",)
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_SHOW = 4
-
-
-def _few(keys: list[str]) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
 
 
 def _strip(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -207,11 +200,11 @@ def _convert_reactnet(model: nn.Module, sd: dict[str, torch.Tensor], source: str
     if m.missing or unexpected or m.bad_shapes:
         parts = []
         if m.missing:
-            parts.append(f"{len(m.missing)} missing key(s): {_few(m.missing)}")
+            parts.append(f"{len(m.missing)} missing key(s): {few(m.missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
         if m.bad_shapes:
-            parts.append(f"shape mismatch (file vs model): {_few(m.bad_shapes)}")
+            parts.append(f"shape mismatch (file vs model): {few(m.bad_shapes)}")
         raise CheckpointError(
             f"{source} is not a ReActNet-A checkpoint of this layout ({'; '.join(parts)}); "
             "is it another architecture, or another width?"
@@ -233,7 +226,7 @@ def _split_head(head: dict[str, torch.Tensor], source: str
         return {}, dict(head)
     if all(k.split(".")[0].isdigit() for k in head):
         return dict(head), {}
-    raise CheckpointError(f"{source}: cannot read the fc layer (keys {_few(list(head))})")
+    raise CheckpointError(f"{source}: cannot read the fc layer (keys {few(list(head))})")
 
 
 def _infer_kwargs(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -291,7 +284,7 @@ def convert_reference_state(
                  and k not in ("queue", "queue_ptr")]
         if stray:
             raise CheckpointError(f"{source}: unexpected keys in an S2-BNN checkpoint: "
-                                  f"{_few(stray)}")
+                                  f"{few(stray)}")
     if binary_weight is None:
         binary_weight = True
     kwargs = {"num_classes": 0, "binary_act": True, "binary_weight": bool(binary_weight),

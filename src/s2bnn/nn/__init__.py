@@ -1,6 +1,5 @@
 """Quantizers and quantized layers for binary networks."""
 
-from s2bnn.nn.cpu import tune_malloc
 from s2bnn.nn.layers import QuantConv2d, QuantLinear, RPReLU, RSign
 from s2bnn.nn.quantizers import (
     QUANTIZERS,
@@ -34,5 +33,4 @@ __all__ = [
     "react_sign",
     "scaled_sign",
     "ste_sign",
-    "tune_malloc",
 ]

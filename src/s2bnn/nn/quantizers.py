@@ -3,7 +3,7 @@
 Each quantizer is a single :class:`torch.autograd.Function` (one forward expression, one backward
 expression) wrapped in a tiny parameter-free module with a ``binary`` flag that the profiler reads.
 Sign quantizers map ``x >= 0`` to +1 and ``x < 0`` to -1 (never 0), so a binary layer only ever sees
-+-1. The deliberately naive versions used to check these live in :mod:`s2bnn.nn.reference`.
++-1. The deliberately naive versions used to check these live in ``tests/reference_ops.py``.
 
 Names accepted by :func:`get_quantizer`:
 

@@ -1,4 +1,7 @@
-"""CPU runtime tuning for training small networks."""
+"""Process-wide runtime tuning that entry points opt into: the CLI at start-up and the benchmarks.
+
+The library itself never calls it: a process that imports s2bnn keeps its allocator settings.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`s2bnn demo` (argument parsing only; the pipeline is s2bnn.demo)."""
+"""`s2bnn demo` (argument parsing only; the pipeline is :mod:`s2bnn.demo`)."""
 
 from __future__ import annotations
 

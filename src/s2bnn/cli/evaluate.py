@@ -1,7 +1,7 @@
-"""`s2bnn eval linear | knn | finetune`, `s2bnn report` and `s2bnn export` (parsing only).
+"""`s2bnn eval linear | knn | finetune` (parsing only).
 
-The work lives in :mod:`s2bnn.eval.runs`, :mod:`s2bnn.eval.loading` and :mod:`s2bnn.report`,
-imported inside the handlers so ``s2bnn --help`` stays fast.
+The work lives in :mod:`s2bnn.eval.runs`, imported inside the handlers so ``s2bnn --help`` stays
+fast.
 """
 
 from __future__ import annotations
@@ -11,27 +11,8 @@ import json
 import sys
 from typing import Any
 
+from s2bnn.cli.args import positive_float, positive_int
 from s2bnn.errors import UserError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def _log(msg: str) -> None:
@@ -146,40 +127,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from s2bnn.report import collect_run, write_report
-
-    runs = [collect_run(path, profile=not args.no_profile) for path in args.run_dirs]
-    datasets = {r.get("dataset") for r in runs if r.get("dataset")}
-    class_names = None
-    if datasets == {"fashion-mnist"}:
-        from s2bnn.data import FASHION_MNIST_CLASSES
-
-        class_names = list(FASHION_MNIST_CLASSES)
-    report = write_report(runs, args.out, title=args.title,
-                          dataset=", ".join(sorted(datasets)) or None,
-                          embedding=args.embedding, class_names=class_names)
-    print(f"report: {report}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "safetensors":
-        from s2bnn.eval.loading import export_backbone
-
-        out = export_backbone(args.run_dir, args.out, force=args.force)
-    elif args.format == "packed":
-        from s2bnn.deploy.export import export_packed
-
-        out = export_packed(args.run_dir, args.out, force=args.force)
-    else:
-        from s2bnn.deploy.export import export_onnx
-
-        out = export_onnx(args.run_dir, args.out, force=args.force, image_size=args.image_size)
-    print(f"exported: {out}")
-    return 0
-
-
 def _cmd_eval_missing(args: argparse.Namespace) -> int:
     raise UserError("choose an evaluation: s2bnn eval linear | knn | finetune RUN_DIR")
 
@@ -191,16 +138,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="dataset (default: the run's data.name, else fashion-mnist)")
     p.add_argument("--root", default=None, help="directory holding the Fashion-MNIST idx files")
-    p.add_argument("--image-size", type=_positive_int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="evaluation resolution (default: the run's)")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy CPU)")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N training images")
-    p.add_argument("--test-limit", type=_positive_int, default=None,
+    p.add_argument("--test-limit", type=positive_int, default=None,
                    help="use only the first N test images")
     p.add_argument("--out", default=None,
                    help="JSON output file (default: eval_<kind>.json in the run dir)")
@@ -208,7 +155,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``eval linear|knn|finetune``, ``report`` and ``export``."""
+    """Register ``eval linear|knn|finetune``."""
     p = sub.add_parser("eval", help="evaluate a trained backbone: linear, knn, finetune")
     p.set_defaults(func=_cmd_eval_missing)
     esub = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
@@ -219,12 +166,12 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                    help="fast: cached features, SGD+Adam LR sweep; protocol: the reference "
                         "main_lincls.py (bare fc on a frozen eval-mode backbone, random crops "
                         "0.08-1 + flips, SGD lr 0.1, 100 epochs)")
-    q.add_argument("--epochs", type=_positive_int, default=None,
+    q.add_argument("--epochs", type=positive_int, default=None,
                    help="epochs (default: 10 fast, 100 protocol)")
-    q.add_argument("--lr", type=_positive_float, default=0.1, help="protocol learning rate")
+    q.add_argument("--lr", type=positive_float, default=0.1, help="protocol learning rate")
     q.add_argument("--momentum", type=float, default=0.9, help="protocol SGD momentum")
     q.add_argument("--weight-decay", type=float, default=0.0, help="protocol weight decay")
-    q.add_argument("--milestones", type=_positive_int, nargs="+", default=None,
+    q.add_argument("--milestones", type=positive_int, nargs="+", default=None,
                    help="protocol epochs where lr drops x0.1 (default: 60 %% and 80 %% of epochs)")
     norm = q.add_mutually_exclusive_group()
     norm.add_argument("--feature-norm", action="store_true",
@@ -232,18 +179,18 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                            "(default: the bare fc of the reference main_lincls.py)")
     norm.add_argument("--no-feature-norm", action="store_false", dest="feature_norm",
                       help="protocol: the bare linear layer (the default)")
-    q.add_argument("--crop-scale", type=_positive_float, nargs=2, default=[0.08, 1.0],
+    q.add_argument("--crop-scale", type=positive_float, nargs=2, default=[0.08, 1.0],
                    metavar=("MIN", "MAX"),
                    help="protocol: RandomResizedCrop scale of the training crops (default "
                         "0.08 1, torchvision's, as main_lincls.py; the augmentation presets "
                         "use 0.2 1)")
-    q.add_argument("--sgd-lrs", type=_positive_float, nargs="*", default=None,
+    q.add_argument("--sgd-lrs", type=positive_float, nargs="*", default=None,
                    help="fast-mode SGD grid (default 0.01 ... 30); empty to skip SGD")
-    q.add_argument("--adam-lrs", type=_positive_float, nargs="*", default=None,
+    q.add_argument("--adam-lrs", type=positive_float, nargs="*", default=None,
                    help="fast-mode Adam grid (default 1e-4 ... 0.1); empty to skip Adam")
     q.add_argument("--val-fraction", type=float, default=0.1,
                    help="fast mode: share of training features held out to choose the LR")
-    q.add_argument("--sweep-batch-size", type=_positive_int, default=None,
+    q.add_argument("--sweep-batch-size", type=positive_int, default=None,
                    help="fast mode: minibatch of the heads (default 1024)")
     q.add_argument("--sweep-threads", type=int, default=1,
                    help="fast mode: torch threads for the heads (default 1: robust on a busy "
@@ -255,8 +202,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 
     q = esub.add_parser("knn", help="weighted kNN on L2-normalised features")
     _add_common(q)
-    q.add_argument("--k", type=_positive_int, default=200, help="neighbours (default 200)")
-    q.add_argument("--temperature", type=_positive_float, default=0.1,
+    q.add_argument("--k", type=positive_int, default=200, help="neighbours (default 200)")
+    q.add_argument("--temperature", type=positive_float, default=0.1,
                    help="vote temperature T, weights exp(sim/T) (default 0.1)")
     q.set_defaults(func=_cmd_knn)
 
@@ -264,8 +211,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     _add_common(q)
     q.add_argument("--label-fraction", type=float, required=True,
                    help="share of training labels used, in (0, 1], e.g. 0.01 or 0.1")
-    q.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 30)")
-    q.add_argument("--lr", type=_positive_float, default=2e-3,
+    q.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 30)")
+    q.add_argument("--lr", type=positive_float, default=2e-3,
                    help="Adam learning rate of backbone and head (default 2e-3)")
     q.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     q.add_argument("--weight-decay", type=float, default=0.0)
@@ -273,27 +220,3 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-bn-recalibration", action="store_true",
                    help="test with the running BatchNorm statistics left by training")
     q.set_defaults(func=_cmd_finetune)
-
-    p = sub.add_parser("report", help="Markdown table and PNG plots from run dirs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, help="output directory for report.md and PNGs")
-    p.add_argument("--title", default="s2bnn report")
-    p.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
-                   help="2-D map of test features (t-SNE takes longer)")
-    p.add_argument("--no-profile", action="store_true",
-                   help="skip rebuilding models to count parameters and OPs")
-    p.set_defaults(func=_cmd_report)
-
-    p = sub.add_parser("export", help="backbone weights as .safetensors, a bit-packed network "
-                                      "(.s2bnn) or ONNX")
-    p.add_argument("run_dir", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--format", choices=("safetensors", "packed", "onnx"), default="safetensors",
-                   help="safetensors: latent float weights + metadata; packed: 1-bit weights "
-                        "for the s2bnn CPU runtime (FILE.s2bnn); onnx: the same network as "
-                        "float ONNX (FILE.onnx). See docs/DEPLOY.md")
-    p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="onnx: example input size (default: the run's)")
-    p.add_argument("--out", required=True, help="target FILE.safetensors | FILE.s2bnn | "
-                                                "FILE.onnx")
-    p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    p.set_defaults(func=_cmd_export)

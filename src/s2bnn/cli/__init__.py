@@ -4,6 +4,8 @@ convert | predict``.
 This module only parses arguments and dispatches; each command's work lives in the package it
 belongs to and is imported lazily, so ``s2bnn --help`` stays fast. A :class:`UserError` anywhere
 below becomes a one-line message on stderr and exit status 2, without a traceback.
+``s2bnn eval`` is registered by :mod:`s2bnn.cli.evaluate`, ``s2bnn demo`` by :mod:`s2bnn.cli.demo`;
+shared argument types are in :mod:`s2bnn.cli.args`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,8 @@ import sys
 from collections.abc import Sequence
 
 from s2bnn import __version__
+from s2bnn.cli.args import positive_int, print_json
 from s2bnn.errors import UserError
-
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2))
 
 
 # --------------------------------------------------------------------------- train
@@ -42,7 +41,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
     info = dataset_info(args.name, root=args.root)
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         for key, value in info.items():
             print(f"{key:>12}: {value}")
@@ -63,7 +62,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     model = build_model(args.name, **kwargs)
     prof = profile_model(model, image_size=args.image_size, in_chans=args.in_chans)
     if args.json:
-        _print_json(prof)
+        print_json(prof)
     else:
         print(format_profile(args.name, prof))
     return 0
@@ -77,7 +76,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     info = convert_reference_checkpoint(args.src, args.out, args.arch, binary_weight=binary,
                                         force=args.force)
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         parts = ["backbone"] + (["projection head"] if info["head"] else []) + (
             ["classifier"] if info["classifier"] else []) + (
@@ -92,9 +91,44 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     results = predict_files(args.file, args.images, top=args.top)
     if args.json:
-        _print_json(results)
+        print_json(results)
     else:
         print_predictions(results)
+    return 0
+
+
+# --------------------------------------------------------------------------- report, export
+def _cmd_report(args: argparse.Namespace) -> int:
+    from s2bnn.report import collect_run, write_report
+
+    runs = [collect_run(path, profile=not args.no_profile) for path in args.run_dirs]
+    datasets = {r.get("dataset") for r in runs if r.get("dataset")}
+    class_names = None
+    if datasets == {"fashion-mnist"}:
+        from s2bnn.data import FASHION_MNIST_CLASSES
+
+        class_names = list(FASHION_MNIST_CLASSES)
+    report = write_report(runs, args.out, title=args.title,
+                          dataset=", ".join(sorted(datasets)) or None,
+                          embedding=args.embedding, class_names=class_names)
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "safetensors":
+        from s2bnn.eval.loading import export_backbone
+
+        out = export_backbone(args.run_dir, args.out, force=args.force)
+    elif args.format == "packed":
+        from s2bnn.deploy.export import export_packed
+
+        out = export_packed(args.run_dir, args.out, force=args.force)
+    else:
+        from s2bnn.deploy.export import export_onnx
+
+        out = export_onnx(args.run_dir, args.out, force=args.force, image_size=args.image_size)
+    print(f"exported: {out}")
     return 0
 
 
@@ -154,11 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_predict)
 
-    from s2bnn.eval.cli import add_eval_parsers
+    from s2bnn.cli.evaluate import add_eval_parsers
 
     add_eval_parsers(sub)
 
-    from s2bnn.demo_cli import add_demo_parser
+    p = sub.add_parser("report", help="Markdown table and PNG plots from run dirs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory for report.md and PNGs")
+    p.add_argument("--title", default="s2bnn report")
+    p.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
+                   help="2-D map of test features (t-SNE takes longer)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip rebuilding models to count parameters and OPs")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="backbone weights as .safetensors, a bit-packed network "
+                                      "(.s2bnn) or ONNX")
+    p.add_argument("run_dir", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--format", choices=("safetensors", "packed", "onnx"), default="safetensors",
+                   help="safetensors: latent float weights + metadata; packed: 1-bit weights "
+                        "for the s2bnn CPU runtime (FILE.s2bnn); onnx: the same network as "
+                        "float ONNX (FILE.onnx). See docs/DEPLOY.md")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="onnx: example input size (default: the run's)")
+    p.add_argument("--out", required=True, help="target FILE.safetensors | FILE.s2bnn | "
+                                                "FILE.onnx")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_cmd_export)
+
+    from s2bnn.cli.demo import add_demo_parser
 
     add_demo_parser(sub)
     return parser
@@ -182,7 +240,7 @@ def one_line(err: UserError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from s2bnn.nn import tune_malloc
+    from s2bnn.runtime import tune_malloc
 
     tune_malloc()  # cheap element-wise ops cost ~3x more when glibc trims freed memory each step
     try:
@@ -193,7 +251,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s2bnn: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,3 @@
+from s2bnn.cli import main
+
+raise SystemExit(main())
