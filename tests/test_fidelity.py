@@ -11,7 +11,7 @@ import torch.nn as nn
 from helpers import TinyNet
 from test_engine import one_thread  # noqa: F401  (autouse: one thread per test)
 
-from s2bnn.checkpoint import load_checkpoint
+from s2bnn.checkpoint import load_checkpoint, method_state
 from s2bnn.config import MethodConfig, load_config
 from s2bnn.engine import train
 from s2bnn.engine.optim import build_optimizer
@@ -85,11 +85,11 @@ def _run(out: Path, *extra: str) -> dict:
 def test_init_scope_model_loads_head_key_encoder_and_queue(tmp_path: Path) -> None:
     """Step 2 with init_scope=model starts from the whole step-1 model, as the reference's
     `model.load_state_dict(checkpoint['state_dict'])`; init_scope=backbone keeps a fresh head."""
-    s1 = _run(tmp_path / "s1", "model.binary_weight=false")["method"]
+    s1 = method_state(_run(tmp_path / "s1", "model.binary_weight=false"))
     # lr 0: the weights a step-2 run ends with are the ones it started from.
     common = ["model.binary_weight=true", f"model.init_from={tmp_path / 's1'}", "optim.lr=0"]
-    full = _run(tmp_path / "full", *common, "model.init_scope=model", "max_steps=1")["method"]
-    fresh = _run(tmp_path / "fresh", *common, "max_steps=1")["method"]
+    full = method_state(_run(tmp_path / "full", *common, "model.init_scope=model", "max_steps=1"))
+    fresh = method_state(_run(tmp_path / "fresh", *common, "max_steps=1"))
     for key in ("head.0.weight", "head.2.bias", "backbone.stem.0.weight"):
         assert torch.equal(full[key], s1[key]), key
     assert not torch.equal(fresh["head.0.weight"], s1["head.0.weight"])

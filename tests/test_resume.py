@@ -65,7 +65,8 @@ def test_resume_in_a_three_epoch_run(tmp_path: Path) -> None:
     full = tmp_path / "full"
     train(tiny_cfg(full, epochs=3), parts=tiny_parts())
     train(tiny_cfg(run, epochs=3, resume="auto"), parts=tiny_parts())
-    assert_identical(load_checkpoint(full)["method"], load_checkpoint(run)["method"], "method")
+    for key in ("backbone", "method"):
+        assert_identical(load_checkpoint(full)[key], load_checkpoint(run)[key], key)
 
 
 def test_resume_real_method_with_augmentation_and_knn(tmp_path: Path) -> None:
