@@ -120,10 +120,12 @@ def bconv_macs(packed, x) -> list[int]:
         return out
 
     packed._op_bconv = probe
+    packed._steps = None  # the runtime resolves its ops once per model: resolve them again
     try:
         packed(x)
     finally:
         packed._op_bconv = orig
+        packed._steps = None
     return macs
 
 

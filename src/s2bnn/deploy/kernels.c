@@ -240,10 +240,14 @@ static inline void gemm_hybrid(rows_t r, const uint64_t *w, int lp, int cout, in
 #ifndef S2D_CSPLIT_TILES
 #define S2D_CSPLIT_TILES 32
 #endif
+/* The AVX2 level runs the vector + integer hybrid only on rows of at least this many words (3x3
+ * convolutions of more than 512 input channels): on shorter rows its per-channel reductions cost
+ * more than it gains, and on this Zen 1 the POPCNT kernel was as fast or faster up to 72 words
+ * (measured per layer; see docs/DEPLOY.md). */
 #ifndef S2D_HYB_MIN
-#define S2D_HYB_MIN 17
+#define S2D_HYB_MIN 73
 #endif
-/* Rows of 1, 2 or 4 words (1x1 convolutions of up to 256 channels): the POPCNT kernel compiled
+/* Rows of 1, 2, 4 or 8 words (1x1 convolutions of up to 512 channels): the POPCNT kernel compiled
  * for that constant length (fully unrolled, no loop per channel pair). */
 __attribute__((target("popcnt")))
 static inline void gemm_popcnt_k(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
