@@ -55,6 +55,10 @@ CASES = [
                            layers=[1, 1, 1, 1]), 19),
     # channels multiples of 8: the vectorised epilogue, with cat shortcuts read as y[c mod C]
     ("reactnet_small", dict(num_classes=4, in_chans=1, width_mult=1.0, mid_blocks=1), 13),
+    # even sizes all the way down: the 2x2 pool shortcuts averaged in the kernels' epilogue;
+    # 10 channels at the stem (two taps per word), 40 (five words of 8) after it
+    ("reactnet_small", dict(num_classes=6, in_chans=3, width_mult=0.3, mid_blocks=1), 32),
+    ("reactnet_small", dict(num_classes=0, in_chans=1, width_mult=1.25, mid_blocks=0), 64),
 ]
 
 
@@ -101,6 +105,10 @@ def test_every_isa_level_or_a_stated_skip():
     # 1x1 read in place (rows of 4 words, 6 channels past the last whole 8 in the epilogue), the
     # AVX2 two-unit GEMM with a scalar word tail (9 words) and an odd last channel (18 words)
     (1, 1, 200, 70, 5), (3, 1, 64, 16, 6), (3, 1, 128, 9, 5), (3, 2, 256, 24, 7),
+    # at most 32 input channels: two taps per word (odd tap count, stride 2, odd sizes)
+    (3, 1, 32, 40, 9), (3, 2, 20, 16, 7), (3, 1, 33, 8, 5), (5, 1, 7, 6, 6),
+    # few pixel tiles, at least 64 output channels per thread: channels split over the threads
+    (3, 1, 64, 192, 6), (1, 1, 128, 256, 5), (3, 2, 96, 150, 7),
 ])
 def test_popcount_part_is_bit_exact(k, stride, cin, cout, size):
     """The integer dot products equal a float conv of +-1 tensors (exact below 2**24)."""

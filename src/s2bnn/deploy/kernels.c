@@ -7,7 +7,9 @@
  *                                                is 1 where the value is negative (sign -1); bits
  *                                                past C are 0
  *   binary weights     [Cout, LP]               uint64, row = KH*KW taps of WD words, zero padded
- *                                                to LP (a multiple of 8) words
+ *                                                to LP words (a multiple of the level's alignment)
+ *   with tap2 (Cin <= 32, more than one tap): two taps per word instead, tap t in bits
+ *   32 * (t % 2) of word t / 2 (a row of ceil(KH*KW / 2) words, the gathered patch likewise)
  * A binary dot product over the in-bounds taps is  n_valid * Cin - 2 * popcount(x XOR w).  The
  * trained model zero-pads its +-1 input; bits cannot hold 0, so out-of-bounds taps are gathered as
  * zero words and their popcount(0 XOR w) = popcount(w_tap) (precomputed per output channel and
@@ -27,7 +29,7 @@
 #define S2D_X86 1
 #endif
 
-#define S2D_ABI_VERSION 2
+#define S2D_ABI_VERSION 4
 #define PT 4 /* output pixels per tile */
 
 int s2d_abi_version(void) { return S2D_ABI_VERSION; }
@@ -235,6 +237,32 @@ static inline void gemm_hybrid(rows_t r, const uint64_t *w, int lp, int cout, in
     }
 }
 
+#ifndef S2D_CSPLIT_TILES
+#define S2D_CSPLIT_TILES 32
+#endif
+/* The AVX2 level runs the vector + integer hybrid only on rows of at least this many words (3x3
+ * convolutions of more than 512 input channels): on shorter rows its per-channel reductions cost
+ * more than it gains, and on this Zen 1 the POPCNT kernel was as fast or faster up to 72 words
+ * (measured per layer; see docs/DEPLOY.md). */
+#ifndef S2D_HYB_MIN
+#define S2D_HYB_MIN 73
+#endif
+/* Rows of 1, 2, 4 or 8 words (1x1 convolutions of up to 512 channels): the POPCNT kernel compiled
+ * for that constant length (fully unrolled, no loop per channel pair). */
+__attribute__((target("popcnt")))
+static inline void gemm_popcnt_k(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+    switch (lp) {
+    case 1: gemm_popcnt(r, w, 1, cout, acc); break;
+    case 2: gemm_popcnt(r, w, 2, cout, acc); break;
+    case 4: gemm_popcnt(r, w, 4, cout, acc); break;
+    case 8: gemm_popcnt(r, w, 8, cout, acc); break;
+    default: gemm_popcnt(r, w, lp, cout, acc); break;
+    }
+}
+#ifndef S2D_GEMM_SMALL
+#define S2D_GEMM_SMALL gemm_popcnt_k
+#endif
+
 /* lp is a multiple of 8 words: whole 512-bit chunks. Two output channels x four pixels. */
 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
 static inline void gemm_avx512(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
@@ -380,7 +408,18 @@ typedef struct {
     uint64_t *out_bits;               /* optional bit output [N, oh, ow, ceil(cout/64)] */
     int32_t *dot_out;                 /* optional raw integer dot products [N, oh, ow, cout] */
     int isa, nthreads;
+    int tap2;                         /* Cin <= 32: two taps per 64-bit word (see the top) */
+    int res_pool;                     /* res is [N, 2 oh, 2 ow, res_c]: its 2x2 average is added */
 } s2d_bconv_args;
+
+/* The residual's pixel for output pixel pix: itself, or with res_pool the top-left pixel of its
+ * 2x2 window (the window's other pixels are + rc, + 2 ow rc and + 2 ow rc + rc). */
+static inline const float *res_px(const s2d_bconv_args *a, int64_t pix) {
+    if (!a->res_pool) return a->res + pix * a->res_c;
+    const int64_t ohw = (int64_t)a->oh * a->ow, b = pix / ohw, q = pix % ohw;
+    const int64_t oy = q / a->ow, ox = q % a->ow;
+    return a->res + ((b * 2 * a->oh + 2 * oy) * 2 * a->ow + 2 * ox) * a->res_c;
+}
 
 /* Per-thread scratch: PT gathered patches, PT x cout accumulators, one float row. */
 typedef struct { uint64_t *patch; int32_t *acc; float *vals; } scratch_t;
@@ -407,7 +446,18 @@ S2D_INLINE void epilogue_px(const s2d_bconv_args *a, int32_t *restrict ac, int n
         float d = (float)(nb - 2 * ac[co]) * sc[co];
         v[co] = d + bi[co];
     }
-    if (a->res) {
+    if (a->res && a->res_pool) {
+        /* torch's avg_pool2d(2, 2), channels-last: ((((0 + a) + b) + c) + d) / 4 */
+        const int rc = a->res_c;
+        const float *restrict r0 = res_px(a, pix), *restrict r1 = r0 + rc;
+        const float *restrict r2 = r0 + (size_t)2 * a->ow * rc, *restrict r3 = r2 + rc;
+        for (int co = 0; co < cout; co++) {
+            const int c = rc == cout ? co : co % rc;
+            float m = 0.0f;
+            m = m + r0[c]; m = m + r1[c]; m = m + r2[c]; m = m + r3[c];
+            v[co] = v[co] + m / 4.0f;
+        }
+    } else if (a->res) {
         const float *restrict r = a->res + pix * a->res_c;
         const int rc = a->res_c;
         if (rc == cout) {
@@ -442,23 +492,39 @@ S2D_INLINE void epilogue_px(const s2d_bconv_args *a, int32_t *restrict ac, int n
  * border correction; needs res_c == cout or res_c % 8 == 0 (else epilogue_px runs). */
 __attribute__((target("avx2")))
 static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restrict ac, int nb,
-                                 int64_t pix) {
+                                 int64_t pix, int c0, int c1) {
+    /* channels [c0, c1) (c0 a multiple of 64; c1 too unless it is cout); ac[co - c0] */
     const int cout = a->cout, rc = a->res_c;
+    ac -= c0;
     float *restrict v = a->out ? a->out + pix * cout : NULL;
-    const float *restrict r = a->res ? a->res + pix * rc : NULL;
+    const float *restrict r = a->res ? res_px(a, pix) : NULL;
+    const int pool = a->res_pool;
+    const size_t rrow = (size_t)2 * a->ow * rc;
+    const __m256 four = _mm256_set1_ps(4.0f);
     const float *restrict thr = a->thr;
     uint64_t *restrict ob = a->out_bits ? a->out_bits + pix * ((cout + 63) / 64) : NULL;
     const int rp = a->slope != NULL;
     const __m256i nbv = _mm256_set1_epi32(nb);
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     uint64_t word = 0;
-    int co = 0;
-    for (; co + 8 <= cout; co += 8) {
+    int co = c0;
+    for (; co + 8 <= c1; co += 8) {
         __m256i iv = _mm256_loadu_si256((const __m256i *)(ac + co));
         iv = _mm256_sub_epi32(nbv, _mm256_add_epi32(iv, iv));
         __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(iv), _mm256_loadu_ps(a->scale + co));
         y = _mm256_add_ps(y, _mm256_loadu_ps(a->bias + co));
-        if (r) y = _mm256_add_ps(y, _mm256_loadu_ps(r + (rc == cout ? co : co % rc)));
+        if (r) {
+            const float *rr = r + (rc == cout ? co : co % rc);
+            __m256 rv = _mm256_loadu_ps(rr);
+            if (pool) { /* the 2x2 average, in epilogue_px's order */
+                rv = _mm256_add_ps(_mm256_setzero_ps(), rv);
+                rv = _mm256_add_ps(rv, _mm256_loadu_ps(rr + rc));
+                rv = _mm256_add_ps(rv, _mm256_loadu_ps(rr + rrow));
+                rv = _mm256_add_ps(rv, _mm256_loadu_ps(rr + rrow + rc));
+                rv = _mm256_div_ps(rv, four);
+            }
+            y = _mm256_add_ps(y, rv);
+        }
         if (rp) {
             __m256 u = _mm256_sub_ps(y, _mm256_loadu_ps(a->si + co));
             __m256 k = _mm256_blendv_ps(_mm256_loadu_ps(a->slope + co), one,
@@ -473,10 +539,19 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
             if ((co & 63) == 56) { ob[co >> 6] = word; word = 0; }
         }
     }
-    for (; co < cout; co++) { /* channel tail, scalar: the formulas of epilogue_px */
+    for (; co < c1; co++) { /* channel tail, scalar: the formulas of epilogue_px */
         float y = (float)(nb - 2 * ac[co]) * a->scale[co];
         y = y + a->bias[co];
-        if (r) y = y + r[co % rc];
+        if (r) {
+            const int c = co % rc;
+            float m = r[c];
+            if (pool) {
+                m = 0.0f;
+                m = m + r[c]; m = m + r[c + rc]; m = m + r[c + rrow]; m = m + r[c + rrow + rc];
+                m = m / 4.0f;
+            }
+            y = y + m;
+        }
         if (rp) {
             float u = y - a->si[co], k = a->slope[co];
             y = u * (u > 0.0f ? 1.0f : k) + a->so[co];
@@ -488,20 +563,24 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
             if ((co & 63) == 63) { ob[co >> 6] = word; word = 0; }
         }
     }
-    if (ob && (cout & 63)) ob[cout >> 6] = word;
+    if (ob && (c1 & 63)) ob[c1 >> 6] = word;
 }
 #endif
 
 /* Tiles [t0, t1) of PT output pixels: gather, GEMM, epilogue. `level` is a constant in each
  * instantiation below, so the kernel, the gather and the epilogue are compiled for its target. */
-S2D_INLINE void bconv_tiles(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s,
-                            int level) {
-    const int taps = a->kh * a->kw, lp = a->lp, wd = a->wd, cout = a->cout;
+S2D_INLINE void bconv_tiles(const s2d_bconv_args *a, int64_t t0, int64_t t1, int c0, int c1,
+                            scratch_t *s, int level) {
+    /* output channels [c0, c1) only (all of them unless s2d_bconv splits them over threads; a
+     * split is only made where the AVX2 epilogue runs) */
+    const int taps = a->kh * a->kw, lp = a->lp, wd = a->wd, cout = c1 - c0;
+    const uint64_t *const wts = a->w + (size_t)c0 * lp;
     const int kh = a->kh, kw = a->kw, st = a->stride, pad = a->pad, h = a->h, wi = a->w_;
     const int oh = a->oh, ow = a->ow;
     const int64_t total = (int64_t)a->n * oh * ow;
     /* A 1x1 convolution whose rows need no padding reads the input pixels in place. */
-    const int direct = kh == 1 && kw == 1 && pad == 0 && lp == wd;
+    const int direct = kh == 1 && kw == 1 && pad == 0 && lp == wd && !a->tap2;
+    const int tap2 = a->tap2;
     const uint64_t *x = a->x;
     int64_t p0 = t0 * PT;
     int ox = (int)(p0 % ow), oy = (int)((p0 / ow) % oh);
@@ -516,6 +595,26 @@ S2D_INLINE void bconv_tiles(const s2d_bconv_args *a, int64_t t0, int64_t t1, scr
             if (direct) {
                 rows[i] = x + (((b * h + iy0) * wi) + ix0) * wd;
                 nvalid[i] = 1;
+            } else if (tap2) { /* wd == 1: tap t goes to bits 32 * (t % 2) of word t / 2 */
+                uint64_t *dst = s->patch + (size_t)i * lp;
+                rows[i] = dst;
+                for (int j = 0; j < (taps + 1) / 2; j++) dst[j] = 0;
+                int nv = 0;
+                uint64_t inv = 0;
+                for (int ky = 0; ky < kh; ky++) {
+                    const int iy = iy0 + ky;
+                    for (int kx = 0; kx < kw; kx++) {
+                        const int ix = ix0 + kx, tap = ky * kw + kx;
+                        if (iy < 0 || iy >= h || ix < 0 || ix >= wi) {
+                            inv |= 1ULL << tap;
+                        } else {
+                            dst[tap >> 1] |= x[(b * h + iy) * wi + ix] << (32 * (tap & 1));
+                            nv++;
+                        }
+                    }
+                }
+                invalid[i] = inv;
+                nvalid[i] = nv;
             } else {
                 uint64_t *dst = s->patch + (size_t)i * lp;
                 rows[i] = dst;
@@ -555,24 +654,25 @@ S2D_INLINE void bconv_tiles(const s2d_bconv_args *a, int64_t t0, int64_t t1, scr
         int32_t *acc = s->acc;
         switch (level) {
 #ifdef S2D_X86
-        case 3: gemm_avx512(rows, a->w, lp, cout, acc); break;
+        case 3: gemm_avx512(rows, wts, lp, cout, acc); break;
         case 2:
-            if (lp >= 8) S2D_GEMM2(rows, a->w, lp, cout, acc);
-            else gemm_popcnt(rows, a->w, lp, cout, acc);
+            if (lp >= S2D_HYB_MIN) S2D_GEMM2(rows, wts, lp, cout, acc);
+            else S2D_GEMM_SMALL(rows, wts, lp, cout, acc);
             break;
-        case 1: gemm_popcnt(rows, a->w, lp, cout, acc); break;
+        case 1: S2D_GEMM_SMALL(rows, wts, lp, cout, acc); break;
 #endif
-        default: gemm_portable(rows, a->w, lp, cout, acc); break;
+        default: gemm_portable(rows, wts, lp, cout, acc); break;
         }
 #ifdef S2D_X86
-        if (level >= 2 && !a->dot_out && (a->res_c == cout || a->res_c % 8 == 0)) {
+        if (level >= 2 && !a->dot_out && (a->res_c == a->cout || a->res_c % 8 == 0)) {
             for (int i = 0; i < np; i++) {
                 int32_t *ac = acc + (size_t)i * cout;
                 for (uint64_t inv = invalid[i]; inv; inv &= inv - 1) {
-                    const int32_t *restrict wp = a->wpc + (size_t)__builtin_ctzll(inv) * cout;
+                    const int32_t *restrict wp =
+                        a->wpc + (size_t)__builtin_ctzll(inv) * a->cout + c0;
                     for (int co = 0; co < cout; co++) ac[co] -= wp[co];
                 }
-                epilogue_avx2(a, ac, nvalid[i] * a->cin, p0 + i);
+                epilogue_avx2(a, ac, nvalid[i] * a->cin, p0 + i, c0, c1);
             }
             continue;
         }
@@ -583,25 +683,29 @@ S2D_INLINE void bconv_tiles(const s2d_bconv_args *a, int64_t t0, int64_t t1, scr
     }
 }
 
-static void bconv_tiles_portable(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
-    bconv_tiles(a, t0, t1, s, 0);
+static void bconv_tiles_portable(const s2d_bconv_args *a, int64_t t0, int64_t t1, int c0, int c1,
+                                 scratch_t *s) {
+    bconv_tiles(a, t0, t1, c0, c1, s, 0);
 }
 #ifdef S2D_X86
 __attribute__((target("popcnt")))
-static void bconv_tiles_popcnt(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
-    bconv_tiles(a, t0, t1, s, 1);
+static void bconv_tiles_popcnt(const s2d_bconv_args *a, int64_t t0, int64_t t1, int c0, int c1,
+                               scratch_t *s) {
+    bconv_tiles(a, t0, t1, c0, c1, s, 1);
 }
 __attribute__((target("avx2,popcnt")))
-static void bconv_tiles_avx2(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
-    bconv_tiles(a, t0, t1, s, 2);
+static void bconv_tiles_avx2(const s2d_bconv_args *a, int64_t t0, int64_t t1, int c0, int c1,
+                             scratch_t *s) {
+    bconv_tiles(a, t0, t1, c0, c1, s, 2);
 }
 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,popcnt")))
-static void bconv_tiles_avx512(const s2d_bconv_args *a, int64_t t0, int64_t t1, scratch_t *s) {
-    bconv_tiles(a, t0, t1, s, 3);
+static void bconv_tiles_avx512(const s2d_bconv_args *a, int64_t t0, int64_t t1, int c0, int c1,
+                               scratch_t *s) {
+    bconv_tiles(a, t0, t1, c0, c1, s, 3);
 }
 #endif
 
-typedef void (*tiles_fn)(const s2d_bconv_args *, int64_t, int64_t, scratch_t *);
+typedef void (*tiles_fn)(const s2d_bconv_args *, int64_t, int64_t, int, int, scratch_t *);
 
 static tiles_fn pick_tiles(int level) {
 #ifdef S2D_X86
@@ -614,7 +718,9 @@ static tiles_fn pick_tiles(int level) {
 
 int s2d_bconv(const s2d_bconv_args *a) {
     const int taps = a->kh * a->kw, lp = a->lp, level = eff_isa(a->isa);
-    if (taps > 64 || lp < taps * a->wd || lp % s2d_lp_align(level)) return -1;
+    if (taps > 64 || lp % s2d_lp_align(level)) return -1;
+    if (a->tap2 ? (a->wd != 1 || a->cin > 32 || lp < (taps + 1) / 2) : lp < taps * a->wd)
+        return -1;
     const int64_t total = (int64_t)a->n * a->oh * a->ow;
     const int64_t ntiles = (total + PT - 1) / PT;
     tiles_fn run = pick_tiles(level);
@@ -623,6 +729,13 @@ int s2d_bconv(const s2d_bconv_args *a) {
     int nth = a->nthreads < 1 ? 1 : a->nthreads;
     if (nth > ntiles) nth = (int)ntiles;
     if (work < 65536.0) nth = 1;
+    /* Few pixel tiles (batch 1, 14x14 and 7x7 maps): split the output channels over the threads
+     * instead, in blocks of 64 (whole bit words), so that every thread does the same work and
+     * reads only its part of the weights. Only where the AVX2 epilogue runs (it takes a
+     * channel range). */
+    const int csplit = nth > 1 && level >= 2 && !a->dot_out && a->cout >= 64 * nth &&
+                       (a->res_c == a->cout || a->res_c % 8 == 0) &&
+                       ntiles < (int64_t)S2D_CSPLIT_TILES * nth;
     int failed = 0;
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
@@ -641,8 +754,14 @@ int s2d_bconv(const s2d_bconv_args *a) {
         } else {
             /* words past the taps stay zero (the weights are zero there too) */
             memset(s.patch, 0, sizeof(uint64_t) * PT * (size_t)lp);
-            int64_t t0 = ntiles * tid / nt, t1 = ntiles * (tid + 1) / nt;
-            if (t1 > t0) run(a, t0, t1, &s);
+            if (csplit) {
+                const int nb = a->cout / 64;
+                const int c0 = nb * tid / nt * 64, c1 = tid + 1 == nt ? a->cout : nb * (tid + 1) / nt * 64;
+                if (c1 > c0) run(a, 0, ntiles, c0, c1, &s);
+            } else {
+                int64_t t0 = ntiles * tid / nt, t1 = ntiles * (tid + 1) / nt;
+                if (t1 > t0) run(a, t0, t1, 0, a->cout, &s);
+            }
         }
         free(s.patch); free(s.acc); free(s.vals);
     }

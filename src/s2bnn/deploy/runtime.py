@@ -180,6 +180,13 @@ class PackedModel:
         self._bufs: dict[tuple[str, int], torch.Tensor] = {}
         self._buf_ptrs: set[int] = set()
         self._args: dict[str, tuple[tuple[int, ...], Any]] = {}
+        # Per bconv node, once its buffers and arguments exist: (input shape, residual shape,
+        # threads, arguments, float view, bits) -- a repeated call only swaps the pointers.
+        self._fast: dict[str, tuple[Any, ...]] = {}
+        self._steps: list[tuple[Any, ...]] | None = None
+        # bconv node -> the 2x2 avgpool node whose output is its residual and nothing else's:
+        # the compiled epilogue averages the pool's input itself (see _plan).
+        self._pool_res: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.set_isa(isa)
         self._last_use = self._compute_last_use()
@@ -202,6 +209,7 @@ class PackedModel:
         self._align = self._lib.s2d_lp_align(self._isa_level) if self._lib is not None else 1
         self._prepared = {}
         self._args = {}
+        self._fast = {}
 
     def _compute_last_use(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -224,13 +232,23 @@ class PackedModel:
         cout, kh, kw, nbytes = w.shape
         wd = (a["cin"] + 63) // 64
         taps = kh * kw
-        lp = (taps * wd + self._align - 1) // self._align * self._align
-        words = F.pad(w.reshape(cout, taps, nbytes), (0, wd * 8 - nbytes)).contiguous()
-        words = words.view(torch.int64).reshape(cout, taps * wd)
-        words = F.pad(words, (0, lp - taps * wd)).contiguous()
+        # At most 32 input channels (one half-empty word per tap): two taps per word, tap t in
+        # bytes 4 * (t % 2) onwards of word t // 2 -- the kernel gathers the patch likewise.
+        tap2 = taps > 1 and a["cin"] <= 32
+        nw = (taps + 1) // 2 if tap2 else taps * wd
+        lp = (nw + self._align - 1) // self._align * self._align
+        if tap2:
+            wb = torch.zeros(cout, nw * 2, 4, dtype=torch.uint8)
+            wb[:, :taps, :nbytes] = w.reshape(cout, taps, nbytes)
+            words = wb.reshape(cout, nw * 8).view(torch.int64)
+        else:
+            words = F.pad(w.reshape(cout, taps, nbytes), (0, wd * 8 - nbytes)).contiguous()
+            words = words.view(torch.int64).reshape(cout, taps * wd)
+        words = F.pad(words, (0, lp - nw)).contiguous()
         # (taps, cout): the border correction runs over output channels, contiguous
         wpc = _BYTE_POPCOUNT[w.reshape(cout, taps, nbytes).long()].sum(-1).to(torch.int32)
         got = {"words": words, "wpc": wpc.t().contiguous(), "lp": torch.tensor(lp),
+               "tap2": torch.tensor(int(tap2)),
                "pm1": weight_bits_pm1(w, a["cin"])}
         self._prepared[node["name"]] = got
         return got
@@ -271,22 +289,57 @@ class PackedModel:
             self._buf_ptrs.add(t.untyped_storage().data_ptr())
         return t
 
+    def _plan(self) -> list[tuple[Any, ...]]:
+        """Per node, resolved once: (node, op method or None for the input, input names,
+        (slot, output name) pairs, names whose last use this node is).
+
+        A 2x2 / stride 2 average pool whose output only a binary convolution's residual reads
+        (ReActNet's downsampling shortcut) is deferred: it passes its input through, and that
+        convolution's epilogue adds the 2x2 average itself, in torch's order of operations (or,
+        where the kernel cannot, runs the pool first, as before)."""
+        if self._steps is None:
+            nodes = self.graph["nodes"]
+            readers: dict[str, list[tuple[dict[str, Any], int]]] = {}
+            for node in nodes:
+                for k, v in enumerate(node.get("inputs", [])):
+                    readers.setdefault(v, []).append((node, k))
+            self._pool_res = {}
+            deferred = set()
+            for node in nodes:
+                a = node.get("attrs", {})
+                if node["op"] != "avgpool" or node["outputs"][0] == self.graph["output"]:
+                    continue
+                if (list(a.get("kernel", [])) != [2, 2] or list(a.get("stride", [])) != [2, 2]
+                        or list(a.get("padding", [])) != [0, 0]):
+                    continue
+                rd = readers.get(node["outputs"][0], [])
+                if len(rd) == 1 and rd[0][0]["op"] == "bconv" and rd[0][1] == 1:
+                    self._pool_res[rd[0][0]["name"]] = node
+                    deferred.add(node["name"])
+            steps = []
+            for i, node in enumerate(nodes):
+                ins = tuple(node.get("inputs", []))
+                fn = None if node["op"] == "input" else getattr(self, "_op_" + node["op"])
+                if node["name"] in deferred:
+                    fn = self._op_deferred_pool
+                outs = tuple((k, v) for k, v in enumerate(node["outputs"]) if v)
+                drops = tuple(v for v in dict.fromkeys(ins) if self._last_use.get(v, -1) <= i)
+                steps.append((node, fn, ins, outs, drops))
+            self._steps = steps
+        return self._steps
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
-        nodes = self.graph["nodes"]
         prof = self.profile
-        for i, node in enumerate(nodes):
+        for node, fn, in_names, out_names, drops in self._plan():
             t0 = time.perf_counter() if prof is not None else 0.0
-            ins = [env[v] for v in node.get("inputs", [])]
-            outs = x if node["op"] == "input" else getattr(self, "_op_" + node["op"])(node, ins)
-            if not isinstance(outs, tuple):
+            outs = x if fn is None else fn(node, [env[v] for v in in_names])
+            if type(outs) is not tuple:
                 outs = (outs,)
-            for name, val in zip(node["outputs"], outs):
-                if name:
-                    env[name] = val
-            for v in set(node.get("inputs", [])):
-                if self._last_use.get(v, -1) <= i:
-                    env.pop(v, None)
+            for k, name in out_names:
+                env[name] = outs[k]
+            for v in drops:
+                env.pop(v, None)
             if prof is not None:
                 prof.append((node["name"], node["op"], time.perf_counter() - t0))
         return env[self.graph["output"]]
@@ -334,6 +387,9 @@ class PackedModel:
         return F.avg_pool2d(ins[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"],
                             a["count_include_pad"]).contiguous(memory_format=_CL)
 
+    def _op_deferred_pool(self, node, ins):
+        return ins[0]
+
     def _op_maxpool(self, node, ins):
         a = node["attrs"]
         return F.max_pool2d(ins[0], a["kernel"], a["stride"], a["padding"], a["dilation"],
@@ -366,15 +422,41 @@ class PackedModel:
         return out
 
     def _op_bconv(self, node, ins):
-        a = node["attrs"]
         bits = ins[0]
         res = ins[1] if len(ins) > 1 else None
+        pool = self._pool_res.get(node["name"]) if res is not None else None
+        fast = self._fast.get(node["name"])
+        if fast is not None and bits.shape == fast[0] and bits.is_contiguous() and (
+                fast[2] == self._nthreads()) and (
+                res.shape == fast[1] if res is not None else fast[1] is None):
+            # The same shapes as last time: the same buffers and arguments, new input pointers.
+            if res is not None:
+                if fast[6]:  # a deferred pool the kernel does not take: run it here
+                    res = self._op_avgpool(pool, [res])
+                res = res.contiguous(memory_format=_CL)
+            args = fast[3]
+            args.x = bits.data_ptr()
+            args.res = res.data_ptr() if res is not None else None
+            rc = self._lib.s2d_bconv(args)
+            if rc != 0:
+                raise MemoryError(f"binary convolution kernel failed ({rc})")
+            return fast[4], fast[5]
+        res_shape = res.shape if res is not None else None
+        a = node["attrs"]
         n, h, w, wd = bits.shape
         kh, kw = a["kernel"]
         s, p = a["stride"], a["padding"]
         oh, ow = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
         cout = a["cout"]
-        if res is not None and (res.shape[0] != n or tuple(res.shape[2:]) != (oh, ow)):
+        res_pool = 0
+        if pool is not None:
+            # the deferred 2x2 pool: in the kernel where the shapes are exactly 2x, else here
+            if self._lib is not None and tuple(res.shape[2:]) == (2 * oh, 2 * ow):
+                res_pool = 1
+            else:
+                res = self._op_avgpool(pool, [res])
+        if res is not None and (res.shape[0] != n or tuple(res.shape[2:]) != (
+                (2 * oh, 2 * ow) if res_pool else (oh, ow))):
             raise ModelError(f"node {node['name']}: residual of shape {tuple(res.shape)} does "
                              f"not fit the convolution's output {(n, cout, oh, ow)}")
         prep = self._prep_bconv(node)
@@ -403,7 +485,8 @@ class PackedModel:
             res = res.contiguous(memory_format=_CL)
         # The argument block is built once per node and input shape; per call only the
         # activation pointers change.
-        key = (n, h, w, wd, int(res.shape[1]) if res is not None else 0, self._nthreads())
+        key = (n, h, w, wd, int(res.shape[1]) if res is not None else 0, self._nthreads(),
+               res_pool)
         cached = self._args.get(node["name"])
         if cached is None or cached[0] != key:
             from s2bnn.deploy._build import BconvArgs
@@ -414,7 +497,8 @@ class PackedModel:
                 n=n, h=h, w_=w, wd=wd, cin=a["cin"], cout=cout, kh=kh, kw=kw, stride=s, pad=p,
                 oh=oh, ow=ow, lp=int(prep["lp"]), scale=scale.data_ptr(), bias=bias.data_ptr(),
                 res_c=key[4], si=ptr(si), slope=ptr(slope), so=ptr(so), thr=ptr(thr),
-                dot_out=None, isa=self._isa_level, nthreads=key[5],
+                dot_out=None, isa=self._isa_level, nthreads=key[5], tap2=int(prep["tap2"]),
+                res_pool=res_pool,
             )
             self._args[node["name"]] = (key, args)
         else:
@@ -426,7 +510,10 @@ class PackedModel:
         rc = self._lib.s2d_bconv(args)
         if rc != 0:
             raise MemoryError(f"binary convolution kernel failed ({rc})")
-        return (out.permute(0, 3, 1, 2) if out is not None else None, obits)
+        view = out.permute(0, 3, 1, 2) if out is not None else None
+        self._fast[node["name"]] = (bits.shape, res_shape, key[5], args, view, obits,
+                                    pool is not None and not res_pool)
+        return view, obits
 
     # ----------------------------------------------------------------- info and files
     def binary_convs(self) -> Iterable[dict[str, Any]]:
