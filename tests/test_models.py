@@ -89,6 +89,16 @@ def test_reactnet_a_layout_and_parameter_count() -> None:
     assert sum(isinstance(m, RPReLU) for m in model.modules()) == 26
 
 
+def test_reactnet_rprelu_init_slope() -> None:
+    # PReLU's 0.25 as published, unless prelu_init says otherwise (a teacher-study row).
+    for name in ("reactnet_a", "reactnet_small"):
+        slopes = {float(m.slope.detach()[0]) for m in build_model(name, width_mult=0.125).modules()
+                  if isinstance(m, RPReLU)}
+        assert slopes == {0.25}
+    model = build_model("reactnet_small", width_mult=0.125, prelu_init=1.0)
+    assert all(torch.all(m.slope == 1.0) for m in model.modules() if isinstance(m, RPReLU))
+
+
 def test_no_unused_modules_in_reactnet() -> None:
     model = build_model("reactnet_small", width_mult=0.125)
     used: set[int] = set()

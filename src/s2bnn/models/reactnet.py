@@ -35,7 +35,8 @@ class ReActBlock(nn.Module):
     """One ReActNet-A block; see the module docstring."""
 
     def __init__(
-        self, cin: int, cout: int, stride: int, act_q: str | None, weight_q: str | None
+        self, cin: int, cout: int, stride: int, act_q: str | None, weight_q: str | None,
+        prelu_init: float = 0.25,
     ) -> None:
         super().__init__()
         if cout not in (cin, 2 * cin):
@@ -47,12 +48,12 @@ class ReActBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cin)
         # Only created where the forward uses it.
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else None
-        self.act1 = RPReLU(cin)
+        self.act1 = RPReLU(cin, prelu_init)
         self.conv1 = QuantConv2d(
             cin, cout, 1, input_quantizer=RSign(cin, act_q), weight_quantizer=weight_q
         )
         self.bn2 = nn.BatchNorm2d(cout)
-        self.act2 = RPReLU(cout)
+        self.act2 = RPReLU(cout, prelu_init)
         self.duplicate = cout == 2 * cin
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,6 +76,7 @@ class ReActNet(PooledBackbone):
         stem_stride: stride of the first conv (2 as published; 1 keeps full resolution).
         mid_blocks: number of stride-1 blocks at 512 x ``width_mult`` channels (5 as published).
         channels_last: keep weights and activations NHWC (faster on CPU; same results).
+        prelu_init: initial slope of every RPReLU (0.25, PyTorch's PReLU default, as published).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class ReActNet(PooledBackbone):
         stem_stride: int = 2,
         mid_blocks: int = 5,
         channels_last: bool = True,
+        prelu_init: float = 0.25,
     ) -> None:
         super().__init__()
         if width_mult <= 0 or stem_stride not in (1, 2) or mid_blocks < 0 or num_classes < 0:
@@ -104,7 +107,7 @@ class ReActNet(PooledBackbone):
         )
         blocks, cin = [], c
         for mult, stride in plan:
-            blocks.append(ReActBlock(cin, c * mult, stride, act_q, weight_q))
+            blocks.append(ReActBlock(cin, c * mult, stride, act_q, weight_q, prelu_init))
             cin = c * mult
         self.blocks = nn.Sequential(*blocks)
         self.binary_act, self.binary_weight = binary_act, binary_weight
@@ -121,11 +124,12 @@ def reactnet_a(
     stem_stride: int = 2,
     mid_blocks: int = 5,
     channels_last: bool = True,
+    prelu_init: float = 0.25,
 ) -> ReActNet:
     """ReActNet-A as published (224 px ImageNet layout)."""
     return ReActNet(
         num_classes, in_chans, binary_act, binary_weight, width_mult, stem_stride, mid_blocks,
-        channels_last,
+        channels_last, prelu_init,
     )
 
 
@@ -139,9 +143,10 @@ def reactnet_small(
     stem_stride: int = 2,
     mid_blocks: int = 5,
     channels_last: bool = True,
+    prelu_init: float = 0.25,
 ) -> ReActNet:
     """ReActNet-A layout at 1/4 width for 28-32 px images (the demo student; 1 channel default)."""
     return ReActNet(
         num_classes, in_chans, binary_act, binary_weight, width_mult, stem_stride, mid_blocks,
-        channels_last,
+        channels_last, prelu_init,
     )
