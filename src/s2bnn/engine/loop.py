@@ -162,8 +162,9 @@ class Trainer:
         if planned is None:  # a time budget: measure, then size the run
             budget = parse_duration(cfg.time_budget)  # type: ignore[arg-type]
             step_s = self.measure_step_seconds()
-            planned, line = sizing.steps_in_budget(
-                budget, step_s, time.perf_counter() - self.t_start, self.steps_per_epoch)
+            planned, line = sizing.agreed_steps_in_budget(
+                budget, step_s, time.perf_counter() - self.t_start, self.steps_per_epoch,
+                self.world, device)
             self.say(line)
             self.method.set_total_steps(planned)
         self.total_steps = planned

@@ -26,7 +26,8 @@ from s2bnn.errors import ConfigError
 if TYPE_CHECKING:
     from s2bnn.engine.loop import Trainer
 
-__all__ = ["sizing_of", "planned_steps", "measure_step_seconds", "steps_in_budget"]
+__all__ = ["sizing_of", "planned_steps", "measure_step_seconds", "steps_in_budget",
+           "agreed_steps_in_budget"]
 
 
 def sizing_of(cfg: Config) -> dict[str, Any]:
@@ -112,3 +113,32 @@ def steps_in_budget(budget: float, step_seconds: float, spent: float, steps_per_
     return steps, (f"time budget {format_duration(budget)}: {step_seconds * 1000:.0f} ms a step "
                    f"after {format_duration(spent)} of set-up -> {steps} steps "
                    f"({steps / steps_per_epoch:.2f} epochs)")
+
+
+def agreed_steps_in_budget(budget: float, step_seconds: float, spent: float,
+                           steps_per_epoch: int, world: int, device: torch.device
+                           ) -> tuple[int, str]:
+    """:func:`steps_in_budget` on every rank, then the smallest answer on all of them.
+
+    Each rank measured its own set-up time, so near a step boundary the ranks could disagree by
+    one step and then wait for each other forever in the last gradient all-reduce; a budget too
+    small on any rank is an error on every rank.
+    """
+    try:
+        steps, line = steps_in_budget(budget, step_seconds, spent, steps_per_epoch)
+        error: ConfigError | None = None
+    except ConfigError as err:
+        steps, line, error = 0, "", err
+    if world > 1:
+        t = torch.tensor([steps], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        if int(t[0]) != steps and error is None:
+            steps = int(t[0])
+            if steps == 0:
+                error = ConfigError("config key 'time_budget': on another rank not one step fits "
+                                    "in it; raise it or use steps=N")
+            else:
+                line += f"; {steps} steps agreed by all {world} ranks"
+    if error is not None:
+        raise error
+    return steps, line
