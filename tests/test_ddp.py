@@ -149,18 +149,25 @@ def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
     train(cfg, parts=tiny_parts(bn=False, noise=0.0))
 
 
-@pytest.mark.slow
-def test_time_budget_under_ddp_gives_every_rank_the_same_steps(tmp_path: Path) -> None:
-    """Each rank times its own steps; the run takes the slowest, so the ranks agree on the
-    number of steps (ranks that disagreed would wait forever in the gradient all-reduce)."""
-    ctx = mp.start_processes(_budget_worker, args=(2, _free_port(), str(tmp_path / "ddp")),
-                             nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
+def _run_ranks_or_fail(worker, out: Path, hang: str, seconds: float = 120) -> None:
+    """Two forked gloo ranks of ``worker``; a run that has not ended after ``seconds`` hung
+    (ranks waiting on each other): kill it and fail with ``hang``."""
+    ctx = mp.start_processes(worker, args=(2, _free_port(), str(out)), nprocs=2, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + seconds
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the ranks of a time-budgeted run did not finish together")
+            pytest.fail(hang)
+
+
+@pytest.mark.slow
+def test_time_budget_under_ddp_gives_every_rank_the_same_steps(tmp_path: Path) -> None:
+    """Each rank times its own steps; the run takes the slowest, so the ranks agree on the
+    number of steps (ranks that disagreed would wait forever in the gradient all-reduce)."""
+    _run_ranks_or_fail(_budget_worker, tmp_path / "ddp",
+                       "the ranks of a time-budgeted run did not finish together")
     ck = load_checkpoint(tmp_path / "ddp")
     assert ck["finished"] and ck["world_size"] == 2 and ck["step"] == ck["total_steps"] >= 1
 
@@ -176,14 +183,7 @@ def _disagreeing_budget_worker(rank: int, world: int, port: int, out: str) -> No
 
 @pytest.mark.slow
 def test_ranks_whose_budget_arithmetic_differs_agree_on_the_smaller(tmp_path: Path) -> None:
-    ctx = mp.start_processes(_disagreeing_budget_worker,
-                             args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=False,
-                             start_method="fork")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("ranks with different step counts hung")
+    _run_ranks_or_fail(_disagreeing_budget_worker, tmp_path / "ddp",
+                       "ranks with different step counts hung")
     ck = load_checkpoint(tmp_path / "ddp")
     assert ck["finished"] and ck["step"] == ck["total_steps"] == 5
