@@ -80,6 +80,9 @@ def study(model: torch.nn.Module, ds: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--untrained", type=int, nargs="*", default=None, help="random-init seeds")
+    ap.add_argument("--prelu-init", type=float, default=0.25,
+                    help="untrained nets' RPReLU slope (0.25: the default section 4 measured; "
+                         "reactnet_small's default is 1 since)")
     ap.add_argument("--run", nargs="*", default=None, help="run directories")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "student_features.json"))
     args = ap.parse_args()
@@ -99,7 +102,8 @@ def main() -> None:
         t0 = time.perf_counter()
         if isinstance(what, int):
             torch.manual_seed(what)
-            model = build_model("reactnet_small", in_chans=1, num_classes=0)
+            model = build_model("reactnet_small", in_chans=1, num_classes=0,
+                                prelu_init=args.prelu_init)
         else:
             model, _ = load_backbone(what)
         done[name] = {**study(model, ds), "seconds": round(time.perf_counter() - t0, 1),

@@ -58,12 +58,14 @@ class Row:
     value: str
     overrides: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None  # student rows: the teacher row they distil from
-    symmetric: bool = False  # teacher rows: symmetrised MoCo loss (both views as queries)
     seed: int = 0
     # 1: screened against the recipes as they stood before this study (ROUND1_PINS keeps those
     # rows re-runnable as measured); 2: against today's recipes, which took round 1's winners.
     round: int = 1
     budget: float | None = None  # training seconds (default: the table's --budget)
+    # Student rows: the paper's two-step binarisation, this share of the steps with real weights
+    # (binary activations only), the rest with binary weights initialised from that model.
+    two_step: float | None = None
 
 
 # The teacher the student table distils from (the screening's winner, chosen after the teacher
@@ -90,6 +92,19 @@ ROUND1_PINS: dict[str, dict[str, Any]] = {
 ROUND2_BASE = {"teacher": "t_best", "student": "s_bs128"}
 ROUND2_PINS: dict[str, dict[str, Any]] = {"teacher": {"method": {"temperature": 0.2}},
                                           "student": {}, "mocov2": {}}
+# Round 3's baselines: today's recipes as they are (no pins), the teacher at the demo's share of
+# its default budget and the students distilled from that teacher at theirs.
+ROUND3_BASE = {"teacher": "t3_base", "student": "s3_base"}
+ROUND3_PINS: dict[str, dict[str, Any]] = {"teacher": {}, "student": {}, "mocov2": {}}
+ROUND3_TEACHER_S, ROUND3_STUDENT_S = 210.0, 150.0
+# reactnet_small's RPReLU slopes started at 0.25 until round 3's s3_slope1 made 1 its default;
+# every round so far ran with 0.25, so their student rows pin it (the slope rows set 1).
+SLOPE_025 = {"model": {"kwargs": {"prelu_init": 0.25}}}
+for _pins in (ROUND1_PINS, ROUND2_PINS, ROUND3_PINS):
+    for _table in ("student", "mocov2"):
+        _pins[_table] = {**_pins[_table], **SLOPE_025}
+PINS = {1: ROUND1_PINS, 2: ROUND2_PINS, 3: ROUND3_PINS}
+BASES = {1: {"teacher": "t_base", "student": "s_base"}, 2: ROUND2_BASE, 3: ROUND3_BASE}
 
 
 def _teacher_rows() -> list[Row]:
@@ -98,6 +113,9 @@ def _teacher_rows() -> list[Row]:
 
     def t2(key: str, variable: str, value: str, **kw: Any) -> Row:
         return Row(key, "teacher", variable, value, round=2, **kw)
+
+    def t3(key: str, variable: str, value: str, **kw: Any) -> Row:
+        return Row(key, "teacher", variable, value, round=3, budget=ROUND3_TEACHER_S, **kw)
 
     aug = lambda **a: {"data": {"augment": a}}  # noqa: E731
     meth = lambda **a: {"method": a}  # noqa: E731
@@ -124,8 +142,17 @@ def _teacher_rows() -> list[Row]:
         t2("t_deep2", "depth", "2 blocks per stage", overrides=model(kwargs={
             "layers": [2, 2, 2, 2]})),
         t2("t_stem1", "stem stride", "1", overrides=model(stem_stride=1)),
-        t2("t_sym", "loss", "symmetric (both views as queries)", symmetric=True),
+        t2("t_sym", "loss", "symmetric (both views as queries)", overrides=meth(symmetric=True)),
         t2("t_long", "training time", "210 s (the demo teacher's share)", budget=210.0),
+        # Round 3: one change each from t3_base (today's TEACHER_RECIPE, 210 s).
+        t3("t3_base", "baseline", "TEACHER_RECIPE (round 2's winner, tau 0.1), 210 s"),
+        t3("t3_stem1", "stem stride", "1", overrides=model(stem_stride=1)),
+        t3("t3_deep2", "depth", "2 blocks per stage", overrides=model(kwargs={
+            "layers": [2, 2, 2, 2]})),
+        t3("t3_sgd", "optimiser", "SGD 0.06, momentum 0.9, wd 5e-4", overrides=opt(
+            name="sgd", lr=0.06, weight_decay=5e-4)),
+        t3("t3_sym", "loss", "symmetric (method.symmetric: both views as queries)",
+           overrides=meth(symmetric=True)),
     ]
 
 
@@ -135,6 +162,12 @@ def _student_rows() -> list[Row]:
 
     def s2(key: str, variable: str, value: str, **kw: Any) -> Row:
         return Row(key, "student", variable, value, round=2, **kw)
+
+    def s3(key: str, variable: str, value: str, **kw: Any) -> Row:
+        return Row(key, "student", variable, value, round=3, teacher="t3_base",
+                   budget=ROUND3_STUDENT_S, **kw)
+
+    kwargs = lambda **a: {"model": {"kwargs": a}}  # noqa: E731
 
     aug = lambda **a: {"data": {"augment": a}}  # noqa: E731
     return [
@@ -158,6 +191,21 @@ def _student_rows() -> list[Row]:
         s2("s_slope1", "RPReLU init slope", "1 (identity at init: no drift, no stuck signs)",
            overrides={"model": {"kwargs": {"prelu_init": 1.0}}}),
         s2("s_tteau01", "teacher", "t_tau01 (teacher tau 0.1)", teacher="t_tau01"),
+        # Round 3: one change each from s3_base (today's S2BNN_RECIPE, 150 s, from t3_base).
+        s3("s3_base", "baseline", "S2BNN_RECIPE from t3_base, 150 s"),
+        s3("s3_real", "precision", "real weights and activations (not binary: the ceiling)",
+           overrides={"model": {"binary_act": False, "binary_weight": False}}),
+        s3("s3_binact", "precision", "binary activations, real weights (step 1 alone)",
+           overrides={"model": {"binary_weight": False}}),
+        s3("s3_twostep", "binarisation", "two steps: 1/2 binary activations, 1/2 both",
+           two_step=0.5),
+        s3("s3_tail1", "layout", "last stage at 2x2 (tail_stride 1)",
+           overrides=kwargs(tail_stride=1)),
+        s3("s3_slope1", "RPReLU init slope", "1", overrides=kwargs(prelu_init=1.0)),
+        s3("s3_bs64", "batch size", "64", overrides={"batch_size": 64}),
+        s3("s3_wide05", "width", "x0.5 (16...512)", overrides={"model": {"width_mult": 0.5}}),
+        s3("s3_wide05mid1", "width and depth", "x0.5, 1 middle block instead of 5",
+           overrides={"model": {"width_mult": 0.5, "kwargs": {"mid_blocks": 1}}}),
         Row("m_base", "mocov2", "baseline", "MOCOV2_RECIPE (no teacher)"),
         Row("m_color", "mocov2", "augmentation", "+ intensity jitter", round=2, overrides=aug(
             color=True)),
@@ -214,7 +262,7 @@ def row_config(row: Row, plan: Plan, out_dir: Path, steps: int | None,
     from s2bnn.demo import MOCOV2_RECIPE, S2BNN_RECIPE, TEACHER_RECIPE, deep_merge
 
     base = {"teacher": TEACHER_RECIPE, "student": S2BNN_RECIPE, "mocov2": MOCOV2_RECIPE}[row.table]
-    base = deep_merge(base, (ROUND1_PINS if row.round == 1 else ROUND2_PINS)[row.table])
+    base = deep_merge(base, PINS[row.round][row.table])
     cfg = deep_merge(base, {
         "seed": row.seed, "batch_size": base.get("batch_size", 256), "device": "cpu",
         "resume": "auto",
@@ -243,37 +291,12 @@ def signature(row: Row, plan: Plan) -> str:
     """What a row's step costs depend on (rows with equal signatures share a calibration)."""
     cfg = row_config(row, plan, plan.out / "tmp", None, calibrate=True)
     parts = {"table": row.table, "model": cfg["model"], "batch": cfg["batch_size"],
-             "views": cfg["data"]["augment"].get("num_views", 2), "sym": row.symmetric,
+             "views": cfg["data"]["augment"].get("num_views", 2),
+             "sym": bool(cfg["method"].get("symmetric")),
              "shuffle": cfg["method"].get("shuffle_bn", "auto")}
     if row.table == "student":
         parts["teacher"] = row.teacher or plan.teacher
     return json.dumps(parts, sort_keys=True)
-
-
-# --------------------------------------------------------------------------- symmetric MoCo
-def install_symmetric_moco() -> None:
-    """Make MoCo v2 symmetric in this process: each view is a query against the other's key,
-    the two InfoNCE terms averaged, both key batches queued (twice the encoder work per step)."""
-    import torch
-
-    from s2bnn.losses import info_nce
-    from s2bnn.methods.base import check_views
-    from s2bnn.methods.mocov2 import MoCoV2
-
-    def forward(self, views):  # type: ignore[no-untyped-def]
-        check_views(views, self.name, 2)
-        m = self.moco
-        q1 = m.query(self.backbone, self.head, views[0])
-        q2 = m.query(self.backbone, self.head, views[1])
-        k1 = m.keys(views[0], self.backbone, self.head)
-        k2 = m.keys(views[1], self.backbone, self.head)
-        loss = 0.5 * (info_nce(q1, k2, m.queue.keys, m.temperature)
-                      + info_nce(q2, k1, m.queue.keys, m.temperature))
-        m._pending = torch.cat([k1, k2]).detach()
-        cos = (q1.detach().float() * k2.float()).sum(1).mean()
-        return loss, {"loss_contrastive": loss.detach(), "cosine": cos}
-
-    MoCoV2.forward = forward
 
 
 # --------------------------------------------------------------------------- results file
@@ -368,7 +391,7 @@ def run_row(row: Row, plan: Plan) -> dict[str, Any]:
     import torch
 
     from s2bnn.config import config_from_dict
-    from s2bnn.demo import evaluate_run, train_stage
+    from s2bnn.demo import deep_merge, evaluate_run, train_stage
     from s2bnn.eval import evaluate_pixels, evaluate_untrained
 
     ds = None
@@ -381,20 +404,32 @@ def run_row(row: Row, plan: Plan) -> dict[str, Any]:
         result.update(_accuracies(res))
     elif row.table == "untrained":
         ds = _eval_sets(plan)
-        res = evaluate_untrained("reactnet_small", {"in_chans": IN_CHANS, "num_classes": 0},
+        res = evaluate_untrained("reactnet_small", {"in_chans": IN_CHANS, "num_classes": 0,
+                                                    "prelu_init": 0.25},
                                  ds["train"], ds["test"], seeds=range(3), knn_k=200,
                                  device="cpu")
         result.update(_accuracies(res))
     else:
-        if row.symmetric:
-            install_symmetric_moco()
-        budget = row.budget or (plan.budget if row.table == "teacher" else plan.student_budget)
+        budget = (None if plan.quick else row.budget) or \
+            (plan.budget if row.table == "teacher" else plan.student_budget)
         sec_step = calibrate(row, plan)
         steps = max(1, int(budget / sec_step))
         run_dir = plan.out / "runs" / row.key
-        cfg = config_from_dict(row_config(row, plan, run_dir, steps), f"row {row.key}")
         t0 = time.perf_counter()
-        _, secs = train_stage(cfg)
+        if row.two_step:
+            # Step 1 (binary activations, real weights) for its share of the steps, then step 2
+            # (both binary) from the whole step-1 model, each with its own LR schedule, as the
+            # paper's two steps; the time per step is the binary one's calibration for both.
+            steps1 = max(1, round(steps * row.two_step))
+            step1 = deep_merge(row_config(row, plan, run_dir / "step1", steps1),
+                               {"model": {"binary_weight": False}})
+            train_stage(config_from_dict(step1, f"row {row.key}, step 1"))
+            cfg_d = deep_merge(row_config(row, plan, run_dir, steps - steps1), {"model": {
+                "init_from": str(run_dir / "step1"), "init_scope": "model"}})
+        else:
+            cfg_d = row_config(row, plan, run_dir, steps)
+        cfg = config_from_dict(cfg_d, f"row {row.key}")
+        train_stage(cfg)
         train_wall = time.perf_counter() - t0
         from s2bnn.report import read_metrics
 
@@ -442,13 +477,12 @@ def _cell(r: dict[str, Any] | None, key: str) -> str:
 
 
 def _delta(r: dict[str, Any], rows: dict[str, Any], key: str = "linear_top1") -> str:
-    """Linear top-1 minus the row's baseline: round 1 against t_base / s_base, round 2 against
-    today's recipes (ROUND2_BASE), named after the number."""
+    """Linear top-1 minus the row's baseline (BASES: t_base / s_base in round 1, the recipes
+    round 1 left in round 2, today's in round 3), named after the number."""
     table = r.get("table")
     if table not in ("teacher", "student"):
         return "—"
-    name = ROUND2_BASE[table] if r.get("round", 1) == 2 else \
-        {"teacher": "t_base", "student": "s_base"}[table]
+    name = BASES[r.get("round", 1)][table]
     seed = r.get("seed") or 0
     if seed and f"{name}@s{seed}" in rows:  # against the same seed of the baseline
         name = f"{name}@s{seed}"
@@ -520,8 +554,46 @@ the steps its calibration gave it, which is what the comparison rests on.
   configs/fashion_mnist/teacher_mocov2.yaml). The student distilled from it (s_tteau01, 485
   steps) scored 74.8 against 75.8: within noise, not a gain.
 - **Teacher, no help:** blur off 82.2, queue 16384 82.1, width x1.5 81.1 (343 steps).
-- **Not measured** (time; the rows are defined, run them with `--only`): teacher SGD, depth 2,
-  stem stride 1, symmetric loss, t_long (210 s); students s_demoteacher, m_color.
+- **Not measured in round 2** (time; the rows are defined, run them with `--only`): teacher
+  SGD, depth 2, stem stride 1, symmetric loss, t_long (210 s); students s_demoteacher, m_color.
+  Round 3 ran stem stride 1 and the symmetric loss against today's recipe instead.
+
+### Round 3
+
+Baselines: today's recipes at the demo's default shares, the teacher 210 s (t3_base) and each
+student 150 s distilled from it (s3_base); a row marked @s1 is seed 1 against seed 1 of its
+baseline. Other jobs ran outside the CPU lock during some rows (t3_base@s1 446 s, s3_slope1@s1
+735 s of `train s` for 210 s / 150 s of calibrated steps); the steps are what the comparison
+rests on.
+
+- **Where the binary student loses its points: the binary activations.** The same network with
+  real weights and activations, distilled the same way for the same time, reaches 81.2 (s3_real,
+  kNN 78.2), at the teacher's own level; binary activations with real weights (s3_binact) 77.1;
+  both binary (s3_base) 75.5 / 75.2 on two seeds. So binarising the activations costs about 4
+  points and the weights another 1.5, and the student's cosine to the teacher's embedding tells
+  the same story (0.84 real, 0.66 binary activations, 0.55 binary). The teacher is not what caps
+  the student: the real-valued student matches it.
+- **Binary-student rows, none a way to 80:**
+  - the paper's two-step binarisation (half the steps with real weights, half with binary ones
+    from that model): 75.4, no gain at this length;
+  - the last stage at 2x2 instead of 1x1 (`model.kwargs.tail_stride=1`, new): 73.5 (-2.0);
+  - batch 64 (795 steps; the step does not get twice as cheap): 74.6 (-0.9);
+  - wider: x0.5 gets 193 steps in 150 s (3.2x the time per step) and scores 62.5; x0.5 with one
+    middle block instead of five, 251 steps, 71.4. These two barely matched the teacher (cosine
+    0.06 and 0.23 at the end, against 0.55): not only fewer steps; whether a lower learning rate
+    or a warm-up lets a wider binary student train in this time was not measured.
+- **RPReLU slopes initialised at 1: kept.** s3_slope1 76.6 / 75.8 on two seeds against s3_base's
+  75.5 / 75.2 (+1.1 / +0.6), after +0.9 in round 2 on another teacher: three paired runs, each
+  positive. `reactnet_small` now starts its RPReLU slopes at 1 (ReActNet-A keeps PReLU's 0.25 as
+  published); the study's earlier rows pin 0.25, as they ran.
+- **Teacher: the symmetric loss, kept.** Both views as queries, each against the other's key
+  (`method.symmetric=true`, new; MoCo v3's loss), twice the encoder work per step: 515 steps in
+  210 s against 1,038. t3_sym 83.8 / 82.0 on two seeds against t3_base's 83.1 / 81.4 (+0.7 /
+  +0.7 linear; kNN +1.1 / +0.3; embedding kNN +0.3 / +0.1). It is in TEACHER_RECIPE and
+  configs/fashion_mnist/teacher_mocov2.yaml. The teacher's seed-to-seed spread (1.7 on t3_base,
+  1.8 on t3_sym) is as large as its margin over raw pixels (83.2), so "above pixels" holds on one
+  seed of two.
+- **Teacher, no help:** stem stride 1 at 28 px, 334 steps (3x the time per step): 81.6 (-1.5).
 
 ### Why the untrained student scores 42 while the prototype's scored ~71 (section 4)
 
@@ -620,7 +692,10 @@ def write_doc(plan: Plan) -> Path:
         "teacher's 128-d L2-normalised head output, the target the students distil. "
         "Δ: linear top-1 minus the baseline named beside it (round 1: t_base / s_base, the "
         "recipes before the study; round 2: t_best / s_bs128, the recipes round 1 left; "
-        "a second seed against the same seed of its baseline). One seed unless stated.",
+        f"round 3: t3_base / s3_base, today's recipes at the demo's shares of its default "
+        f"budget, {ROUND3_TEACHER_S:.0f} s per teacher and {ROUND3_STUDENT_S:.0f} s per "
+        "student; a second seed against the same seed of its baseline). One seed unless "
+        "stated.",
         "",
     ]
     pix = rows.get("pixels")
@@ -642,7 +717,8 @@ def write_doc(plan: Plan) -> Path:
                 f"{_cell(r, 'linear_top1_sgd')} / {_cell(r, 'linear_top1_adam')} | "
                 f"{_cell(r, 'emb_knn_top1')} | {_cell(r, 'emb_linear_top1')} |")
     # student table
-    lines += ["", f"## 2. Binary student (reactnet_small), distilled from `{plan.teacher}`", "",
+    lines += ["", f"## 2. Binary student (reactnet_small), distilled from `{plan.teacher}` "
+              "(round 3: from `t3_base`)", "",
               "| row | method | changes | to | steps | epochs | train s | kNN | linear | Δ | "
               "SGD / Adam |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

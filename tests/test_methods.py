@@ -112,6 +112,7 @@ def _epoch_losses(method: nn.Module, epochs: int, lr: float = 3e-3) -> list[floa
 
 CASES = {
     "mocov2": lambda run: _cfg("mocov2", momentum=0.99),
+    "mocov2_symmetric": lambda run: _cfg("mocov2", momentum=0.99, symmetric=True),
     "s2bnn": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(run)),
     "s2bnn_contrastive": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(run),
                                           contrastive_weight=1.0, momentum=0.99),
@@ -244,7 +245,7 @@ def test_methods_without_a_frozen_teacher_checkpoint_everything(
 
 def test_views_needed() -> None:
     assert [views_needed(CASES[c](None)) for c in sorted(CASES)] == [
-        2, 2, 1, 2, 2, 1]  # dino mocov2 s2bnn s2bnn_contrastive s2bnn_online seed
+        2, 2, 2, 1, 2, 2, 1]  # dino mocov2 mocov2_symmetric s2bnn s2bnn_contrastive s2bnn_online seed
 
 
 def test_queue_is_updated_after_the_step(registry: None, teacher_run: Path) -> None:
@@ -258,6 +259,32 @@ def test_queue_is_updated_after_the_step(registry: None, teacher_run: Path) -> N
     assert int(method.moco.queue.ptr) == BATCH
     assert not torch.equal(method.moco.queue.keys[:BATCH], before[:BATCH])
     torch.testing.assert_close(method.moco.queue.keys[BATCH:], before[BATCH:])
+
+
+def test_symmetric_moco_is_the_mean_of_both_directions_and_queues_both_keys(
+        registry: None, teacher_run: Path) -> None:
+    from s2bnn.losses import info_nce
+
+    sym = _build(CASES["mocov2_symmetric"](teacher_run))
+    one_way = _build(CASES["mocov2"](teacher_run))  # same seed: the same weights and queue
+    v0, v1 = _data()[0]
+    for m in (sym, one_way):
+        m.train()
+    loss, _ = sym([v0, v1])
+    with torch.no_grad():  # the two directions, recomputed with the one-way method
+        q0 = one_way.moco.query(one_way.backbone, one_way.head, v0)
+        q1 = one_way.moco.query(one_way.backbone, one_way.head, v1)
+        k0 = one_way.moco.keys(v0, one_way.backbone, one_way.head)
+        k1 = one_way.moco.keys(v1, one_way.backbone, one_way.head)
+        queue = one_way.moco.queue.keys
+        expected = 0.5 * (info_nce(q0, k1, queue, 0.2) + info_nce(q1, k0, queue, 0.2))
+        plain, _ = one_way([v0, v1])
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert abs(float(loss.detach()) - float(plain)) > 1e-4  # not the one-way loss
+    sym.on_train_step_end(1, 10)
+    assert int(sym.moco.queue.ptr) == 2 * BATCH
+    torch.testing.assert_close(sym.moco.queue.keys[:BATCH], k0)
+    torch.testing.assert_close(sym.moco.queue.keys[BATCH:2 * BATCH], k1)
 
 
 def test_shuffled_keys_are_unshuffled() -> None:

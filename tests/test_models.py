@@ -90,13 +90,33 @@ def test_reactnet_a_layout_and_parameter_count() -> None:
 
 
 def test_reactnet_rprelu_init_slope() -> None:
-    # PReLU's 0.25 as published, unless prelu_init says otherwise (a teacher-study row).
-    for name in ("reactnet_a", "reactnet_small"):
+    # ReActNet-A: PReLU's 0.25 as published; reactnet_small: 1 (the teacher study's winner);
+    # prelu_init overrides either.
+    for name, slope in (("reactnet_a", 0.25), ("reactnet_small", 1.0)):
         slopes = {float(m.slope.detach()[0]) for m in build_model(name, width_mult=0.125).modules()
                   if isinstance(m, RPReLU)}
-        assert slopes == {0.25}
-    model = build_model("reactnet_small", width_mult=0.125, prelu_init=1.0)
-    assert all(torch.all(m.slope == 1.0) for m in model.modules() if isinstance(m, RPReLU))
+        assert slopes == {slope}
+    model = build_model("reactnet_small", width_mult=0.125, prelu_init=0.25)
+    assert all(torch.all(m.slope == 0.25) for m in model.modules() if isinstance(m, RPReLU))
+
+
+def test_reactnet_tail_stride_keeps_the_last_stage_at_the_previous_resolution() -> None:
+    # At 28 px the published layout ends on a 1x1 map; tail_stride=1 keeps the last stage at 2x2
+    # (the same weights: only the 512->1024 block's stride and its pool shortcut change).
+    maps: list[tuple[int, int]] = []
+    for tail in (2, 1):
+        model = build_model("reactnet_small", width_mult=0.125, tail_stride=tail).eval()
+        seen: list[tuple[int, ...]] = []
+        hook = model.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        with torch.no_grad():
+            feats = model(torch.randn(2, 1, 28, 28))
+        hook.remove()
+        assert feats.shape == (2, model.feature_dim)
+        maps.append(tuple(seen[0][2:]))
+        assert (model.blocks[-2].pool is None) == (tail == 1)
+    assert maps == [(1, 1), (2, 2)]
+    with pytest.raises(ModelError, match="tail_stride"):
+        build_model("reactnet_small", tail_stride=3)
 
 
 def test_no_unused_modules_in_reactnet() -> None:

@@ -136,6 +136,9 @@ class MethodConfig:
     # groups too); syncbn: no shuffle (set sync_bn=true); none: no shuffle.
     shuffle_bn: str = "auto"  # auto | shuffle | syncbn | none
     shuffle_bn_groups: int = 2
+    # MoCo v2 only. true: each view is also a query against the other view's key, the two
+    # InfoNCE terms averaged and both key batches queued (twice the encoder work per step).
+    symmetric: bool = False
     # S2-BNN
     distill_weight: float = 1.0
     contrastive_weight: float = 0.0  # > 0: strategy 2 (contrastive + distillation)

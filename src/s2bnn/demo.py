@@ -103,8 +103,10 @@ TEACHER_RECIPE: dict[str, Any] = {
     "model": {"name": "resnet_small"},
     # temperature 0.1 (t_tau01): +0.5 linear, +1.0 kNN, +1.6 embedding kNN over 0.2, on both
     # seeds; queue 16384, no blur, width x1.5 did not help (docs/TEACHER_STUDY.md, round 2).
+    # symmetric (t3_sym): +0.7 linear on each of two seeds at half the steps; stem stride 1 did
+    # not help (round 3).
     "method": {"name": "mocov2", "proj_dim": 128, "temperature": 0.1, "queue_size": 4096,
-               "momentum": 0.99},
+               "momentum": 0.99, "symmetric": True},
     "optim": {"name": "adam", "lr": 1.0e-3, "weight_decay": 0.0, "schedule": "cosine",
               "warmup_epochs": 0.1},
 }

@@ -124,6 +124,15 @@ class MomentumContrast(MomentumEncoders):
         self._pending = k.detach()
         return info_nce(q, k, self.queue.keys, self.temperature)
 
+    def symmetric_loss(self, q1: torch.Tensor, k1: torch.Tensor, q2: torch.Tensor,
+                       k2: torch.Tensor) -> torch.Tensor:
+        """The mean of :meth:`loss` for (q1, k2) and (q2, k1), both against the same queue;
+        ``k1`` and ``k2`` are both queued at the step's end."""
+        loss = 0.5 * (info_nce(q1, k2, self.queue.keys, self.temperature)
+                      + info_nce(q2, k1, self.queue.keys, self.temperature))
+        self._pending = torch.cat([k1, k2]).detach()
+        return loss
+
     @torch.no_grad()
     def step_end(self, backbone: nn.Module, head: nn.Module) -> None:
         """Momentum update of the key encoder, then enqueue this step's keys."""
@@ -136,7 +145,11 @@ class MomentumContrast(MomentumEncoders):
 
 @register_method
 class MoCoV2(Method):
-    """MoCo v2: backbone + MLP head (feat -> hidden -> dim), momentum key encoder and queue."""
+    """MoCo v2: backbone + MLP head (feat -> hidden -> dim), momentum key encoder and queue.
+
+    ``symmetric=True`` adds the loss with the views swapped (as MoCo v3 does) and averages the
+    two; the paper's MoCo v2 is one-way (the default).
+    """
 
     name = "mocov2"
 
@@ -150,7 +163,7 @@ class MoCoV2(Method):
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> MoCoV2:
-        return cls(backbone, **moco_kwargs(cfg, ctx.num_train))
+        return cls(backbone, symmetric=cfg.symmetric, **moco_kwargs(cfg, ctx.num_train))
 
     def __init__(
         self,
@@ -163,8 +176,10 @@ class MoCoV2(Method):
         momentum: float = 0.999,
         shuffle: bool = True,
         groups: int = 2,
+        symmetric: bool = False,
     ) -> None:
         super().__init__(backbone)
+        self.symmetric = symmetric
         feat = int(backbone.feature_dim)
         self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
         self.moco = MomentumContrast(
@@ -177,7 +192,12 @@ class MoCoV2(Method):
         check_views(views, self.name, 2)
         q = self.moco.query(self.backbone, self.head, views[0])
         k = self.moco.keys(views[1], self.backbone, self.head)
-        loss = self.moco.loss(q, k)
+        if self.symmetric:  # view 1 is also a query, against view 0's key
+            q2 = self.moco.query(self.backbone, self.head, views[1])
+            k0 = self.moco.keys(views[0], self.backbone, self.head)
+            loss = self.moco.symmetric_loss(q, k0, q2, k)
+        else:
+            loss = self.moco.loss(q, k)
         logs = {"loss_contrastive": loss.detach(),
                 "cosine": (q.detach().float() * k.float()).sum(1).mean()}
         return loss, logs
