@@ -263,10 +263,14 @@ def stage_summary(run_dir: Path, seconds: float, budget_s: float | None) -> dict
             "budget_seconds": round(budget_s, 1) if budget_s is not None else None}
 
 
+def _epochs(n: float) -> str:
+    return f"{n:g} epoch" + ("" if n == 1 else "s")
+
+
 def _describe_stage(name: str, got: dict[str, Any]) -> str:
     text = f"{name}: {got['steps']} steps"
     if got.get("epochs") is not None:
-        text += f" ({got['epochs']:g} epochs)"
+        text += f" ({_epochs(got['epochs'])})"
     text += f" in {format_duration(got['seconds'])}"
     if got.get("budget_seconds") is not None:
         text += f" (its budget {format_duration(got['budget_seconds'])})"
@@ -390,7 +394,7 @@ def weak_results(rows: dict[str, dict[str, Any]], stages: dict[str, dict[str, An
     out = []
     for name, got in stages.items():
         if got["steps"] < MIN_STEPS:
-            epochs = f" ({got['epochs']:g} epochs)" if got.get("epochs") is not None else ""
+            epochs = f" ({_epochs(got['epochs'])})" if got.get("epochs") is not None else ""
             out.append(f"the {name} stage trained only {got['steps']} optimiser steps{epochs}, "
                        f"too few to learn much from this data (budget {budget}); {more}")
     teacher, pix, s2, rand = (top1(n) for n in ("teacher", "pixels", "s2bnn", "random_init"))
