@@ -81,9 +81,9 @@ static void gemm_portable(rows_t r, const uint64_t *w, int lp, int cout, int32_t
 }
 
 #ifdef S2D_X86
-/* Scalar POPCNT: 4 pixels x 2 output channels per inner step (8 accumulators in registers). */
+/* Scalar POPCNT, 4 pixels x 2 output channels per inner step (8 accumulators). */
 __attribute__((target("popcnt")))
-static inline void gemm_popcnt(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+static inline void gemm_popcnt42(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
     const uint64_t *p0 = r[0], *p1 = r[1], *p2 = r[2], *p3 = r[3];
     int co = 0;
     for (; co + 1 < cout; co += 2) {
@@ -113,6 +113,44 @@ static inline void gemm_popcnt(rows_t r, const uint64_t *w, int lp, int cout, in
         acc[co] = (int32_t)s0; acc[cout + co] = (int32_t)s1;
         acc[2 * cout + co] = (int32_t)s2; acc[3 * cout + co] = (int32_t)s3;
     }
+}
+
+/* Scalar POPCNT, 4 pixels x 4 output channels per inner step (16 accumulators; the compiler
+ * keeps some of them on the stack, which costs loads and stores but no ALU slot: on this Zen 1
+ * the integer ALUs are the limit, and 16 pairs per step share 8 loads and the loop overhead
+ * where 4 x 2 shares 6 for 8). Channels past the last multiple of 4 go through the 4 x 2 loop. */
+#ifndef S2D_TILE44
+#define S2D_TILE44 1
+#endif
+__attribute__((target("popcnt")))
+static inline void gemm_popcnt(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+#if S2D_TILE44
+    const uint64_t *p[PT] = {r[0], r[1], r[2], r[3]};
+    int co = 0;
+    for (; co + 3 < cout; co += 4) {
+        const uint64_t *wc = w + (size_t)co * lp;
+        uint64_t s[PT][4] = {{0}};
+        for (int j = 0; j < lp; j++) {
+            uint64_t u[4];
+            for (int c = 0; c < 4; c++) u[c] = wc[(size_t)c * lp + j];
+            for (int i = 0; i < PT; i++) {
+                const uint64_t xi = p[i][j];
+                for (int c = 0; c < 4; c++) s[i][c] += __builtin_popcountll(xi ^ u[c]);
+            }
+        }
+        for (int i = 0; i < PT; i++)
+            for (int c = 0; c < 4; c++) acc[(size_t)i * cout + co + c] = (int32_t)s[i][c];
+    }
+    if (co == cout) return;
+    /* the last 1-3 channels: the 4 x 2 loop on a shifted view (acc rows keep stride cout) */
+    int32_t tail[PT * 3];
+    const int nt = cout - co;
+    gemm_popcnt42(r, w + (size_t)co * lp, lp, nt, tail);
+    for (int i = 0; i < PT; i++)
+        for (int c = 0; c < nt; c++) acc[(size_t)i * cout + co + c] = tail[i * nt + c];
+#else
+    gemm_popcnt42(r, w, lp, cout, acc);
+#endif
 }
 
 __attribute__((target("avx2")))
@@ -240,22 +278,36 @@ static inline void gemm_hybrid(rows_t r, const uint64_t *w, int lp, int cout, in
 #ifndef S2D_CSPLIT_TILES
 #define S2D_CSPLIT_TILES 32
 #endif
-/* The AVX2 level runs the vector + integer hybrid only on rows of at least this many words (3x3
- * convolutions of more than 512 input channels): on shorter rows its per-channel reductions cost
- * more than it gains, and on this Zen 1 the POPCNT kernel was as fast or faster up to 72 words
- * (measured per layer; see docs/DEPLOY.md). */
+/* The AVX2 level runs the vector + integer hybrid only on rows of at least this many words. Since
+ * the 4 x 4 POPCNT tile it is never chosen by default: on this Zen 1 the POPCNT kernel was
+ * faster at every row length measured, 144 words included (see docs/DEPLOY.md); -DS2D_HYB_MIN=73
+ * brings back the previous choice (the hybrid above 72 words) for comparison. */
 #ifndef S2D_HYB_MIN
-#define S2D_HYB_MIN 73
+#define S2D_HYB_MIN 0x7fffffff
 #endif
-/* Rows of 1, 2, 4 or 8 words (1x1 convolutions of up to 512 channels): the POPCNT kernel compiled
- * for that constant length (fully unrolled, no loop per channel pair). */
+/* Rows of 1, 2, 4 or 8 words (1x1 convolutions of up to 512 channels): the 4 x 2 POPCNT kernel
+ * compiled for that constant length (fully unrolled, no loop per channel pair; the 4 x 4 tile
+ * measured slower on them). Longer rows: the 4 x 4 kernel, with S2D_LPCONST compiled for the
+ * row lengths of 3x3 convolutions (5: <= 32 channels, two taps per word; 9, 18, 36, 72, 144: 64
+ * to 1024 channels). */
+#ifndef S2D_LPCONST
+#define S2D_LPCONST 1
+#endif
 __attribute__((target("popcnt")))
 static inline void gemm_popcnt_k(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
     switch (lp) {
-    case 1: gemm_popcnt(r, w, 1, cout, acc); break;
-    case 2: gemm_popcnt(r, w, 2, cout, acc); break;
-    case 4: gemm_popcnt(r, w, 4, cout, acc); break;
-    case 8: gemm_popcnt(r, w, 8, cout, acc); break;
+    case 1: gemm_popcnt42(r, w, 1, cout, acc); break;
+    case 2: gemm_popcnt42(r, w, 2, cout, acc); break;
+    case 4: gemm_popcnt42(r, w, 4, cout, acc); break;
+    case 8: gemm_popcnt42(r, w, 8, cout, acc); break;
+#if S2D_LPCONST
+    case 5: gemm_popcnt(r, w, 5, cout, acc); break;
+    case 9: gemm_popcnt(r, w, 9, cout, acc); break;
+    case 18: gemm_popcnt(r, w, 18, cout, acc); break;
+    case 36: gemm_popcnt(r, w, 36, cout, acc); break;
+    case 72: gemm_popcnt(r, w, 72, cout, acc); break;
+    case 144: gemm_popcnt(r, w, 144, cout, acc); break;
+#endif
     default: gemm_popcnt(r, w, lp, cout, acc); break;
     }
 }
@@ -784,7 +836,10 @@ S2D_INLINE int64_t gemm_l1_reps(int64_t reps, int level) {
         switch (level) {
 #ifdef S2D_X86
         case 3: gemm_avx512(rows, w, 64, 32, acc); break;
-        case 2: S2D_GEMM2(rows, w, 64, 32, acc); break;
+        case 2: /* what the level runs on rows of 64 words */
+            if (64 >= S2D_HYB_MIN) S2D_GEMM2(rows, w, 64, 32, acc);
+            else gemm_popcnt(rows, w, 64, 32, acc);
+            break;
         case 1: gemm_popcnt(rows, w, 64, 32, acc); break;
 #endif
         default: gemm_portable(rows, w, 64, 32, acc); break;
