@@ -49,6 +49,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", required=True,
                     help="NAME=DEFINES (space-separated -D switches; may be empty)")
+    ap.add_argument("--nochain", action="append", default=[],
+                    help="NAME=DEFINES: a variant run node by node (no chained C call)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", action="store_true", help="also time every bconv alone")
     ap.add_argument("--layer-reps", type=int, default=25)
@@ -60,9 +62,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())
     libs = {}
-    for v in args.variant:
+    nochain = set()
+    for v in args.variant + args.nochain:
         name, _, defs = v.partition("=")
         libs[name] = build_variant(name, defs.split(), tmp)
+        if v in args.nochain:
+            nochain.add(name)
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=1000, in_chans=3).eval()
     packed = pack(model, isa=args.isa, num_threads=args.threads)
@@ -108,11 +113,16 @@ def main() -> int:
         print(f"{'all bconvs':<34}" + " ".join(f"{tot[n]:9.2f}" for n in names))
         print(f"{'3x3 bconvs':<34}" + " ".join(f"{tot3[n]:9.2f}" for n in names))
     times: dict[str, list[float]] = {n: [] for n in names}
+    from s2bnn.deploy.runtime import _Chain
+
+    chains = [st[0] for st in packed._plan() if type(st[0]) is _Chain]
     for _ in range(args.model_reps):
         order = names[:]
         rng.shuffle(order)
         for name in order:
             packed._lib = libs[name]
+            for c in chains:
+                c.disabled = name in nochain
             t = time.perf_counter()
             packed(x)
             times[name].append(time.perf_counter() - t)

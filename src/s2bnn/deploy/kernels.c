@@ -29,7 +29,7 @@
 #define S2D_X86 1
 #endif
 
-#define S2D_ABI_VERSION 4
+#define S2D_ABI_VERSION 5
 #define PT 4 /* output pixels per tile */
 
 int s2d_abi_version(void) { return S2D_ABI_VERSION; }
@@ -768,28 +768,66 @@ static tiles_fn pick_tiles(int level) {
     return bconv_tiles_portable;
 }
 
-int s2d_bconv(const s2d_bconv_args *a) {
+/* How one convolution is split over threads (see s2d_bconv). */
+typedef struct {
+    tiles_fn run;
+    int64_t ntiles;
+    int nth, csplit;
+} plan_t;
+
+static int bconv_plan(const s2d_bconv_args *a, plan_t *pl) {
     const int taps = a->kh * a->kw, lp = a->lp, level = eff_isa(a->isa);
     if (taps > 64 || lp % s2d_lp_align(level)) return -1;
     if (a->tap2 ? (a->wd != 1 || a->cin > 32 || lp < (taps + 1) / 2) : lp < taps * a->wd)
         return -1;
     const int64_t total = (int64_t)a->n * a->oh * a->ow;
     const int64_t ntiles = (total + PT - 1) / PT;
-    tiles_fn run = pick_tiles(level);
+    pl->run = pick_tiles(level);
+    pl->ntiles = ntiles;
     /* One thread where the work is too small to pay for waking another. */
     const double work = (double)total * a->cout * (lp + 8);
     int nth = a->nthreads < 1 ? 1 : a->nthreads;
     if (nth > ntiles) nth = (int)ntiles;
     if (work < 65536.0) nth = 1;
+    pl->nth = nth;
     /* Few pixel tiles (batch 1, 14x14 and 7x7 maps): split the output channels over the threads
      * instead, in blocks of 64 (whole bit words), so that every thread does the same work and
      * reads only its part of the weights. Only where the AVX2 epilogue runs (it takes a
      * channel range). */
-    const int csplit = nth > 1 && level >= 2 && !a->dot_out && a->cout >= 64 * nth &&
-                       (a->res_c == a->cout || a->res_c % 8 == 0) &&
-                       ntiles < (int64_t)S2D_CSPLIT_TILES * nth;
+    pl->csplit = nth > 1 && level >= 2 && !a->dot_out && a->cout >= 64 * nth &&
+                 (a->res_c == a->cout || a->res_c % 8 == 0) &&
+                 ntiles < (int64_t)S2D_CSPLIT_TILES * nth;
+    return 0;
+}
+
+static int scratch_alloc(scratch_t *s, int lp, int cout) {
+    s->patch = aligned_alloc(64, sizeof(uint64_t) * PT * (size_t)(lp + 8));
+    s->acc = aligned_alloc(64, sizeof(int32_t) * PT * (size_t)(cout + 16));
+    s->vals = aligned_alloc(64, sizeof(float) * (size_t)(cout + 16));
+    return s->patch && s->acc && s->vals;
+}
+
+static void scratch_free(scratch_t *s) { free(s->patch); free(s->acc); free(s->vals); }
+
+/* Thread tid's share (of nt) of one convolution. */
+static void bconv_part(const s2d_bconv_args *a, const plan_t *pl, int tid, int nt, scratch_t *s) {
+    /* words past the taps stay zero (the weights are zero there too) */
+    memset(s->patch, 0, sizeof(uint64_t) * PT * (size_t)a->lp);
+    if (pl->csplit) {
+        const int nb = a->cout / 64;
+        const int c0 = nb * tid / nt * 64, c1 = tid + 1 == nt ? a->cout : nb * (tid + 1) / nt * 64;
+        if (c1 > c0) pl->run(a, 0, pl->ntiles, c0, c1, s);
+    } else {
+        int64_t t0 = pl->ntiles * tid / nt, t1 = pl->ntiles * (tid + 1) / nt;
+        if (t1 > t0) pl->run(a, t0, t1, 0, a->cout, s);
+    }
+}
+
+int s2d_bconv(const s2d_bconv_args *a) {
+    plan_t pl;
+    if (bconv_plan(a, &pl)) return -1;
     int failed = 0;
-#pragma omp parallel num_threads(nth) if (nth > 1)
+#pragma omp parallel num_threads(pl.nth) if (pl.nth > 1)
     {
         int tid = 0, nt = 1;
 #ifdef _OPENMP
@@ -797,26 +835,83 @@ int s2d_bconv(const s2d_bconv_args *a) {
         nt = omp_get_num_threads();
 #endif
         scratch_t s;
-        s.patch = aligned_alloc(64, sizeof(uint64_t) * PT * (size_t)(lp + 8));
-        s.acc = aligned_alloc(64, sizeof(int32_t) * PT * (size_t)(a->cout + 16));
-        s.vals = aligned_alloc(64, sizeof(float) * (size_t)(a->cout + 16));
-        if (!s.patch || !s.acc || !s.vals) {
+        if (!scratch_alloc(&s, a->lp, a->cout)) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            /* words past the taps stay zero (the weights are zero there too) */
-            memset(s.patch, 0, sizeof(uint64_t) * PT * (size_t)lp);
-            if (csplit) {
-                const int nb = a->cout / 64;
-                const int c0 = nb * tid / nt * 64, c1 = tid + 1 == nt ? a->cout : nb * (tid + 1) / nt * 64;
-                if (c1 > c0) run(a, 0, ntiles, c0, c1, &s);
-            } else {
-                int64_t t0 = ntiles * tid / nt, t1 = ntiles * (tid + 1) / nt;
-                if (t1 > t0) run(a, t0, t1, 0, a->cout, &s);
+            bconv_part(a, &pl, tid, nt, &s);
+        }
+        scratch_free(&s);
+    }
+    return failed ? -2 : 0;
+}
+
+/* Prefetch the weights thread tid of nt will read first in convolution a (its channel block
+ * where the channels are split, else the start of the whole matrix), while the other threads
+ * finish the layer before. S2D_CHAIN_PREFETCH caps the bytes per thread (0: off). */
+#ifndef S2D_CHAIN_PREFETCH
+#define S2D_CHAIN_PREFETCH 0
+#endif
+static void prefetch_weights(const s2d_bconv_args *a, const plan_t *pl, int tid, int nt) {
+#if S2D_CHAIN_PREFETCH
+    size_t c0 = 0, c1 = (size_t)a->cout;
+    if (pl->csplit) {
+        const int nb = a->cout / 64;
+        c0 = (size_t)(nb * tid / nt * 64);
+        c1 = tid + 1 == nt ? (size_t)a->cout : (size_t)(nb * (tid + 1) / nt * 64);
+    }
+    const char *p = (const char *)(a->w + c0 * a->lp);
+    size_t bytes = (c1 - c0) * a->lp * sizeof(uint64_t);
+    if (bytes > S2D_CHAIN_PREFETCH) bytes = S2D_CHAIN_PREFETCH;
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
+#else
+    (void)a; (void)pl; (void)tid; (void)nt;
+#endif
+}
+
+/* A chain of convolutions in one call and one thread team: as[k] may read what as[j < k]
+ * wrote (each layer ends at a barrier). The same results as s2d_bconv on each in turn; saves
+ * the per-layer call, thread wake-up and scratch allocation. */
+int s2d_bconv_chain(const s2d_bconv_args *const *as, int n) {
+    if (n <= 0) return 0;
+    plan_t *pl = malloc(sizeof(plan_t) * (size_t)n);
+    if (!pl) return -2;
+    int team = 1, maxlp = 0, maxc = 0;
+    for (int k = 0; k < n; k++) {
+        if (bconv_plan(as[k], &pl[k])) { free(pl); return -1; }
+        if (pl[k].nth > team) team = pl[k].nth;
+        if (as[k]->lp > maxlp) maxlp = as[k]->lp;
+        if (as[k]->cout > maxc) maxc = as[k]->cout;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        scratch_t s;
+        int ok = scratch_alloc(&s, maxlp, maxc);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            for (int k = 0; k < n; k++) {
+                const int lt = pl[k].nth < nt ? pl[k].nth : nt;
+                if (tid < lt) bconv_part(as[k], &pl[k], tid, lt, &s);
+                if (k + 1 < n) {
+                    const int ln = pl[k + 1].nth < nt ? pl[k + 1].nth : nt;
+                    if (tid < ln) prefetch_weights(as[k + 1], &pl[k + 1], tid, ln);
+#pragma omp barrier
+                }
             }
         }
-        free(s.patch); free(s.acc); free(s.vals);
+        scratch_free(&s);
     }
+    free(pl);
     return failed ? -2 : 0;
 }
 

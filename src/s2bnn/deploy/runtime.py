@@ -155,6 +155,65 @@ def validate_graph(graph: dict[str, Any], tensors: dict[str, torch.Tensor], sour
 
 
 # --------------------------------------------------------------------------- the model
+class _Chain:
+    """A run of binary-convolution steps of one model executed by one C call (see
+    ``PackedModel._chains``). ``ext_names``: what the run reads from outside it (name, memory
+    format), in a fixed order; ``ext``: per call, (argument block, field, name, format) to set."""
+
+    def __init__(self, steps: list[tuple[Any, ...]]) -> None:
+        self.steps = list(steps)
+        produced: set[str] = set()
+        alias: dict[str, str] = {}
+        self.reads: list[tuple[str, int, str, Any]] = []  # (node name, input slot, name, fmt)
+        names: dict[str, Any] = {}
+        for node, fn, ins, outs, _ in self.steps:
+            if node["op"] != "bconv":  # a deferred pool: passes its input through
+                for _, o in outs:
+                    alias[o] = alias.get(ins[0], ins[0])
+                continue
+            for k, v in enumerate(ins):
+                v = alias.get(v, v)
+                fmt = torch.contiguous_format if k == 0 else _CL
+                if v not in produced:
+                    names.setdefault(v, fmt)
+                    self.reads.append((node["name"], k, v, fmt))
+            produced.update(o for _, o in outs)
+        self.ext_names = tuple(names.items())
+        self.reset()
+
+    def reset(self) -> None:
+        self.arr = None
+        self.key = None
+        self.args: list[Any] = []
+        self.ext: list[tuple[Any, str, str, Any]] = []
+        self.values: dict[str, tuple[Any, ...]] = {}
+        self.disabled = False
+
+    def build(self, model: PackedModel, key: tuple[Any, ...]) -> None:
+        """After a call node by node: collect the nodes' argument blocks and kept outputs."""
+        import ctypes
+
+        from s2bnn.deploy._build import BconvArgs
+
+        self.reset()
+        for node, _, _, _, _ in self.steps:
+            if node["op"] != "bconv":
+                continue
+            fast = model._fast.get(node["name"])
+            if fast is None or fast[6] or fast[2] != key[0]:
+                self.disabled = True  # a pool the kernel does not take, or no fast path
+                return
+            self.args.append(fast[3])
+            self.values[node["name"]] = (fast[4], fast[5])
+        by_name = {n["name"]: model._fast[n["name"]][3] for n, *_ in self.steps
+                   if n["op"] == "bconv"}
+        self.ext = [(by_name[nn], "x" if k == 0 else "res", v, fmt)
+                    for nn, k, v, fmt in self.reads]
+        self.arr = (ctypes.POINTER(BconvArgs) * len(self.args))(
+            *[ctypes.pointer(a) for a in self.args])
+        self.key = key
+
+
 class PackedModel:
     """A lowered binary network: ``PackedModel(x)`` maps float ``(N, C, H, W)`` images to what the
     source model's ``eval()`` forward returns (features or logits).
@@ -210,6 +269,9 @@ class PackedModel:
         self._prepared = {}
         self._args = {}
         self._fast = {}
+        for step in self._steps or ():
+            if type(step[0]) is _Chain:
+                step[0].reset()
 
     def _compute_last_use(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -325,23 +387,88 @@ class PackedModel:
                 outs = tuple((k, v) for k, v in enumerate(node["outputs"]) if v)
                 drops = tuple(v for v in dict.fromkeys(ins) if self._last_use.get(v, -1) <= i)
                 steps.append((node, fn, ins, outs, drops))
-            self._steps = steps
+            self._steps = self._chains(steps)
         return self._steps
+
+    def _chains(self, steps: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Runs of consecutive binary convolutions (and the deferred pools between them, which
+        only pass their input on) become one step: after a first call node by node, one C call
+        runs the whole run (``s2d_bconv_chain``), with only the pointers of what it reads from
+        outside it swapped per call."""
+        out: list[tuple[Any, ...]] = []
+        run: list[tuple[Any, ...]] = []
+
+        def flush() -> None:
+            if sum(1 for st in run if st[1] == self._op_bconv) >= 2:
+                out.append((_Chain(run), None, (), (), ()))
+            else:
+                out.extend(run)
+            run.clear()
+
+        for st in steps:
+            if st[1] in (self._op_bconv, self._op_deferred_pool):
+                run.append(st)
+            else:
+                flush()
+                out.append(st)
+        flush()
+        return out
+
+    def _exec(self, step: tuple[Any, ...], env: dict[str, torch.Tensor], x: torch.Tensor,
+              prof: list[tuple[str, str, float]] | None) -> None:
+        node, fn, in_names, out_names, drops = step
+        t0 = time.perf_counter() if prof is not None else 0.0
+        outs = x if fn is None else fn(node, [env[v] for v in in_names])
+        if type(outs) is not tuple:
+            outs = (outs,)
+        for k, name in out_names:
+            env[name] = outs[k]
+        for v in drops:
+            env.pop(v, None)
+        if prof is not None:
+            prof.append((node["name"], node["op"], time.perf_counter() - t0))
+
+    def _run_chain(self, chain: _Chain, env: dict[str, torch.Tensor],
+                   prof: list[tuple[str, str, float]] | None) -> None:
+        if self._lib is None or prof is not None or chain.disabled:
+            for st in chain.steps:
+                self._exec(st, env, None, prof)
+            return
+        key = (self._nthreads(), self._isa_level,
+               tuple((tuple(env[v].shape), env[v].is_contiguous(memory_format=fmt))
+                     for v, fmt in chain.ext_names))
+        if chain.arr is None or chain.key != key:
+            for st in chain.steps:
+                self._exec(st, env, None, None)
+            chain.build(self, key)
+            return
+        keep = []
+        for (args, field, name, fmt) in chain.ext:
+            t = env[name]
+            if not t.is_contiguous(memory_format=fmt):
+                t = t.contiguous(memory_format=fmt)
+            keep.append(t)
+            setattr(args, field, t.data_ptr())
+        rc = self._lib.s2d_bconv_chain(chain.arr, len(chain.args))
+        if rc != 0:
+            raise MemoryError(f"binary convolution kernel failed ({rc})")
+        for node, fn, ins, outs, drops in chain.steps:
+            vals = chain.values.get(node["name"])
+            if vals is None:  # a deferred pool: its input passes through
+                vals = (env[ins[0]],)
+            for k, name in outs:
+                env[name] = vals[k]
+            for v in drops:
+                env.pop(v, None)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
         prof = self.profile
-        for node, fn, in_names, out_names, drops in self._plan():
-            t0 = time.perf_counter() if prof is not None else 0.0
-            outs = x if fn is None else fn(node, [env[v] for v in in_names])
-            if type(outs) is not tuple:
-                outs = (outs,)
-            for k, name in out_names:
-                env[name] = outs[k]
-            for v in drops:
-                env.pop(v, None)
-            if prof is not None:
-                prof.append((node["name"], node["op"], time.perf_counter() - t0))
+        for step in self._plan():
+            if type(step[0]) is _Chain:
+                self._run_chain(step[0], env, prof)
+            else:
+                self._exec(step, env, x, prof)
         return env[self.graph["output"]]
 
     def _nthreads(self) -> int:

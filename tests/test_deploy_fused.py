@@ -1,0 +1,80 @@
+"""s2bnn.deploy: the run-time fusions of the packed runtime (chained C calls, and what the
+kernels fold into a convolution's epilogue), each compiled level against the portable one and the
+pure-torch path, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from s2bnn.deploy import _build, pack
+from s2bnn.deploy.runtime import _Chain
+from s2bnn.models import build_model
+
+from test_deploy import CASES, _levels, randomize
+
+needs_kernels = pytest.mark.skipif(_build.kernels() is None, reason="no C compiler")
+
+
+def _chains(packed) -> list[_Chain]:
+    return [st[0] for st in packed._plan() if type(st[0]) is _Chain]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,kwargs,size", CASES)
+def test_chain_matches_node_by_node(name, kwargs, size):
+    """The second call with the same shapes runs each run of bconvs as one C call: the same
+    numbers as the first call (node by node), at every level; a new shape rebuilds the chain."""
+    model = randomize(build_model(name, **kwargs), seed=size)
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, kwargs["in_chans"], size, size, generator=g) for _ in range(3)]
+    other = torch.randn(1, kwargs["in_chans"], size + 3, size + 3, generator=g)
+    packed = pack(model, isa="torch")
+    ref = [packed(x) for x in xs]
+    ref_other = packed(other)
+    for level in ["portable"] + _levels():
+        packed.set_isa(level)
+        assert all(c.arr is None for c in _chains(packed))  # a new level starts node by node
+        got = [packed(x) for x in xs]  # the first node by node, then chained
+        for want, have in zip(ref, got):
+            assert torch.equal(have, want), level
+        chains = _chains(packed)
+        # built, or (odd map sizes: a 2x2 pool shortcut the kernel cannot average) node by node
+        assert all((c.arr is not None) != c.disabled for c in chains), level
+        if size % 32 == 0:
+            assert chains and all(c.arr is not None for c in chains), level
+        assert torch.equal(packed(other), ref_other), level  # a new shape: rebuilt
+        assert torch.equal(packed(xs[0]), ref[0]), level  # and back
+        assert torch.equal(packed(xs[1]), ref[1]), level
+
+
+@needs_kernels
+def test_chain_follows_thread_count_and_profile():
+    model = randomize(build_model("reactnet_small", num_classes=3, in_chans=1, width_mult=1.0,
+                                  mid_blocks=1), seed=4)
+    x = torch.randn(1, 1, 32, 32)
+    packed = pack(model, num_threads=1)
+    want = pack(model, isa="torch")(x)
+    assert torch.equal(packed(x), want) and torch.equal(packed(x), want)
+    packed.num_threads = 2  # another thread count: rebuilt, the same numbers
+    assert torch.equal(packed(x), want) and torch.equal(packed(x), want)
+    packed.profile = []  # profiling runs node by node
+    assert torch.equal(packed(x), want)
+    assert sum(1 for _, op, _ in packed.profile if op == "bconv") == \
+        sum(1 for _ in packed.binary_convs())
+    packed.profile = None
+
+
+@needs_kernels
+def test_chain_reads_a_fresh_input_each_call():
+    """The chain's outside inputs (the stem's float output, its bits) are new tensors per call:
+    their pointers are swapped in, including a non-contiguous one."""
+    model = randomize(build_model("reactnet_small", num_classes=0, in_chans=1, width_mult=0.5,
+                                  mid_blocks=1), seed=6)
+    packed = pack(model)
+    ref = pack(model, isa="torch")
+    for seed in range(4):
+        x = torch.randn(2, 1, 20, 20, generator=torch.Generator().manual_seed(seed))
+        if seed % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(packed(x), ref(x)), seed
