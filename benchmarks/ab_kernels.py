@@ -7,7 +7,7 @@ Builds ReActNet-A (224 px, random weights, batch 1) packed, then
 
 - per layer (``--layers``): the C call alone (``s2d_bconv`` on the model's own arguments), each
   variant ``--layer-reps`` times per round, the variants in random order each round, medians;
-- whole model: calls of the packed model with its kernel library swapped per call, the variants
+- whole model: calls of one packed model per variant (each with its own library), the variants
   interleaved in random order, median and min per variant.
 
 All variants must share the argument layout (they differ only in ``-D`` switches). This is the
@@ -51,6 +51,8 @@ def main() -> int:
                     help="NAME=DEFINES (space-separated -D switches; may be empty)")
     ap.add_argument("--nochain", action="append", default=[],
                     help="NAME=DEFINES: a variant run node by node (no chained C call)")
+    ap.add_argument("--nopoolout", action="append", default=[],
+                    help="NAME=DEFINES: a variant whose bconvs never write a pooled output")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", action="store_true", help="also time every bconv alone")
     ap.add_argument("--layer-reps", type=int, default=25)
@@ -63,38 +65,51 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     libs = {}
     nochain = set()
-    for v in args.variant + args.nochain:
+    nopool = set()
+    for v in args.variant + args.nochain + args.nopoolout:
         name, _, defs = v.partition("=")
         libs[name] = build_variant(name, defs.split(), tmp)
         if v in args.nochain:
             nochain.add(name)
+        if v in args.nopoolout:
+            nopool.add(name)
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=1000, in_chans=3).eval()
-    packed = pack(model, isa=args.isa, num_threads=args.threads)
     x = torch.randn(1, 3, args.image_size, args.image_size)
-    for lib in libs.values():
+    from s2bnn.deploy.runtime import _Chain
+
+    models = {}
+    for name, lib in libs.items():  # one packed model per variant, its library swapped in
+        packed = pack(model, isa=args.isa, num_threads=args.threads)
         packed._lib = lib
-        packed(x)
+        steps = packed._plan()
+        if name in nopool:
+            packed._pool_out = {}
+            packed._pool_src = {}
+        for st in steps:
+            if type(st[0]) is _Chain:
+                st[0].disabled = name in nochain
+        models[name] = packed
     names = list(libs)
     ref = None
     for name in names:  # every variant computes the same numbers
-        packed._lib = libs[name]
-        y = packed(x)
+        for _ in range(2):
+            y = models[name](x)
         if ref is None:
             ref = y
         elif not torch.equal(y, ref):
             raise SystemExit(f"variant {name} gives different outputs")
     rng = random.Random(0)
     if args.layers:
-        nodes = [n for n in packed.graph["nodes"] if n["op"] == "bconv"]
+        nodes = [n for n in models[names[0]].graph["nodes"] if n["op"] == "bconv"]
         per: dict[tuple[str, str], list[float]] = {}
         for node in nodes:
-            cargs = packed._fast[node["name"]][3]
             for _ in range(args.layer_reps):
                 order = names[:]
                 rng.shuffle(order)
                 for name in order:
                     lib = libs[name]
+                    cargs = models[name]._fast[node["name"]][3]
                     t = time.perf_counter()
                     lib.s2d_bconv(cargs)
                     per.setdefault((node["name"], name), []).append(time.perf_counter() - t)
@@ -113,16 +128,11 @@ def main() -> int:
         print(f"{'all bconvs':<34}" + " ".join(f"{tot[n]:9.2f}" for n in names))
         print(f"{'3x3 bconvs':<34}" + " ".join(f"{tot3[n]:9.2f}" for n in names))
     times: dict[str, list[float]] = {n: [] for n in names}
-    from s2bnn.deploy.runtime import _Chain
-
-    chains = [st[0] for st in packed._plan() if type(st[0]) is _Chain]
     for _ in range(args.model_reps):
         order = names[:]
         rng.shuffle(order)
         for name in order:
-            packed._lib = libs[name]
-            for c in chains:
-                c.disabled = name in nochain
+            packed = models[name]
             t = time.perf_counter()
             packed(x)
             times[name].append(time.perf_counter() - t)

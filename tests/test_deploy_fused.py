@@ -78,3 +78,30 @@ def test_chain_reads_a_fresh_input_each_call():
         if seed % 2:
             x = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(packed(x), ref(x)), seed
+
+
+@needs_kernels
+@pytest.mark.parametrize("kwargs,size,batch", [
+    (dict(num_classes=4, in_chans=1, width_mult=1.0, mid_blocks=1), 32, 3),
+    (dict(num_classes=0, in_chans=3, width_mult=0.3, mid_blocks=1), 64, 1),  # 10.. channels
+    (dict(num_classes=0, in_chans=1, width_mult=1.25, mid_blocks=0), 48, 2),
+])
+def test_pooled_float_output(kwargs, size, batch):
+    """A bconv whose float output only a 2x2 pool shortcut reads writes the pooled map itself
+    (summed in place in avg_pool2d's order): bit for bit the torch path, at every level and
+    thread count (threads own whole row pairs; 3 threads split unevenly)."""
+    model = randomize(build_model("reactnet_small", **kwargs), seed=size + batch)
+    x = torch.randn(batch, kwargs["in_chans"], size, size,
+                    generator=torch.Generator().manual_seed(size))
+    want = pack(model, isa="torch")(x)
+    for threads in (1, 2, 3):
+        packed = pack(model, isa="portable", num_threads=threads)
+        for level in ["portable"] + _levels():
+            packed.set_isa(level)
+            for _ in range(2):  # node by node, then chained
+                assert torch.equal(packed(x), want), (level, threads)
+            assert any(packed._prepooled.values()), (level, threads)  # odd maps: not all
+    # odd map sizes: the pooled write is not possible; the pool runs as before
+    x = torch.randn(1, kwargs["in_chans"], size - 3, size - 3)
+    packed = pack(model)
+    assert torch.equal(packed(x), pack(model, isa="torch")(x))

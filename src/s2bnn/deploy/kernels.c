@@ -29,7 +29,7 @@
 #define S2D_X86 1
 #endif
 
-#define S2D_ABI_VERSION 5
+#define S2D_ABI_VERSION 6
 #define PT 4 /* output pixels per tile */
 
 int s2d_abi_version(void) { return S2D_ABI_VERSION; }
@@ -293,13 +293,22 @@ static inline void gemm_hybrid(rows_t r, const uint64_t *w, int lp, int cout, in
 #ifndef S2D_LPCONST
 #define S2D_LPCONST 1
 #endif
+#ifndef S2D_SHORT44
+#define S2D_SHORT44 0
+#endif
 __attribute__((target("popcnt")))
 static inline void gemm_popcnt_k(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
     switch (lp) {
     case 1: gemm_popcnt42(r, w, 1, cout, acc); break;
     case 2: gemm_popcnt42(r, w, 2, cout, acc); break;
+#if S2D_SHORT44
+    case 4: gemm_popcnt(r, w, 4, cout, acc); break;
+    case 8: gemm_popcnt(r, w, 8, cout, acc); break;
+    case 16: gemm_popcnt(r, w, 16, cout, acc); break;
+#else
     case 4: gemm_popcnt42(r, w, 4, cout, acc); break;
     case 8: gemm_popcnt42(r, w, 8, cout, acc); break;
+#endif
 #if S2D_LPCONST
     case 5: gemm_popcnt(r, w, 5, cout, acc); break;
     case 9: gemm_popcnt(r, w, 9, cout, acc); break;
@@ -462,6 +471,8 @@ typedef struct {
     int isa, nthreads;
     int tap2;                         /* Cin <= 32: two taps per 64-bit word (see the top) */
     int res_pool;                     /* res is [N, 2 oh, 2 ow, res_c]: its 2x2 average is added */
+    int out_pool;                     /* out is [N, oh / 2, ow / 2, cout]: the 2x2 average of the
+                                         float output (oh, ow even), summed in place */
 } s2d_bconv_args;
 
 /* The residual's pixel for output pixel pix: itself, or with res_pool the top-left pixel of its
@@ -471,6 +482,18 @@ static inline const float *res_px(const s2d_bconv_args *a, int64_t pix) {
     const int64_t ohw = (int64_t)a->oh * a->ow, b = pix / ohw, q = pix % ohw;
     const int64_t oy = q / a->ow, ox = q % a->ow;
     return a->res + ((b * 2 * a->oh + 2 * oy) * 2 * a->ow + 2 * ox) * a->res_c;
+}
+
+/* With out_pool: the pooled output pixel of output pixel pix and which of its window's four
+ * pixels pix is (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right). The window is summed in
+ * torch's avg_pool2d order, ((((0 + q0) + q1) + q2) + q3) / 4: q0 writes 0 + v, q1 and q2 add,
+ * q3 adds and divides. Pixels are visited in order within a thread, and threads own whole pairs
+ * of rows (bconv_part), so each window's four come in that order. */
+static inline float *pool_dst(const s2d_bconv_args *a, int64_t pix, int *quad) {
+    const int64_t ohw = (int64_t)a->oh * a->ow, b = pix / ohw, q = pix % ohw;
+    const int64_t oy = q / a->ow, ox = q % a->ow;
+    *quad = (int)(((oy & 1) << 1) | (ox & 1));
+    return a->out + ((b * (a->oh / 2) + oy / 2) * (a->ow / 2) + ox / 2) * a->cout;
 }
 
 /* Per-thread scratch: PT gathered patches, PT x cout accumulators, one float row. */
@@ -492,7 +515,7 @@ S2D_INLINE void epilogue_px(const s2d_bconv_args *a, int32_t *restrict ac, int n
         int32_t *restrict d = a->dot_out + pix * cout;
         for (int co = 0; co < cout; co++) d[co] = nb - 2 * ac[co];
     }
-    float *restrict v = a->out ? a->out + pix * cout : vals;
+    float *restrict v = a->out && !a->out_pool ? a->out + pix * cout : vals;
     const float *restrict sc = a->scale, *restrict bi = a->bias;
     for (int co = 0; co < cout; co++) {
         float d = (float)(nb - 2 * ac[co]) * sc[co];
@@ -527,6 +550,13 @@ S2D_INLINE void epilogue_px(const s2d_bconv_args *a, int32_t *restrict ac, int n
             v[co] = u * (u > 0.0f ? 1.0f : k) + so[co];
         }
     }
+    if (a->out && a->out_pool) {
+        int quad;
+        float *restrict d = pool_dst(a, pix, &quad);
+        if (quad == 0) for (int co = 0; co < cout; co++) d[co] = 0.0f + v[co];
+        else if (quad < 3) for (int co = 0; co < cout; co++) d[co] = d[co] + v[co];
+        else for (int co = 0; co < cout; co++) d[co] = (d[co] + v[co]) / 4.0f;
+    }
     if (a->out_bits) {
         const int owd = (cout + 63) / 64;
 #ifdef S2D_X86
@@ -549,6 +579,8 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
     const int cout = a->cout, rc = a->res_c;
     ac -= c0;
     float *restrict v = a->out ? a->out + pix * cout : NULL;
+    int quad = -1;
+    if (a->out && a->out_pool) v = pool_dst(a, pix, &quad);
     const float *restrict r = a->res ? res_px(a, pix) : NULL;
     const int pool = a->res_pool;
     const size_t rrow = (size_t)2 * a->ow * rc;
@@ -583,7 +615,14 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
                                         _mm256_cmp_ps(u, zero, _CMP_GT_OQ));
             y = _mm256_add_ps(_mm256_mul_ps(u, k), _mm256_loadu_ps(a->so + co));
         }
-        if (v) _mm256_storeu_ps(v + co, y);
+        if (quad == 0) {
+            _mm256_storeu_ps(v + co, _mm256_add_ps(zero, y));
+        } else if (quad > 0) {
+            __m256 d = _mm256_add_ps(_mm256_loadu_ps(v + co), y);
+            _mm256_storeu_ps(v + co, quad == 3 ? _mm256_div_ps(d, four) : d);
+        } else if (v) {
+            _mm256_storeu_ps(v + co, y);
+        }
         if (ob) {
             __m256 t = thr ? _mm256_add_ps(y, _mm256_loadu_ps(thr + co)) : y;
             word |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(t, zero, _CMP_LT_OQ))
@@ -608,7 +647,9 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
             float u = y - a->si[co], k = a->slope[co];
             y = u * (u > 0.0f ? 1.0f : k) + a->so[co];
         }
-        if (v) v[co] = y;
+        if (quad == 0) v[co] = 0.0f + y;
+        else if (quad > 0) v[co] = quad == 3 ? (v[co] + y) / 4.0f : v[co] + y;
+        else if (v) v[co] = y;
         if (ob) {
             float t = thr ? y + thr[co] : y;
             word |= (uint64_t)(t < 0.0f) << (co & 63);
@@ -780,6 +821,7 @@ static int bconv_plan(const s2d_bconv_args *a, plan_t *pl) {
     if (taps > 64 || lp % s2d_lp_align(level)) return -1;
     if (a->tap2 ? (a->wd != 1 || a->cin > 32 || lp < (taps + 1) / 2) : lp < taps * a->wd)
         return -1;
+    if (a->out_pool && a->out && (a->oh % 2 || a->ow % 2 || (2 * a->ow) % PT)) return -1;
     const int64_t total = (int64_t)a->n * a->oh * a->ow;
     const int64_t ntiles = (total + PT - 1) / PT;
     pl->run = pick_tiles(level);
@@ -817,6 +859,12 @@ static void bconv_part(const s2d_bconv_args *a, const plan_t *pl, int tid, int n
         const int nb = a->cout / 64;
         const int c0 = nb * tid / nt * 64, c1 = tid + 1 == nt ? a->cout : nb * (tid + 1) / nt * 64;
         if (c1 > c0) pl->run(a, 0, pl->ntiles, c0, c1, s);
+    } else if (a->out_pool && a->out && nt > 1) {
+        /* whole pairs of output rows per thread (2 ow is a multiple of PT: see bconv_plan) */
+        const int64_t pairs = (int64_t)a->n * (a->oh / 2), tpp = 2 * (int64_t)a->ow / PT;
+        int64_t t0 = pairs * tid / nt * tpp, t1 = pairs * (tid + 1) / nt * tpp;
+        if (t1 > pl->ntiles) t1 = pl->ntiles;
+        if (t1 > t0) pl->run(a, t0, t1, 0, a->cout, s);
     } else {
         int64_t t0 = pl->ntiles * tid / nt, t1 = pl->ntiles * (tid + 1) / nt;
         if (t1 > t0) pl->run(a, t0, t1, 0, a->cout, s);

@@ -246,6 +246,12 @@ class PackedModel:
         # bconv node -> the 2x2 avgpool node whose output is its residual and nothing else's:
         # the compiled epilogue averages the pool's input itself (see _plan).
         self._pool_res: dict[str, dict[str, Any]] = {}
+        # bconv node -> that pool, where the pool's input is a bconv's float output that nothing
+        # else reads: that bconv writes the pooled map itself (its name in _pool_src), which
+        # the convolution then reads as a plain residual (_prepooled: as it was on the last call)
+        self._pool_out: dict[str, dict[str, Any]] = {}
+        self._pool_src: dict[str, str] = {}
+        self._prepooled: dict[str, bool] = {}
         self._lock = threading.Lock()
         self.set_isa(isa)
         self._last_use = self._compute_last_use()
@@ -269,6 +275,7 @@ class PackedModel:
         self._prepared = {}
         self._args = {}
         self._fast = {}
+        self._prepooled = {}
         for step in self._steps or ():
             if type(step[0]) is _Chain:
                 step[0].reset()
@@ -366,6 +373,9 @@ class PackedModel:
                 for k, v in enumerate(node.get("inputs", [])):
                     readers.setdefault(v, []).append((node, k))
             self._pool_res = {}
+            self._pool_out = {}
+            self._pool_src = {}
+            producer = {o: n for n in nodes for o in n["outputs"] if o}
             deferred = set()
             for node in nodes:
                 a = node.get("attrs", {})
@@ -378,6 +388,13 @@ class PackedModel:
                 if len(rd) == 1 and rd[0][0]["op"] == "bconv" and rd[0][1] == 1:
                     self._pool_res[rd[0][0]["name"]] = node
                     deferred.add(node["name"])
+                    src = producer.get(node["inputs"][0])
+                    if (src is not None and src["op"] == "bconv" and
+                            len(readers.get(node["inputs"][0], [])) == 1 and
+                            node["inputs"][0] != self.graph["output"] and
+                            src["outputs"][0] == node["inputs"][0]):
+                        self._pool_out[src["name"]] = node
+                        self._pool_src[rd[0][0]["name"]] = src["name"]
             steps = []
             for i, node in enumerate(nodes):
                 ins = tuple(node.get("inputs", []))
@@ -552,6 +569,8 @@ class PackedModel:
         bits = ins[0]
         res = ins[1] if len(ins) > 1 else None
         pool = self._pool_res.get(node["name"]) if res is not None else None
+        if pool is not None and self._prepooled.get(self._pool_src.get(node["name"], "")):
+            pool = None  # its producer wrote the pooled map
         fast = self._fast.get(node["name"])
         if fast is not None and bits.shape == fast[0] and bits.is_contiguous() and (
                 fast[2] == self._nthreads()) and (
@@ -591,6 +610,11 @@ class PackedModel:
         si, slope, so = self._t(node, "si"), self._t(node, "slope"), self._t(node, "so")
         thr = self._t(node, "thr")
         want_float, want_bits = a.get("float_out", True), a.get("bits_out", False)
+        # Only a deferred 2x2 pool reads the float output: write the pooled map instead.
+        out_pool = int(self._lib is not None and want_float and node["name"] in self._pool_out
+                       and oh % 2 == 0 and ow % 2 == 0)
+        if node["name"] in self._pool_out:
+            self._prepooled[node["name"]] = bool(out_pool)
         if self._lib is None:
             dot = F.conv2d(unpack_bits(bits, a["cin"]), prep["pm1"], None, s, p)
             y = dot * scale.view(1, -1, 1, 1)
@@ -605,7 +629,8 @@ class PackedModel:
                 y = torch.where(u > 0, u, u * slope.view(1, -1, 1, 1)) + so.view(1, -1, 1, 1)
             y = y.contiguous(memory_format=_CL)
             return (y if want_float else None, pack_bits_torch(y, thr) if want_bits else None)
-        out = self._buf(node, 0, (n, oh, ow, cout), torch.float32) if want_float else None
+        out = self._buf(node, 0, (n, oh // 2, ow // 2, cout) if out_pool else (n, oh, ow, cout),
+                        torch.float32) if want_float else None
         obits = self._buf(node, 1, (n, oh, ow, (cout + 63) // 64), torch.int64) \
             if want_bits else None
         if res is not None:
@@ -613,7 +638,7 @@ class PackedModel:
         # The argument block is built once per node and input shape; per call only the
         # activation pointers change.
         key = (n, h, w, wd, int(res.shape[1]) if res is not None else 0, self._nthreads(),
-               res_pool)
+               res_pool, out_pool)
         cached = self._args.get(node["name"])
         if cached is None or cached[0] != key:
             from s2bnn.deploy._build import BconvArgs
@@ -625,7 +650,7 @@ class PackedModel:
                 oh=oh, ow=ow, lp=int(prep["lp"]), scale=scale.data_ptr(), bias=bias.data_ptr(),
                 res_c=key[4], si=ptr(si), slope=ptr(slope), so=ptr(so), thr=ptr(thr),
                 dot_out=None, isa=self._isa_level, nthreads=key[5], tap2=int(prep["tap2"]),
-                res_pool=res_pool,
+                res_pool=res_pool, out_pool=out_pool,
             )
             self._args[node["name"]] = (key, args)
         else:
