@@ -105,3 +105,42 @@ def test_pooled_float_output(kwargs, size, batch):
     x = torch.randn(1, kwargs["in_chans"], size - 3, size - 3)
     packed = pack(model)
     assert torch.equal(packed(x), pack(model, isa="torch")(x))
+
+
+def test_xnor_activation_scale_is_lowered(tmp_path):
+    """XNOR-ResNet-18's K = box filter of mean_c |BN(x)| is one ``act_scale`` per binary conv,
+    multiplied in (``mul``): the packed network equals the model, every level equals the torch
+    path, and the ONNX export (FloatNet) holds it too."""
+    kwargs = dict(num_classes=4, in_chans=3, width_mult=0.25, stem_stride=2, layers=[1, 1, 1, 1])
+    model = randomize(build_model("xnor_resnet18", **kwargs), seed=9)
+    x = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(3))
+    packed = pack(model, isa="torch")
+    ops = [n["op"] for n in packed.graph["nodes"]]
+    assert ops.count("act_scale") == ops.count("bconv") == ops.count("mul") > 0
+    with torch.no_grad():
+        ref = model(x)
+    base = packed(x)
+    torch.testing.assert_close(base, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    # without K the network computes something else: the test above does check K
+    no_k = randomize(build_model("xnor_resnet18", **kwargs), seed=9)
+    for m in no_k.modules():
+        if hasattr(m, "scale_act"):
+            m.scale_act = False
+    with torch.no_grad():
+        assert not torch.allclose(no_k(x), ref, rtol=1e-2, atol=1e-2)
+    for level in ["portable"] + _levels():
+        packed.set_isa(level)
+        for _ in range(2):
+            assert torch.equal(packed(x), base), level
+    again = packed.save(tmp_path / "xnor.s2bnn")
+    from s2bnn.deploy import load
+
+    assert torch.equal(load(again)(x), packed(x))
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from s2bnn.deploy.export import onnx_from_packed
+
+    path = onnx_from_packed(packed, tmp_path / "xnor.onnx", 30)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

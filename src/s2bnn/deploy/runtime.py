@@ -5,8 +5,8 @@ tensors in channels-last memory; bit values are ``(N, H, W, ceil(C/64))`` int64 
 ``c % 64`` of word ``c // 64`` set where the sign is -1 (see ``kernels.c``). Ops:
 
 - ``input``; ``conv2d`` (float, BatchNorm folded in); ``affine`` (per-channel scale and bias);
-  ``linear``; ``add``; ``cat``; ``avgpool``; ``maxpool``; ``gap`` (global average pool);
-  ``flatten``; ``relu``; ``hardtanh``; ``rprelu``; ``sign`` (float +-1, for binary-activation
+  ``linear``; ``add``; ``mul`` (broadcasting); ``act_scale`` (XNOR-Net's K); ``cat``;
+  ``avgpool``; ``maxpool``; ``gap`` (global average pool); ``flatten``; ``relu``; ``hardtanh``; ``rprelu``; ``sign`` (float +-1, for binary-activation
   real-weight layers).
 - ``sign_pack``: float -> bits of ``sign(x + thr)``.
 - ``bconv``: bits -> ``dot * scale + bias [+ residual] [-> RPReLU]`` as float and/or as the bits of
@@ -76,6 +76,14 @@ def weight_bits_pm1(packed: torch.Tensor, cin: int) -> torch.Tensor:
     return (1.0 - 2.0 * b.to(torch.float32)).permute(0, 3, 1, 2).contiguous()
 
 
+def act_scale(x: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
+    """XNOR-Net's activation scale K of ``x`` (N, C, H, W): the ``kernel`` box filter (zero
+    padding counted) of the mean of ``|x|`` over channels, at the conv's stride: (N, 1, H', W').
+    The same operations as ``s2bnn.models.resnet_binary.activation_scale``."""
+    m = x.abs().mean(dim=1, keepdim=True)
+    return F.avg_pool2d(m, a["kernel"], a["stride"], a["padding"], count_include_pad=True)
+
+
 # --------------------------------------------------------------------------- graph checks
 def _expected_tensors(node: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...] | None]]:
     """Tensor role -> (dtype, shape or None when only the rank is free) for one node."""
@@ -106,8 +114,8 @@ def _expected_tensors(node: dict[str, Any]) -> dict[str, tuple[str, tuple[int, .
     return {}
 
 
-_OPS = {"input", "conv2d", "affine", "linear", "add", "cat", "avgpool", "maxpool", "gap",
-        "flatten", "relu", "hardtanh", "rprelu", "sign", "sign_pack", "bconv"}
+_OPS = {"input", "conv2d", "affine", "linear", "add", "mul", "cat", "avgpool", "maxpool", "gap",
+        "flatten", "relu", "hardtanh", "rprelu", "sign", "sign_pack", "bconv", "act_scale"}
 
 
 def _digest(graph_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -522,6 +530,12 @@ class PackedModel:
 
     def _op_add(self, node, ins):
         return ins[0] + ins[1]
+
+    def _op_mul(self, node, ins):
+        return ins[0] * ins[1]
+
+    def _op_act_scale(self, node, ins):
+        return act_scale(ins[0], node["attrs"])
 
     def _op_cat(self, node, ins):
         return torch.cat(ins, dim=node["attrs"].get("dim", 1))
