@@ -109,11 +109,10 @@ def bconv_macs(packed, x) -> list[int]:
     def probe(node, ins):
         out = orig(node, ins)
         a = node["attrs"]
-        o = out[0] if out[0] is not None else None
-        if o is not None:
-            oh, ow = o.shape[2], o.shape[3]
-        else:
-            oh, ow = out[1].shape[1], out[1].shape[2]
+        # the output size from the input's (a float output may be the 2x2-pooled map)
+        _, h, w, _ = ins[0].shape
+        k, s, p = a["kernel"][0], a["stride"], a["padding"]
+        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         shapes[node["name"]] = (oh, ow)
         macs.append(x.shape[0] * oh * ow * a["cout"] * a["cin"] * a["kernel"][0] *
                     a["kernel"][1])
