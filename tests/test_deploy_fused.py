@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_deploy import CASES, _levels, randomize
 
 from s2bnn.deploy import _build, pack
 from s2bnn.deploy.runtime import _Chain
 from s2bnn.models import build_model
-
-from test_deploy import CASES, _levels, randomize
 
 needs_kernels = pytest.mark.skipif(_build.kernels() is None, reason="no C compiler")
 

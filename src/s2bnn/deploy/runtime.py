@@ -6,8 +6,8 @@ tensors in channels-last memory; bit values are ``(N, H, W, ceil(C/64))`` int64 
 
 - ``input``; ``conv2d`` (float, BatchNorm folded in); ``affine`` (per-channel scale and bias);
   ``linear``; ``add``; ``mul`` (broadcasting); ``act_scale`` (XNOR-Net's K); ``cat``;
-  ``avgpool``; ``maxpool``; ``gap`` (global average pool); ``flatten``; ``relu``; ``hardtanh``; ``rprelu``; ``sign`` (float +-1, for binary-activation
-  real-weight layers).
+  ``avgpool``; ``maxpool``; ``gap`` (global average pool); ``flatten``; ``relu``; ``hardtanh``;
+  ``rprelu``; ``sign`` (float +-1, for binary-activation real-weight layers).
 - ``sign_pack``: float -> bits of ``sign(x + thr)``.
 - ``bconv``: bits -> ``dot * scale + bias [+ residual] [-> RPReLU]`` as float and/or as the bits of
   ``sign(y + thr)``: the XNOR/popcount convolution with its whole float epilogue fused in one pass.
@@ -174,7 +174,7 @@ class _Chain:
         alias: dict[str, str] = {}
         self.reads: list[tuple[str, int, str, Any]] = []  # (node name, input slot, name, fmt)
         names: dict[str, Any] = {}
-        for node, fn, ins, outs, _ in self.steps:
+        for node, _, ins, outs, _ in self.steps:
             if node["op"] != "bconv":  # a deferred pool: passes its input through
                 for _, o in outs:
                     alias[o] = alias.get(ins[0], ins[0])
@@ -477,7 +477,7 @@ class PackedModel:
         rc = self._lib.s2d_bconv_chain(chain.arr, len(chain.args))
         if rc != 0:
             raise MemoryError(f"binary convolution kernel failed ({rc})")
-        for node, fn, ins, outs, drops in chain.steps:
+        for node, _, ins, outs, drops in chain.steps:
             vals = chain.values.get(node["name"])
             if vals is None:  # a deferred pool: its input passes through
                 vals = (env[ins[0]],)
