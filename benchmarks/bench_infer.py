@@ -109,11 +109,10 @@ def bconv_macs(packed, x) -> list[int]:
     def probe(node, ins):
         out = orig(node, ins)
         a = node["attrs"]
-        o = out[0] if out[0] is not None else None
-        if o is not None:
-            oh, ow = o.shape[2], o.shape[3]
-        else:
-            oh, ow = out[1].shape[1], out[1].shape[2]
+        # the output size from the input's (a float output may be the 2x2-pooled map)
+        _, h, w, _ = ins[0].shape
+        k, s, p = a["kernel"][0], a["stride"], a["padding"]
+        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         shapes[node["name"]] = (oh, ow)
         macs.append(x.shape[0] * oh * ow * a["cout"] * a["cin"] * a["kernel"][0] *
                     a["kernel"][1])
@@ -134,7 +133,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "infer"))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--nets", default="", help="comma-separated model names to run (default: "
+                    "all); a partial run writes to --out, default /tmp/bench_infer_partial")
+    ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-layer breakdown")
     args = ap.parse_args()
+    nets = [n for n in NETS if not args.nets or n[1] in args.nets.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    partial = len(nets) != len(NETS) or batches != [1, 16] or args.no_breakdown
+    if partial and args.out == ap.get_default("out"):
+        args.out = "/tmp/bench_infer_partial"
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
 
@@ -145,7 +153,7 @@ def main() -> int:
     results: dict = {"machine": cpu_info(), "peak_bmacs": popcount_peak(args.threads),
                      "nets": []}
     tmp = Path(tempfile.mkdtemp())
-    for label, name, kw, size in NETS:
+    for label, name, kw, size in nets:
         torch.manual_seed(0)
         model = build_model(name, **kw).eval()
         prof = profile_model(model, image_size=size, in_chans=kw["in_chans"])
@@ -160,7 +168,7 @@ def main() -> int:
                "flops": prof["flops"], "latency_ms": {}}
         # torch first, then the ONNX export and onnxruntime: the export and ORT's thread pool
         # must not disturb the torch timings.
-        inputs = {b: torch.randn(b, kw["in_chans"], size, size) for b in (1, 16)}
+        inputs = {b: torch.randn(b, kw["in_chans"], size, size) for b in batches}
         lat_all: dict[int, dict] = {}
         for batch, x in inputs.items():
             xc = x.contiguous(memory_format=torch.channels_last)
@@ -176,7 +184,7 @@ def main() -> int:
         ofile = onnx_from_packed(packed, tmp / f"{name}.onnx", size, check=False)
         row["size_onnx_bytes"] = os.path.getsize(ofile)
         sess = ort.InferenceSession(str(ofile), so, providers=["CPUExecutionProvider"])
-        for batch in (1, 16):
+        for batch in batches:
             x = inputs[batch]
             reps = (5 if args.quick else 15) if batch == 1 else (2 if args.quick else 5)
             reps *= 4 if size < 64 else 1
@@ -195,6 +203,9 @@ def main() -> int:
             print(f"{label:>13} b{batch:<3} float {lat['float']:8.2f} ms  ort "
                   f"{lat['onnxruntime']:8.2f} ms  packed {lat['packed']:8.2f} ms  "
                   f"x{lat['speedup_vs_float']:.1f} vs float", flush=True)
+        if args.no_breakdown:
+            results["nets"].append(row)
+            continue
         # Per-layer breakdown at batch 1 (packed).
         x = torch.randn(1, kw["in_chans"], size, size)
         macs = bconv_macs(packed, x)
@@ -269,11 +280,13 @@ def render(r: dict) -> str:
               "| network | all binary convs | 3x3 binary convs | 3x3 vs peak |",
               "|---|---|---|---|"]
     for n in r["nets"]:
-        b3 = n["bconv3x3_bmac_per_s"]
+        b3 = n.get("bconv3x3_bmac_per_s")
         lines.append(f"| {n['net']} | {n['bconv_bmac_per_s'] / 1e9:.0f} G/s | "
                      f"{b3 / 1e9:.0f} G/s | {100 * b3 / peak:.0f} % |" if b3 and peak else
                      f"| {n['net']} | — | — | — |")
     n = r["nets"][0]
+    if "bconv_layers" not in n:
+        return "\n".join(lines) + "\n"
     lines += ["", f"Per-op time of {n['net']} at batch 1 (packed; per op the median of 7 "
               "profiled calls), ms: " +
               ", ".join(f"{k} {v:.2f}" for k, v in sorted(n["breakdown_ms_by_op"].items(),

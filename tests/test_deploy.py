@@ -59,6 +59,9 @@ CASES = [
     # 10 channels at the stem (two taps per word), 40 (five words of 8) after it
     ("reactnet_small", dict(num_classes=6, in_chans=3, width_mult=0.3, mid_blocks=1), 32),
     ("reactnet_small", dict(num_classes=0, in_chans=1, width_mult=1.25, mid_blocks=0), 64),
+    # XNOR-Net: BN -> sign -> bconv -> times the activation scale K (act_scale + mul)
+    ("xnor_resnet18", dict(num_classes=5, in_chans=3, width_mult=0.25, stem_stride=2,
+                           layers=[1, 1, 1, 1]), 33),
 ]
 
 
@@ -109,6 +112,10 @@ def test_every_isa_level_or_a_stated_skip():
     (3, 1, 32, 40, 9), (3, 2, 20, 16, 7), (3, 1, 33, 8, 5), (5, 1, 7, 6, 6),
     # few pixel tiles, at least 64 output channels per thread: channels split over the threads
     (3, 1, 64, 192, 6), (1, 1, 128, 256, 5), (3, 2, 96, 150, 7),
+    # the 4 x 4 POPCNT tile at each row length compiled as a constant (5, 9, 18, 36, 72, 144
+    # words) and at others, with 1-3 channels past the last multiple of 4 (the 4 x 2 tail)
+    (3, 1, 24, 6, 7), (3, 2, 64, 7, 5), (3, 1, 256, 13, 4), (3, 1, 512, 6, 4),
+    (3, 1, 1024, 5, 3), (3, 1, 320, 11, 3), (1, 1, 1024, 7, 3),
 ])
 def test_popcount_part_is_bit_exact(k, stride, cin, cout, size):
     """The integer dot products equal a float conv of +-1 tensors (exact below 2**24)."""

@@ -28,7 +28,7 @@ __all__ = ["kernels", "ISA_LEVELS", "available_isas", "default_isa", "build", "B
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
-ABI_VERSION = 4
+ABI_VERSION = 6
 ISA_LEVELS = {"portable": 0, "popcnt": 1, "avx2": 2, "avx512": 3}
 ISA_ENV = "S2BNN_DEPLOY_ISA"
 
@@ -47,7 +47,7 @@ class BconvArgs(ctypes.Structure):
         ("si", ctypes.c_void_p), ("slope", ctypes.c_void_p), ("so", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("thr", ctypes.c_void_p), ("out_bits", ctypes.c_void_p),
         ("dot_out", ctypes.c_void_p), ("isa", ctypes.c_int), ("nthreads", ctypes.c_int),
-        ("tap2", ctypes.c_int), ("res_pool", ctypes.c_int),
+        ("tap2", ctypes.c_int), ("res_pool", ctypes.c_int), ("out_pool", ctypes.c_int),
     ]
 
 
@@ -131,6 +131,8 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.s2d_lp_align.restype = ctypes.c_int
     lib.s2d_bconv.argtypes = [ctypes.POINTER(BconvArgs)]
     lib.s2d_bconv.restype = ctypes.c_int
+    lib.s2d_bconv_chain.argtypes = [ctypes.POINTER(ctypes.POINTER(BconvArgs)), ctypes.c_int]
+    lib.s2d_bconv_chain.restype = ctypes.c_int
     return lib
 
 

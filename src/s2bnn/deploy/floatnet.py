@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from s2bnn.deploy.runtime import PackedModel, weight_bits_pm1
+from s2bnn.deploy.runtime import PackedModel, act_scale, weight_bits_pm1
 
 __all__ = ["FloatNet"]
 
@@ -88,6 +88,10 @@ class FloatNet(nn.Module):
                 outs = (F.linear(ins[0], t("weight"), t("bias")),)
             elif op == "add":
                 outs = (ins[0] + ins[1],)
+            elif op == "mul":
+                outs = (ins[0] * ins[1],)
+            elif op == "act_scale":
+                outs = (act_scale(ins[0], a),)
             elif op == "cat":
                 outs = (torch.cat(ins, dim=a.get("dim", 1)),)
             elif op == "avgpool":

@@ -29,7 +29,7 @@
 #define S2D_X86 1
 #endif
 
-#define S2D_ABI_VERSION 4
+#define S2D_ABI_VERSION 6
 #define PT 4 /* output pixels per tile */
 
 int s2d_abi_version(void) { return S2D_ABI_VERSION; }
@@ -81,9 +81,9 @@ static void gemm_portable(rows_t r, const uint64_t *w, int lp, int cout, int32_t
 }
 
 #ifdef S2D_X86
-/* Scalar POPCNT: 4 pixels x 2 output channels per inner step (8 accumulators in registers). */
+/* Scalar POPCNT, 4 pixels x 2 output channels per inner step (8 accumulators). */
 __attribute__((target("popcnt")))
-static inline void gemm_popcnt(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+static inline void gemm_popcnt42(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
     const uint64_t *p0 = r[0], *p1 = r[1], *p2 = r[2], *p3 = r[3];
     int co = 0;
     for (; co + 1 < cout; co += 2) {
@@ -113,6 +113,44 @@ static inline void gemm_popcnt(rows_t r, const uint64_t *w, int lp, int cout, in
         acc[co] = (int32_t)s0; acc[cout + co] = (int32_t)s1;
         acc[2 * cout + co] = (int32_t)s2; acc[3 * cout + co] = (int32_t)s3;
     }
+}
+
+/* Scalar POPCNT, 4 pixels x 4 output channels per inner step (16 accumulators; the compiler
+ * keeps some of them on the stack, which costs loads and stores but no ALU slot: on this Zen 1
+ * the integer ALUs are the limit, and 16 pairs per step share 8 loads and the loop overhead
+ * where 4 x 2 shares 6 for 8). Channels past the last multiple of 4 go through the 4 x 2 loop. */
+#ifndef S2D_TILE44
+#define S2D_TILE44 1
+#endif
+__attribute__((target("popcnt")))
+static inline void gemm_popcnt(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
+#if S2D_TILE44
+    const uint64_t *p[PT] = {r[0], r[1], r[2], r[3]};
+    int co = 0;
+    for (; co + 3 < cout; co += 4) {
+        const uint64_t *wc = w + (size_t)co * lp;
+        uint64_t s[PT][4] = {{0}};
+        for (int j = 0; j < lp; j++) {
+            uint64_t u[4];
+            for (int c = 0; c < 4; c++) u[c] = wc[(size_t)c * lp + j];
+            for (int i = 0; i < PT; i++) {
+                const uint64_t xi = p[i][j];
+                for (int c = 0; c < 4; c++) s[i][c] += __builtin_popcountll(xi ^ u[c]);
+            }
+        }
+        for (int i = 0; i < PT; i++)
+            for (int c = 0; c < 4; c++) acc[(size_t)i * cout + co + c] = (int32_t)s[i][c];
+    }
+    if (co == cout) return;
+    /* the last 1-3 channels: the 4 x 2 loop on a shifted view (acc rows keep stride cout) */
+    int32_t tail[PT * 3];
+    const int nt = cout - co;
+    gemm_popcnt42(r, w + (size_t)co * lp, lp, nt, tail);
+    for (int i = 0; i < PT; i++)
+        for (int c = 0; c < nt; c++) acc[(size_t)i * cout + co + c] = tail[i * nt + c];
+#else
+    gemm_popcnt42(r, w, lp, cout, acc);
+#endif
 }
 
 __attribute__((target("avx2")))
@@ -240,22 +278,45 @@ static inline void gemm_hybrid(rows_t r, const uint64_t *w, int lp, int cout, in
 #ifndef S2D_CSPLIT_TILES
 #define S2D_CSPLIT_TILES 32
 #endif
-/* The AVX2 level runs the vector + integer hybrid only on rows of at least this many words (3x3
- * convolutions of more than 512 input channels): on shorter rows its per-channel reductions cost
- * more than it gains, and on this Zen 1 the POPCNT kernel was as fast or faster up to 72 words
- * (measured per layer; see docs/DEPLOY.md). */
+/* The AVX2 level runs the vector + integer hybrid only on rows of at least this many words. Since
+ * the 4 x 4 POPCNT tile it is never chosen by default: on this Zen 1 the POPCNT kernel was
+ * faster at every row length measured, 144 words included (see docs/DEPLOY.md); -DS2D_HYB_MIN=73
+ * brings back the previous choice (the hybrid above 72 words) for comparison. */
 #ifndef S2D_HYB_MIN
-#define S2D_HYB_MIN 73
+#define S2D_HYB_MIN 0x7fffffff
 #endif
-/* Rows of 1, 2, 4 or 8 words (1x1 convolutions of up to 512 channels): the POPCNT kernel compiled
- * for that constant length (fully unrolled, no loop per channel pair). */
+/* Rows of 1, 2, 4 or 8 words (1x1 convolutions of up to 512 channels): the 4 x 2 POPCNT kernel
+ * compiled for that constant length (fully unrolled, no loop per channel pair; the 4 x 4 tile
+ * measured slower on them). Longer rows: the 4 x 4 kernel, with S2D_LPCONST compiled for the
+ * row lengths of 3x3 convolutions (5: <= 32 channels, two taps per word; 9, 18, 36, 72, 144: 64
+ * to 1024 channels). */
+#ifndef S2D_LPCONST
+#define S2D_LPCONST 1
+#endif
+#ifndef S2D_SHORT44
+#define S2D_SHORT44 0
+#endif
 __attribute__((target("popcnt")))
 static inline void gemm_popcnt_k(rows_t r, const uint64_t *w, int lp, int cout, int32_t *acc) {
     switch (lp) {
-    case 1: gemm_popcnt(r, w, 1, cout, acc); break;
-    case 2: gemm_popcnt(r, w, 2, cout, acc); break;
+    case 1: gemm_popcnt42(r, w, 1, cout, acc); break;
+    case 2: gemm_popcnt42(r, w, 2, cout, acc); break;
+#if S2D_SHORT44
     case 4: gemm_popcnt(r, w, 4, cout, acc); break;
     case 8: gemm_popcnt(r, w, 8, cout, acc); break;
+    case 16: gemm_popcnt(r, w, 16, cout, acc); break;
+#else
+    case 4: gemm_popcnt42(r, w, 4, cout, acc); break;
+    case 8: gemm_popcnt42(r, w, 8, cout, acc); break;
+#endif
+#if S2D_LPCONST
+    case 5: gemm_popcnt(r, w, 5, cout, acc); break;
+    case 9: gemm_popcnt(r, w, 9, cout, acc); break;
+    case 18: gemm_popcnt(r, w, 18, cout, acc); break;
+    case 36: gemm_popcnt(r, w, 36, cout, acc); break;
+    case 72: gemm_popcnt(r, w, 72, cout, acc); break;
+    case 144: gemm_popcnt(r, w, 144, cout, acc); break;
+#endif
     default: gemm_popcnt(r, w, lp, cout, acc); break;
     }
 }
@@ -410,6 +471,8 @@ typedef struct {
     int isa, nthreads;
     int tap2;                         /* Cin <= 32: two taps per 64-bit word (see the top) */
     int res_pool;                     /* res is [N, 2 oh, 2 ow, res_c]: its 2x2 average is added */
+    int out_pool;                     /* out is [N, oh / 2, ow / 2, cout]: the 2x2 average of the
+                                         float output (oh, ow even), summed in place */
 } s2d_bconv_args;
 
 /* The residual's pixel for output pixel pix: itself, or with res_pool the top-left pixel of its
@@ -419,6 +482,18 @@ static inline const float *res_px(const s2d_bconv_args *a, int64_t pix) {
     const int64_t ohw = (int64_t)a->oh * a->ow, b = pix / ohw, q = pix % ohw;
     const int64_t oy = q / a->ow, ox = q % a->ow;
     return a->res + ((b * 2 * a->oh + 2 * oy) * 2 * a->ow + 2 * ox) * a->res_c;
+}
+
+/* With out_pool: the pooled output pixel of output pixel pix and which of its window's four
+ * pixels pix is (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right). The window is summed in
+ * torch's avg_pool2d order, ((((0 + q0) + q1) + q2) + q3) / 4: q0 writes 0 + v, q1 and q2 add,
+ * q3 adds and divides. Pixels are visited in order within a thread, and threads own whole pairs
+ * of rows (bconv_part), so each window's four come in that order. */
+static inline float *pool_dst(const s2d_bconv_args *a, int64_t pix, int *quad) {
+    const int64_t ohw = (int64_t)a->oh * a->ow, b = pix / ohw, q = pix % ohw;
+    const int64_t oy = q / a->ow, ox = q % a->ow;
+    *quad = (int)(((oy & 1) << 1) | (ox & 1));
+    return a->out + ((b * (a->oh / 2) + oy / 2) * (a->ow / 2) + ox / 2) * a->cout;
 }
 
 /* Per-thread scratch: PT gathered patches, PT x cout accumulators, one float row. */
@@ -440,7 +515,7 @@ S2D_INLINE void epilogue_px(const s2d_bconv_args *a, int32_t *restrict ac, int n
         int32_t *restrict d = a->dot_out + pix * cout;
         for (int co = 0; co < cout; co++) d[co] = nb - 2 * ac[co];
     }
-    float *restrict v = a->out ? a->out + pix * cout : vals;
+    float *restrict v = a->out && !a->out_pool ? a->out + pix * cout : vals;
     const float *restrict sc = a->scale, *restrict bi = a->bias;
     for (int co = 0; co < cout; co++) {
         float d = (float)(nb - 2 * ac[co]) * sc[co];
@@ -475,6 +550,13 @@ S2D_INLINE void epilogue_px(const s2d_bconv_args *a, int32_t *restrict ac, int n
             v[co] = u * (u > 0.0f ? 1.0f : k) + so[co];
         }
     }
+    if (a->out && a->out_pool) {
+        int quad;
+        float *restrict d = pool_dst(a, pix, &quad);
+        if (quad == 0) for (int co = 0; co < cout; co++) d[co] = 0.0f + v[co];
+        else if (quad < 3) for (int co = 0; co < cout; co++) d[co] = d[co] + v[co];
+        else for (int co = 0; co < cout; co++) d[co] = (d[co] + v[co]) / 4.0f;
+    }
     if (a->out_bits) {
         const int owd = (cout + 63) / 64;
 #ifdef S2D_X86
@@ -497,6 +579,8 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
     const int cout = a->cout, rc = a->res_c;
     ac -= c0;
     float *restrict v = a->out ? a->out + pix * cout : NULL;
+    int quad = -1;
+    if (a->out && a->out_pool) v = pool_dst(a, pix, &quad);
     const float *restrict r = a->res ? res_px(a, pix) : NULL;
     const int pool = a->res_pool;
     const size_t rrow = (size_t)2 * a->ow * rc;
@@ -531,7 +615,14 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
                                         _mm256_cmp_ps(u, zero, _CMP_GT_OQ));
             y = _mm256_add_ps(_mm256_mul_ps(u, k), _mm256_loadu_ps(a->so + co));
         }
-        if (v) _mm256_storeu_ps(v + co, y);
+        if (quad == 0) {
+            _mm256_storeu_ps(v + co, _mm256_add_ps(zero, y));
+        } else if (quad > 0) {
+            __m256 d = _mm256_add_ps(_mm256_loadu_ps(v + co), y);
+            _mm256_storeu_ps(v + co, quad == 3 ? _mm256_div_ps(d, four) : d);
+        } else if (v) {
+            _mm256_storeu_ps(v + co, y);
+        }
         if (ob) {
             __m256 t = thr ? _mm256_add_ps(y, _mm256_loadu_ps(thr + co)) : y;
             word |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(t, zero, _CMP_LT_OQ))
@@ -556,7 +647,9 @@ static inline void epilogue_avx2(const s2d_bconv_args *a, const int32_t *restric
             float u = y - a->si[co], k = a->slope[co];
             y = u * (u > 0.0f ? 1.0f : k) + a->so[co];
         }
-        if (v) v[co] = y;
+        if (quad == 0) v[co] = 0.0f + y;
+        else if (quad > 0) v[co] = quad == 3 ? (v[co] + y) / 4.0f : v[co] + y;
+        else if (v) v[co] = y;
         if (ob) {
             float t = thr ? y + thr[co] : y;
             word |= (uint64_t)(t < 0.0f) << (co & 63);
@@ -716,28 +809,73 @@ static tiles_fn pick_tiles(int level) {
     return bconv_tiles_portable;
 }
 
-int s2d_bconv(const s2d_bconv_args *a) {
+/* How one convolution is split over threads (see s2d_bconv). */
+typedef struct {
+    tiles_fn run;
+    int64_t ntiles;
+    int nth, csplit;
+} plan_t;
+
+static int bconv_plan(const s2d_bconv_args *a, plan_t *pl) {
     const int taps = a->kh * a->kw, lp = a->lp, level = eff_isa(a->isa);
     if (taps > 64 || lp % s2d_lp_align(level)) return -1;
     if (a->tap2 ? (a->wd != 1 || a->cin > 32 || lp < (taps + 1) / 2) : lp < taps * a->wd)
         return -1;
+    if (a->out_pool && a->out && (a->oh % 2 || a->ow % 2 || (2 * a->ow) % PT)) return -1;
     const int64_t total = (int64_t)a->n * a->oh * a->ow;
     const int64_t ntiles = (total + PT - 1) / PT;
-    tiles_fn run = pick_tiles(level);
+    pl->run = pick_tiles(level);
+    pl->ntiles = ntiles;
     /* One thread where the work is too small to pay for waking another. */
     const double work = (double)total * a->cout * (lp + 8);
     int nth = a->nthreads < 1 ? 1 : a->nthreads;
     if (nth > ntiles) nth = (int)ntiles;
     if (work < 65536.0) nth = 1;
+    pl->nth = nth;
     /* Few pixel tiles (batch 1, 14x14 and 7x7 maps): split the output channels over the threads
      * instead, in blocks of 64 (whole bit words), so that every thread does the same work and
      * reads only its part of the weights. Only where the AVX2 epilogue runs (it takes a
      * channel range). */
-    const int csplit = nth > 1 && level >= 2 && !a->dot_out && a->cout >= 64 * nth &&
-                       (a->res_c == a->cout || a->res_c % 8 == 0) &&
-                       ntiles < (int64_t)S2D_CSPLIT_TILES * nth;
+    pl->csplit = nth > 1 && level >= 2 && !a->dot_out && a->cout >= 64 * nth &&
+                 (a->res_c == a->cout || a->res_c % 8 == 0) &&
+                 ntiles < (int64_t)S2D_CSPLIT_TILES * nth;
+    return 0;
+}
+
+static int scratch_alloc(scratch_t *s, int lp, int cout) {
+    s->patch = aligned_alloc(64, sizeof(uint64_t) * PT * (size_t)(lp + 8));
+    s->acc = aligned_alloc(64, sizeof(int32_t) * PT * (size_t)(cout + 16));
+    s->vals = aligned_alloc(64, sizeof(float) * (size_t)(cout + 16));
+    return s->patch && s->acc && s->vals;
+}
+
+static void scratch_free(scratch_t *s) { free(s->patch); free(s->acc); free(s->vals); }
+
+/* Thread tid's share (of nt) of one convolution. */
+static void bconv_part(const s2d_bconv_args *a, const plan_t *pl, int tid, int nt, scratch_t *s) {
+    /* words past the taps stay zero (the weights are zero there too) */
+    memset(s->patch, 0, sizeof(uint64_t) * PT * (size_t)a->lp);
+    if (pl->csplit) {
+        const int nb = a->cout / 64;
+        const int c0 = nb * tid / nt * 64, c1 = tid + 1 == nt ? a->cout : nb * (tid + 1) / nt * 64;
+        if (c1 > c0) pl->run(a, 0, pl->ntiles, c0, c1, s);
+    } else if (a->out_pool && a->out && nt > 1) {
+        /* whole pairs of output rows per thread (2 ow is a multiple of PT: see bconv_plan) */
+        const int64_t pairs = (int64_t)a->n * (a->oh / 2), tpp = 2 * (int64_t)a->ow / PT;
+        int64_t t0 = pairs * tid / nt * tpp, t1 = pairs * (tid + 1) / nt * tpp;
+        if (t1 > pl->ntiles) t1 = pl->ntiles;
+        if (t1 > t0) pl->run(a, t0, t1, 0, a->cout, s);
+    } else {
+        int64_t t0 = pl->ntiles * tid / nt, t1 = pl->ntiles * (tid + 1) / nt;
+        if (t1 > t0) pl->run(a, t0, t1, 0, a->cout, s);
+    }
+}
+
+int s2d_bconv(const s2d_bconv_args *a) {
+    plan_t pl;
+    if (bconv_plan(a, &pl)) return -1;
     int failed = 0;
-#pragma omp parallel num_threads(nth) if (nth > 1)
+#pragma omp parallel num_threads(pl.nth) if (pl.nth > 1)
     {
         int tid = 0, nt = 1;
 #ifdef _OPENMP
@@ -745,26 +883,83 @@ int s2d_bconv(const s2d_bconv_args *a) {
         nt = omp_get_num_threads();
 #endif
         scratch_t s;
-        s.patch = aligned_alloc(64, sizeof(uint64_t) * PT * (size_t)(lp + 8));
-        s.acc = aligned_alloc(64, sizeof(int32_t) * PT * (size_t)(a->cout + 16));
-        s.vals = aligned_alloc(64, sizeof(float) * (size_t)(a->cout + 16));
-        if (!s.patch || !s.acc || !s.vals) {
+        if (!scratch_alloc(&s, a->lp, a->cout)) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            /* words past the taps stay zero (the weights are zero there too) */
-            memset(s.patch, 0, sizeof(uint64_t) * PT * (size_t)lp);
-            if (csplit) {
-                const int nb = a->cout / 64;
-                const int c0 = nb * tid / nt * 64, c1 = tid + 1 == nt ? a->cout : nb * (tid + 1) / nt * 64;
-                if (c1 > c0) run(a, 0, ntiles, c0, c1, &s);
-            } else {
-                int64_t t0 = ntiles * tid / nt, t1 = ntiles * (tid + 1) / nt;
-                if (t1 > t0) run(a, t0, t1, 0, a->cout, &s);
+            bconv_part(a, &pl, tid, nt, &s);
+        }
+        scratch_free(&s);
+    }
+    return failed ? -2 : 0;
+}
+
+/* Prefetch the weights thread tid of nt will read first in convolution a (its channel block
+ * where the channels are split, else the start of the whole matrix), while the other threads
+ * finish the layer before. S2D_CHAIN_PREFETCH caps the bytes per thread (0: off). */
+#ifndef S2D_CHAIN_PREFETCH
+#define S2D_CHAIN_PREFETCH 0
+#endif
+static void prefetch_weights(const s2d_bconv_args *a, const plan_t *pl, int tid, int nt) {
+#if S2D_CHAIN_PREFETCH
+    size_t c0 = 0, c1 = (size_t)a->cout;
+    if (pl->csplit) {
+        const int nb = a->cout / 64;
+        c0 = (size_t)(nb * tid / nt * 64);
+        c1 = tid + 1 == nt ? (size_t)a->cout : (size_t)(nb * (tid + 1) / nt * 64);
+    }
+    const char *p = (const char *)(a->w + c0 * a->lp);
+    size_t bytes = (c1 - c0) * a->lp * sizeof(uint64_t);
+    if (bytes > S2D_CHAIN_PREFETCH) bytes = S2D_CHAIN_PREFETCH;
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
+#else
+    (void)a; (void)pl; (void)tid; (void)nt;
+#endif
+}
+
+/* A chain of convolutions in one call and one thread team: as[k] may read what as[j < k]
+ * wrote (each layer ends at a barrier). The same results as s2d_bconv on each in turn; saves
+ * the per-layer call, thread wake-up and scratch allocation. */
+int s2d_bconv_chain(const s2d_bconv_args *const *as, int n) {
+    if (n <= 0) return 0;
+    plan_t *pl = malloc(sizeof(plan_t) * (size_t)n);
+    if (!pl) return -2;
+    int team = 1, maxlp = 0, maxc = 0;
+    for (int k = 0; k < n; k++) {
+        if (bconv_plan(as[k], &pl[k])) { free(pl); return -1; }
+        if (pl[k].nth > team) team = pl[k].nth;
+        if (as[k]->lp > maxlp) maxlp = as[k]->lp;
+        if (as[k]->cout > maxc) maxc = as[k]->cout;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        scratch_t s;
+        int ok = scratch_alloc(&s, maxlp, maxc);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            for (int k = 0; k < n; k++) {
+                const int lt = pl[k].nth < nt ? pl[k].nth : nt;
+                if (tid < lt) bconv_part(as[k], &pl[k], tid, lt, &s);
+                if (k + 1 < n) {
+                    const int ln = pl[k + 1].nth < nt ? pl[k + 1].nth : nt;
+                    if (tid < ln) prefetch_weights(as[k + 1], &pl[k + 1], tid, ln);
+#pragma omp barrier
+                }
             }
         }
-        free(s.patch); free(s.acc); free(s.vals);
+        scratch_free(&s);
     }
+    free(pl);
     return failed ? -2 : 0;
 }
 
@@ -784,7 +979,10 @@ S2D_INLINE int64_t gemm_l1_reps(int64_t reps, int level) {
         switch (level) {
 #ifdef S2D_X86
         case 3: gemm_avx512(rows, w, 64, 32, acc); break;
-        case 2: S2D_GEMM2(rows, w, 64, 32, acc); break;
+        case 2: /* what the level runs on rows of 64 words */
+            if (64 >= S2D_HYB_MIN) S2D_GEMM2(rows, w, 64, 32, acc);
+            else gemm_popcnt(rows, w, 64, 32, acc);
+            break;
         case 1: gemm_popcnt(rows, w, 64, 32, acc); break;
 #endif
         default: gemm_portable(rows, w, 64, 32, acc); break;

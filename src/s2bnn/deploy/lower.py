@@ -11,6 +11,10 @@ node becomes one primitive op, then a few rewrites fuse the chains a binary netw
    channel-modulo read of ``y``), then a following RPReLU;
 4. a ``sign_pack`` reading a ``bconv``'s output moves into that bconv's epilogue, which then
    writes bits (and the float output only if something else still reads it).
+
+XNOR-Net's activation scale ``K`` (:func:`s2bnn.models.resnet_binary.activation_scale`, the box
+filter of ``mean_c |I|``) is traced as one call and lowered to ``act_scale`` on the float input
+of the sign, and ``y * K`` to ``mul``: both run as float ops, with the model's own operations.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from s2bnn.errors import ModelError
+from s2bnn.models.resnet_binary import activation_scale
 from s2bnn.nn import QuantConv2d, QuantLinear, RPReLU, RSign
 from s2bnn.nn.quantizers import HardTanh, Identity, Quantizer, ScaledSign, is_binary
 
@@ -32,6 +37,10 @@ _LEAVES = (QuantConv2d, QuantLinear, RSign, RPReLU, Quantizer)
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        # XNOR-Net's activation scale K stays one call in the graph (lowered to ``act_scale``)
+        super().__init__(autowrap_functions=(activation_scale,))
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
@@ -275,6 +284,16 @@ class _Lowerer:
         if t in (operator.add, torch.add, "add") and len(args) == 2 and not kwargs and \
                 all(isinstance(a, str) for a in args):
             return self.g.add("add", args)
+        if t in (operator.mul, torch.mul, "mul") and len(args) == 2 and not kwargs and \
+                all(isinstance(a, str) for a in args):
+            return self.g.add("mul", args)  # broadcasting, e.g. y * K
+        if t is activation_scale:
+            names = ["x", "kernel_size", "stride", "padding"]
+            bound = dict(zip(names, args), **kwargs)
+            k = int(bound["kernel_size"])
+            return self.g.add("act_scale", [bound["x"]], {
+                "kernel": k, "stride": int(bound.get("stride", 1)),
+                "padding": int(bound.get("padding", 0))})
         if t in (torch.cat, torch.concat) or t == "cat":
             tensors = args[0]
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)

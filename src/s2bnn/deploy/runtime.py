@@ -5,9 +5,9 @@ tensors in channels-last memory; bit values are ``(N, H, W, ceil(C/64))`` int64 
 ``c % 64`` of word ``c // 64`` set where the sign is -1 (see ``kernels.c``). Ops:
 
 - ``input``; ``conv2d`` (float, BatchNorm folded in); ``affine`` (per-channel scale and bias);
-  ``linear``; ``add``; ``cat``; ``avgpool``; ``maxpool``; ``gap`` (global average pool);
-  ``flatten``; ``relu``; ``hardtanh``; ``rprelu``; ``sign`` (float +-1, for binary-activation
-  real-weight layers).
+  ``linear``; ``add``; ``mul`` (broadcasting); ``act_scale`` (XNOR-Net's K); ``cat``;
+  ``avgpool``; ``maxpool``; ``gap`` (global average pool); ``flatten``; ``relu``; ``hardtanh``;
+  ``rprelu``; ``sign`` (float +-1, for binary-activation real-weight layers).
 - ``sign_pack``: float -> bits of ``sign(x + thr)``.
 - ``bconv``: bits -> ``dot * scale + bias [+ residual] [-> RPReLU]`` as float and/or as the bits of
   ``sign(y + thr)``: the XNOR/popcount convolution with its whole float epilogue fused in one pass.
@@ -76,6 +76,14 @@ def weight_bits_pm1(packed: torch.Tensor, cin: int) -> torch.Tensor:
     return (1.0 - 2.0 * b.to(torch.float32)).permute(0, 3, 1, 2).contiguous()
 
 
+def act_scale(x: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
+    """XNOR-Net's activation scale K of ``x`` (N, C, H, W): the ``kernel`` box filter (zero
+    padding counted) of the mean of ``|x|`` over channels, at the conv's stride: (N, 1, H', W').
+    The same operations as ``s2bnn.models.resnet_binary.activation_scale``."""
+    m = x.abs().mean(dim=1, keepdim=True)
+    return F.avg_pool2d(m, a["kernel"], a["stride"], a["padding"], count_include_pad=True)
+
+
 # --------------------------------------------------------------------------- graph checks
 def _expected_tensors(node: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...] | None]]:
     """Tensor role -> (dtype, shape or None when only the rank is free) for one node."""
@@ -106,8 +114,8 @@ def _expected_tensors(node: dict[str, Any]) -> dict[str, tuple[str, tuple[int, .
     return {}
 
 
-_OPS = {"input", "conv2d", "affine", "linear", "add", "cat", "avgpool", "maxpool", "gap",
-        "flatten", "relu", "hardtanh", "rprelu", "sign", "sign_pack", "bconv"}
+_OPS = {"input", "conv2d", "affine", "linear", "add", "mul", "cat", "avgpool", "maxpool", "gap",
+        "flatten", "relu", "hardtanh", "rprelu", "sign", "sign_pack", "bconv", "act_scale"}
 
 
 def _digest(graph_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -155,6 +163,65 @@ def validate_graph(graph: dict[str, Any], tensors: dict[str, torch.Tensor], sour
 
 
 # --------------------------------------------------------------------------- the model
+class _Chain:
+    """A run of binary-convolution steps of one model executed by one C call (see
+    ``PackedModel._chains``). ``ext_names``: what the run reads from outside it (name, memory
+    format), in a fixed order; ``ext``: per call, (argument block, field, name, format) to set."""
+
+    def __init__(self, steps: list[tuple[Any, ...]]) -> None:
+        self.steps = list(steps)
+        produced: set[str] = set()
+        alias: dict[str, str] = {}
+        self.reads: list[tuple[str, int, str, Any]] = []  # (node name, input slot, name, fmt)
+        names: dict[str, Any] = {}
+        for node, _, ins, outs, _ in self.steps:
+            if node["op"] != "bconv":  # a deferred pool: passes its input through
+                for _, o in outs:
+                    alias[o] = alias.get(ins[0], ins[0])
+                continue
+            for k, v in enumerate(ins):
+                v = alias.get(v, v)
+                fmt = torch.contiguous_format if k == 0 else _CL
+                if v not in produced:
+                    names.setdefault(v, fmt)
+                    self.reads.append((node["name"], k, v, fmt))
+            produced.update(o for _, o in outs)
+        self.ext_names = tuple(names.items())
+        self.reset()
+
+    def reset(self) -> None:
+        self.arr = None
+        self.key = None
+        self.args: list[Any] = []
+        self.ext: list[tuple[Any, str, str, Any]] = []
+        self.values: dict[str, tuple[Any, ...]] = {}
+        self.disabled = False
+
+    def build(self, model: PackedModel, key: tuple[Any, ...]) -> None:
+        """After a call node by node: collect the nodes' argument blocks and kept outputs."""
+        import ctypes
+
+        from s2bnn.deploy._build import BconvArgs
+
+        self.reset()
+        for node, _, _, _, _ in self.steps:
+            if node["op"] != "bconv":
+                continue
+            fast = model._fast.get(node["name"])
+            if fast is None or fast[6] or fast[2] != key[0]:
+                self.disabled = True  # a pool the kernel does not take, or no fast path
+                return
+            self.args.append(fast[3])
+            self.values[node["name"]] = (fast[4], fast[5])
+        by_name = {n["name"]: model._fast[n["name"]][3] for n, *_ in self.steps
+                   if n["op"] == "bconv"}
+        self.ext = [(by_name[nn], "x" if k == 0 else "res", v, fmt)
+                    for nn, k, v, fmt in self.reads]
+        self.arr = (ctypes.POINTER(BconvArgs) * len(self.args))(
+            *[ctypes.pointer(a) for a in self.args])
+        self.key = key
+
+
 class PackedModel:
     """A lowered binary network: ``PackedModel(x)`` maps float ``(N, C, H, W)`` images to what the
     source model's ``eval()`` forward returns (features or logits).
@@ -187,6 +254,12 @@ class PackedModel:
         # bconv node -> the 2x2 avgpool node whose output is its residual and nothing else's:
         # the compiled epilogue averages the pool's input itself (see _plan).
         self._pool_res: dict[str, dict[str, Any]] = {}
+        # bconv node -> that pool, where the pool's input is a bconv's float output that nothing
+        # else reads: that bconv writes the pooled map itself (its name in _pool_src), which
+        # the convolution then reads as a plain residual (_prepooled: as it was on the last call)
+        self._pool_out: dict[str, dict[str, Any]] = {}
+        self._pool_src: dict[str, str] = {}
+        self._prepooled: dict[str, bool] = {}
         self._lock = threading.Lock()
         self.set_isa(isa)
         self._last_use = self._compute_last_use()
@@ -210,6 +283,10 @@ class PackedModel:
         self._prepared = {}
         self._args = {}
         self._fast = {}
+        self._prepooled = {}
+        for step in self._steps or ():
+            if type(step[0]) is _Chain:
+                step[0].reset()
 
     def _compute_last_use(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -304,6 +381,9 @@ class PackedModel:
                 for k, v in enumerate(node.get("inputs", [])):
                     readers.setdefault(v, []).append((node, k))
             self._pool_res = {}
+            self._pool_out = {}
+            self._pool_src = {}
+            producer = {o: n for n in nodes for o in n["outputs"] if o}
             deferred = set()
             for node in nodes:
                 a = node.get("attrs", {})
@@ -316,6 +396,13 @@ class PackedModel:
                 if len(rd) == 1 and rd[0][0]["op"] == "bconv" and rd[0][1] == 1:
                     self._pool_res[rd[0][0]["name"]] = node
                     deferred.add(node["name"])
+                    src = producer.get(node["inputs"][0])
+                    if (src is not None and src["op"] == "bconv" and
+                            len(readers.get(node["inputs"][0], [])) == 1 and
+                            node["inputs"][0] != self.graph["output"] and
+                            src["outputs"][0] == node["inputs"][0]):
+                        self._pool_out[src["name"]] = node
+                        self._pool_src[rd[0][0]["name"]] = src["name"]
             steps = []
             for i, node in enumerate(nodes):
                 ins = tuple(node.get("inputs", []))
@@ -325,23 +412,88 @@ class PackedModel:
                 outs = tuple((k, v) for k, v in enumerate(node["outputs"]) if v)
                 drops = tuple(v for v in dict.fromkeys(ins) if self._last_use.get(v, -1) <= i)
                 steps.append((node, fn, ins, outs, drops))
-            self._steps = steps
+            self._steps = self._chains(steps)
         return self._steps
+
+    def _chains(self, steps: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Runs of consecutive binary convolutions (and the deferred pools between them, which
+        only pass their input on) become one step: after a first call node by node, one C call
+        runs the whole run (``s2d_bconv_chain``), with only the pointers of what it reads from
+        outside it swapped per call."""
+        out: list[tuple[Any, ...]] = []
+        run: list[tuple[Any, ...]] = []
+
+        def flush() -> None:
+            if sum(1 for st in run if st[1] == self._op_bconv) >= 2:
+                out.append((_Chain(run), None, (), (), ()))
+            else:
+                out.extend(run)
+            run.clear()
+
+        for st in steps:
+            if st[1] in (self._op_bconv, self._op_deferred_pool):
+                run.append(st)
+            else:
+                flush()
+                out.append(st)
+        flush()
+        return out
+
+    def _exec(self, step: tuple[Any, ...], env: dict[str, torch.Tensor], x: torch.Tensor,
+              prof: list[tuple[str, str, float]] | None) -> None:
+        node, fn, in_names, out_names, drops = step
+        t0 = time.perf_counter() if prof is not None else 0.0
+        outs = x if fn is None else fn(node, [env[v] for v in in_names])
+        if type(outs) is not tuple:
+            outs = (outs,)
+        for k, name in out_names:
+            env[name] = outs[k]
+        for v in drops:
+            env.pop(v, None)
+        if prof is not None:
+            prof.append((node["name"], node["op"], time.perf_counter() - t0))
+
+    def _run_chain(self, chain: _Chain, env: dict[str, torch.Tensor],
+                   prof: list[tuple[str, str, float]] | None) -> None:
+        if self._lib is None or prof is not None or chain.disabled:
+            for st in chain.steps:
+                self._exec(st, env, None, prof)
+            return
+        key = (self._nthreads(), self._isa_level,
+               tuple((tuple(env[v].shape), env[v].is_contiguous(memory_format=fmt))
+                     for v, fmt in chain.ext_names))
+        if chain.arr is None or chain.key != key:
+            for st in chain.steps:
+                self._exec(st, env, None, None)
+            chain.build(self, key)
+            return
+        keep = []
+        for (args, field, name, fmt) in chain.ext:
+            t = env[name]
+            if not t.is_contiguous(memory_format=fmt):
+                t = t.contiguous(memory_format=fmt)
+            keep.append(t)
+            setattr(args, field, t.data_ptr())
+        rc = self._lib.s2d_bconv_chain(chain.arr, len(chain.args))
+        if rc != 0:
+            raise MemoryError(f"binary convolution kernel failed ({rc})")
+        for node, _, ins, outs, drops in chain.steps:
+            vals = chain.values.get(node["name"])
+            if vals is None:  # a deferred pool: its input passes through
+                vals = (env[ins[0]],)
+            for k, name in outs:
+                env[name] = vals[k]
+            for v in drops:
+                env.pop(v, None)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
         prof = self.profile
-        for node, fn, in_names, out_names, drops in self._plan():
-            t0 = time.perf_counter() if prof is not None else 0.0
-            outs = x if fn is None else fn(node, [env[v] for v in in_names])
-            if type(outs) is not tuple:
-                outs = (outs,)
-            for k, name in out_names:
-                env[name] = outs[k]
-            for v in drops:
-                env.pop(v, None)
-            if prof is not None:
-                prof.append((node["name"], node["op"], time.perf_counter() - t0))
+        for step in self._plan():
+            if type(step[0]) is _Chain:
+                self._run_chain(step[0], env, prof)
+            else:
+                self._exec(step, env, x, prof)
         return env[self.graph["output"]]
 
     def _nthreads(self) -> int:
@@ -378,6 +530,12 @@ class PackedModel:
 
     def _op_add(self, node, ins):
         return ins[0] + ins[1]
+
+    def _op_mul(self, node, ins):
+        return ins[0] * ins[1]
+
+    def _op_act_scale(self, node, ins):
+        return act_scale(ins[0], node["attrs"])
 
     def _op_cat(self, node, ins):
         return torch.cat(ins, dim=node["attrs"].get("dim", 1))
@@ -425,6 +583,8 @@ class PackedModel:
         bits = ins[0]
         res = ins[1] if len(ins) > 1 else None
         pool = self._pool_res.get(node["name"]) if res is not None else None
+        if pool is not None and self._prepooled.get(self._pool_src.get(node["name"], "")):
+            pool = None  # its producer wrote the pooled map
         fast = self._fast.get(node["name"])
         if fast is not None and bits.shape == fast[0] and bits.is_contiguous() and (
                 fast[2] == self._nthreads()) and (
@@ -464,6 +624,11 @@ class PackedModel:
         si, slope, so = self._t(node, "si"), self._t(node, "slope"), self._t(node, "so")
         thr = self._t(node, "thr")
         want_float, want_bits = a.get("float_out", True), a.get("bits_out", False)
+        # Only a deferred 2x2 pool reads the float output: write the pooled map instead.
+        out_pool = int(self._lib is not None and want_float and node["name"] in self._pool_out
+                       and oh % 2 == 0 and ow % 2 == 0)
+        if node["name"] in self._pool_out:
+            self._prepooled[node["name"]] = bool(out_pool)
         if self._lib is None:
             dot = F.conv2d(unpack_bits(bits, a["cin"]), prep["pm1"], None, s, p)
             y = dot * scale.view(1, -1, 1, 1)
@@ -478,7 +643,8 @@ class PackedModel:
                 y = torch.where(u > 0, u, u * slope.view(1, -1, 1, 1)) + so.view(1, -1, 1, 1)
             y = y.contiguous(memory_format=_CL)
             return (y if want_float else None, pack_bits_torch(y, thr) if want_bits else None)
-        out = self._buf(node, 0, (n, oh, ow, cout), torch.float32) if want_float else None
+        out = self._buf(node, 0, (n, oh // 2, ow // 2, cout) if out_pool else (n, oh, ow, cout),
+                        torch.float32) if want_float else None
         obits = self._buf(node, 1, (n, oh, ow, (cout + 63) // 64), torch.int64) \
             if want_bits else None
         if res is not None:
@@ -486,7 +652,7 @@ class PackedModel:
         # The argument block is built once per node and input shape; per call only the
         # activation pointers change.
         key = (n, h, w, wd, int(res.shape[1]) if res is not None else 0, self._nthreads(),
-               res_pool)
+               res_pool, out_pool)
         cached = self._args.get(node["name"])
         if cached is None or cached[0] != key:
             from s2bnn.deploy._build import BconvArgs
@@ -498,7 +664,7 @@ class PackedModel:
                 oh=oh, ow=ow, lp=int(prep["lp"]), scale=scale.data_ptr(), bias=bias.data_ptr(),
                 res_c=key[4], si=ptr(si), slope=ptr(slope), so=ptr(so), thr=ptr(thr),
                 dot_out=None, isa=self._isa_level, nthreads=key[5], tap2=int(prep["tap2"]),
-                res_pool=res_pool,
+                res_pool=res_pool, out_pool=out_pool,
             )
             self._args[node["name"]] = (key, args)
         else:
