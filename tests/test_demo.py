@@ -114,6 +114,23 @@ def test_demo_stages_match_the_recipes(embedded, recipe_file):
         assert recipe["batch_size"] == embedded["batch_size"]
 
 
+def test_stages_after_an_overrun_still_get_seconds_and_valid_configs(tmp_path):
+    # The teacher ran past the whole budget (another job slowed it): the stages after it get the
+    # floor, not zero, and every stage's config builds (a 10k demo once died here with
+    # "config key 'time_budget': a duration must be > 0 seconds, got 0.0").
+    from s2bnn.demo import MIN_STAGE_FRACTION, stage_seconds
+
+    todo = {"s2bnn": STAGE_SHARES["s2bnn"], "mocov2": STAGE_SHARES["mocov2"]}
+    seconds = stage_seconds(-30.0, todo, 600.0, first=False)
+    assert seconds == {"s2bnn": MIN_STAGE_FRACTION * 600.0, "mocov2": MIN_STAGE_FRACTION * 600.0}
+    cfgs = stage_configs(DemoConfig(data="synthetic"), tmp_path, seconds=seconds)
+    assert float(cfgs["mocov2"].time_budget) == pytest.approx(MIN_STAGE_FRACTION * 600.0, abs=0.1)
+    # With time left the shares are kept; before the first stage nothing is floored.
+    fine = stage_seconds(290.0, todo, 600.0, first=False)
+    assert fine["s2bnn"] / fine["mocov2"] == pytest.approx(todo["s2bnn"] / todo["mocov2"])
+    assert stage_seconds(-1.0, {"teacher": 0.4}, 600.0, first=True) == {"teacher": 0.0}
+
+
 def test_stages_keep_their_recipe_batch(tmp_path):
     cfgs = stage_configs(DemoConfig(data="synthetic", batch_size=512), tmp_path)
     assert cfgs["teacher"].batch_size == TEACHER_RECIPE["batch_size"] < 512

@@ -42,7 +42,7 @@ from s2bnn.errors import ConfigError, DataError, RunDirError
 __all__ = [
     "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
     "result_row", "train_stage", "finished_with_same_config", "STAGE_SHARES", "weak_results",
-    "deep_merge",
+    "deep_merge", "stage_seconds",
 ]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
@@ -263,6 +263,20 @@ def stage_summary(run_dir: Path, seconds: float, budget_s: float | None) -> dict
             "budget_seconds": round(budget_s, 1) if budget_s is not None else None}
 
 
+def stage_seconds(left: float, todo: dict[str, float], budget: float,
+                  first: bool) -> dict[str, float]:
+    """Seconds for each stage still to run: ``left`` split by the shares in ``todo``.
+
+    After the first stage, every stage still to run gets at least ``MIN_STAGE_FRACTION`` of the
+    budget, so that when earlier stages overran (a slower machine, another job) the later ones
+    still train something instead of being handed zero seconds.
+    """
+    seconds = split_budget(left, todo) if todo else {}
+    if not first:
+        seconds = {n: max(s, MIN_STAGE_FRACTION * budget) for n, s in seconds.items()}
+    return seconds
+
+
 def _epochs(n: float) -> str:
     return f"{n:g} epoch" + ("" if n == 1 else "s")
 
@@ -480,10 +494,7 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
     for i, name in enumerate(STAGES):
         todo = {n: STAGE_SHARES[n] for n in STAGES[i:] if not stage_size(plan, n)}
         left = budget - (time.perf_counter() - t0) - eval_reserve - REPORT_SECONDS
-        seconds = split_budget(left, todo) if todo else {}
-        if i > 0 and name in seconds:
-            # Earlier stages overran (or evaluation was under-estimated): still train something.
-            seconds[name] = max(seconds[name], MIN_STAGE_FRACTION * budget)
+        seconds = stage_seconds(left, todo, budget, first=i == 0)
         if name in seconds and seconds[name] <= 0:
             raise ConfigError(
                 f"demo key 'budget': {format_duration(budget)} is used up before the {name} "
