@@ -107,7 +107,8 @@ def test_reactnet_tail_stride_keeps_the_last_stage_at_the_previous_resolution() 
     for tail in (2, 1):
         model = build_model("reactnet_small", width_mult=0.125, tail_stride=tail).eval()
         seen: list[tuple[int, ...]] = []
-        hook = model.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        hook = model.blocks[-1].register_forward_hook(
+            lambda m, i, o, seen=seen: seen.append(o.shape))
         with torch.no_grad():
             feats = model(torch.randn(2, 1, 28, 28))
         hook.remove()
