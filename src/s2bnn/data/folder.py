@@ -200,18 +200,25 @@ class ImageFolderDataset(Dataset):
         """The decoded image at ``index`` (uint8 ``(C, H, W)``), without the transform."""
         return to_tensor(open_image(self.samples[index][0]), self.mode)
 
+    def load_or_skip(self, index: int) -> torch.Tensor | None:
+        """:meth:`load`, or ``None`` for a file that does not decode when corrupt files are
+        skipped (it is then marked bad); without ``skip_corrupt`` the error is raised."""
+        try:
+            return self.load(index)
+        except DataError:
+            if not self.skip_corrupt:
+                raise
+            self._bad[index] = True
+            return None
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         n = len(self.samples)
         for step in range(n):
             i = (index + step) % n
             if self.skip_corrupt and bool(self._bad[i]):
                 continue
-            try:
-                image = self.load(i)
-            except DataError:
-                if not self.skip_corrupt:
-                    raise
-                self._bad[i] = True
+            image = self.load_or_skip(i)
+            if image is None:
                 continue
             if self.transform is not None:
                 image = self.transform(image)
@@ -249,12 +256,8 @@ def to_memory(dataset: ImageFolderDataset, image_size: int,
     bar = tqdm(range(len(dataset)), desc=f"decoding {dataset.root.name} into memory",
                disable=not progress or len(dataset) < 2000, leave=False, unit="img")
     for i in bar:
-        try:
-            img = dataset.load(i)
-        except DataError:
-            if not dataset.skip_corrupt:
-                raise
-            dataset._bad[i] = True
+        img = dataset.load_or_skip(i)
+        if img is None:
             keep[i] = False
             continue
         if img.shape[-2:] != (side, side):
