@@ -99,11 +99,9 @@ ROUND3_BASE = {"teacher": "t3_base", "student": "s3_base"}
 ROUND3_PINS: dict[str, dict[str, Any]] = {"teacher": {}, "student": {}, "mocov2": {}}
 ROUND3_TEACHER_S, ROUND3_STUDENT_S = 210.0, 150.0
 # reactnet_small's RPReLU slopes started at 0.25 until round 3's s3_slope1 made 1 its default;
-# every round so far ran with 0.25, so their student rows pin it (the slope rows set 1).
+# rounds 1-3 ran with 0.25, so their student rows pin it (the slope rows set 1).
 SLOPE_025 = {"model": {"kwargs": {"prelu_init": 0.25}}}
-for _pins in (ROUND1_PINS, ROUND2_PINS, ROUND3_PINS):
-    for _table in ("student", "mocov2"):
-        _pins[_table] = {**_pins[_table], **SLOPE_025}
+SLOPE_025_ROUNDS = (1, 2, 3)
 PINS = {1: ROUND1_PINS, 2: ROUND2_PINS, 3: ROUND3_PINS}
 BASES = {1: {"teacher": "t_base", "student": "s_base"}, 2: ROUND2_BASE, 3: ROUND3_BASE}
 
@@ -266,6 +264,8 @@ def row_config(row: Row, plan: Plan, out_dir: Path, steps: int | None,
 
     base = {"teacher": TEACHER_RECIPE, "student": S2BNN_RECIPE, "mocov2": MOCOV2_RECIPE}[row.table]
     base = deep_merge(base, PINS[row.round][row.table])
+    if row.table in ("student", "mocov2") and row.round in SLOPE_025_ROUNDS:
+        base = deep_merge(base, SLOPE_025)
     cfg = deep_merge(base, {
         "seed": row.seed, "batch_size": base.get("batch_size", 256), "device": "cpu",
         "resume": "auto",
