@@ -59,6 +59,12 @@ CASES = [
     # 10 channels at the stem (two taps per word), 40 (five words of 8) after it
     ("reactnet_small", dict(num_classes=6, in_chans=3, width_mult=0.3, mid_blocks=1), 32),
     ("reactnet_small", dict(num_classes=0, in_chans=1, width_mult=1.25, mid_blocks=0), 64),
+    # capped widths: stride-2 blocks that keep their width (pool shortcut, no cat), odd size
+    ("reactnet_small", dict(num_classes=3, in_chans=1, width_mult=0.5, mid_blocks=1,
+                            max_channels=64), 29),
+    # no middle block and no last stage: the network ends on the 2x2 map (pooled by the head)
+    ("reactnet_small", dict(num_classes=0, in_chans=1, width_mult=0.5, mid_blocks=0,
+                            tail_blocks=0), 28),
     # XNOR-Net: BN -> sign -> bconv -> times the activation scale K (act_scale + mul)
     ("xnor_resnet18", dict(num_classes=5, in_chans=3, width_mult=0.25, stem_stride=2,
                            layers=[1, 1, 1, 1]), 33),

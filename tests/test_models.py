@@ -120,6 +120,40 @@ def test_reactnet_tail_stride_keeps_the_last_stage_at_the_previous_resolution() 
         build_model("reactnet_small", tail_stride=3)
 
 
+def test_reactnet_max_channels_caps_the_widths_where_a_stage_would_pass_it() -> None:
+    widths = lambda m: [b.conv1.out_channels for b in m.blocks]  # noqa: E731
+    free = build_model("reactnet_small", width_mult=0.5, mid_blocks=1)
+    assert widths(free) == [32, 64, 64, 128, 128, 256, 256, 512, 512]
+    capped = build_model("reactnet_small", width_mult=0.5, mid_blocks=1, max_channels=128)
+    # Stages that would double past 128 keep 128: their first block only downsamples.
+    assert widths(capped) == [32, 64, 64, 128, 128, 128, 128, 128, 128]
+    assert capped.feature_dim == 128
+    # A cap between two doublings holds the last width that fits it.
+    odd = build_model("reactnet_small", width_mult=0.5, mid_blocks=0, max_channels=96)
+    assert widths(odd) == [32, 64, 64, 64, 64, 64, 64, 64]
+    with torch.no_grad():
+        feats = capped.eval()(torch.randn(2, 1, 28, 28))
+    assert feats.shape == (2, 128)
+    # Downsampling blocks that keep their width still halve the map (pool shortcut, no cat).
+    assert capped.blocks[5].pool is not None and not capped.blocks[5].duplicate
+    with pytest.raises(ModelError, match="max_channels"):
+        build_model("reactnet_small", max_channels=0)
+
+
+@pytest.mark.parametrize("tail, last_map, last_width", [(0, (2, 2), 64), (1, (1, 1), 128),
+                                                       (3, (1, 1), 128)])
+def test_reactnet_tail_blocks(tail: int, last_map: tuple[int, int], last_width: int) -> None:
+    model = build_model("reactnet_small", width_mult=0.125, mid_blocks=0, tail_blocks=tail)
+    assert len(model.blocks) == 6 + tail and model.feature_dim == last_width
+    seen: list[tuple[int, ...]] = []
+    model.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[2:])))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 28, 28)).shape == (2, last_width)
+    assert seen == [last_map]
+    with pytest.raises(ModelError, match="tail_blocks"):
+        build_model("reactnet_small", tail_blocks=-1)
+
+
 def test_no_unused_modules_in_reactnet() -> None:
     model = build_model("reactnet_small", width_mult=0.125)
     used: set[int] = set()
