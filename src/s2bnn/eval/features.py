@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from s2bnn.data.labels import get_targets
@@ -20,6 +21,7 @@ __all__ = [
     "standardize",
     "topk_accuracy",
     "num_classes_of",
+    "supervised_epoch",
 ]
 
 
@@ -127,3 +129,31 @@ def num_classes_of(dataset: Dataset, *labels: torch.Tensor) -> int:
         if targets.numel():
             seen.append(int(targets.max()) + 1)
     return max(seen) if seen else 0
+
+
+def supervised_epoch(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    before_step: Callable[[], None] | None = None,
+) -> float:
+    """One epoch of cross-entropy training over labelled ``loader``; the mean loss per image.
+
+    ``logits_of`` maps a float image batch (on ``device``) to class scores: a frozen backbone and
+    a head for the linear probe, the whole classifier for fine-tuning. ``before_step`` runs before
+    each batch (a per-step LR schedule).
+    """
+    total, count = 0.0, 0
+    for x, y in loader:
+        if before_step is not None:
+            before_step()
+        x = to_float_images(x).to(device, non_blocking=True)
+        y = torch.as_tensor(y).long().to(device)
+        loss = F.cross_entropy(logits_of(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(count, 1)

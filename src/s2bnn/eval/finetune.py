@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from s2bnn.devices import resolve_device
@@ -21,6 +20,7 @@ from s2bnn.errors import UserError
 from s2bnn.eval.features import (
     make_loader,
     num_classes_of,
+    supervised_epoch,
     to_float_images,
     topk_accuracy,
 )
@@ -145,25 +145,20 @@ def finetune(
     total = max(1, epochs * steps_per_epoch)
     step = 0
     history = []
+
+    def cosine_step() -> None:  # per-step cosine decay of every group's LR
+        nonlocal step
+        scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * scale
+        step += 1
+
     for epoch in range(epochs):
         model.train()
         loader = make_loader(train_ds, bs, shuffle=True, num_workers=num_workers,
                              drop_last=drop_last, seed=seed + epoch, device=dev)
-        run_loss, count = 0.0, 0
-        for x, y in loader:
-            scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
-            for g, b in zip(opt.param_groups, base):
-                g["lr"] = b * scale
-            x = to_float_images(x).to(dev, non_blocking=True)
-            y = torch.as_tensor(y).long().to(dev)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            run_loss += loss.item() * len(y)
-            count += len(y)
-        history.append({"epoch": epoch + 1, "loss": run_loss / max(count, 1)})
+        history.append({"epoch": epoch + 1,
+                        "loss": supervised_epoch(model, loader, opt, dev, cosine_step)})
         if log is not None:
             log(f"finetune epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}")
     if recalibrate_bn:

@@ -14,11 +14,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from s2bnn.devices import resolve_device
-from s2bnn.eval.features import make_loader, num_classes_of, to_float_images, topk_accuracy
+from s2bnn.eval.features import (
+    make_loader,
+    num_classes_of,
+    supervised_epoch,
+    to_float_images,
+    topk_accuracy,
+)
 
 __all__ = ["linear_probe_protocol", "snapshot_state", "assert_state_unchanged"]
 
@@ -117,6 +122,12 @@ def linear_probe_protocol(
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
     history = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the backbone stays frozen: only the head learns
+            feats = backbone(x).flatten(1)
+        return head(feats)
+
     try:
         n = len(train_ds)  # type: ignore[arg-type]
         # A last batch of one image would break the head's BatchNorm: drop it.
@@ -125,20 +136,8 @@ def linear_probe_protocol(
             head.train()
             loader = make_loader(train_ds, batch_size, shuffle=True, num_workers=num_workers,
                                  drop_last=drop_last, seed=seed + epoch, device=dev)
-            total, count = 0.0, 0
-            for x, y in loader:
-                x = to_float_images(x).to(dev, non_blocking=True)
-                y = torch.as_tensor(y).long().to(dev)
-                with torch.no_grad():
-                    feats = backbone(x).flatten(1)
-                loss = F.cross_entropy(head(feats), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(y)
-                count += len(y)
-            row = {"epoch": epoch + 1, "loss": total / max(count, 1),
-                   "lr": opt.param_groups[0]["lr"]}
+            loss = supervised_epoch(probe, loader, opt, dev)
+            row = {"epoch": epoch + 1, "loss": loss, "lr": opt.param_groups[0]["lr"]}
             history.append(row)
             sched.step()
             if log is not None:
