@@ -3,8 +3,8 @@
     flock /tmp/s2bnn-cpu.lock .venv/bin/python benchmarks/bench_infer.py [--threads 2]
 
 Networks (random weights: speed does not depend on them): ReActNet-A and Bi-Real-18 at 224 px
-(1000 classes) and the demo student (reactnet_small) at 28 px. For each, batch 1 and batch 16
-latency of
+(1000 classes) and reactnet_small (the demo student before reactnet_compact) at 28 px. For
+each, batch 1 and batch 16 latency of
 
   (a) float: the same network as a float engine runs it: FloatNet (BatchNorm folded, binary
       weights pre-computed once as +-scale float tensors, plain convolutions), channels-last,
@@ -46,7 +46,7 @@ from s2bnn.models.profile import profile_model  # noqa: E402
 NETS = [
     ("ReActNet-A", "reactnet_a", dict(num_classes=1000, in_chans=3), 224),
     ("Bi-Real-18", "birealnet18", dict(num_classes=1000, in_chans=3), 224),
-    ("demo student", "reactnet_small", dict(num_classes=10, in_chans=1), 28),
+    ("reactnet_small", "reactnet_small", dict(num_classes=10, in_chans=1), 28),
 ]
 
 

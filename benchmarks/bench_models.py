@@ -1,8 +1,9 @@
 """Throughput of the small-image backbones on CPU.
 
 Prints images/s of a training step (forward + backward + SGD update of one view, batch 256,
-28x28x1) and of a forward pass (eval mode, no_grad) for the demo student ``reactnet_small`` (also
-with the straightforward reference quantizers, for comparison) and the teacher ``resnet_small``.
+28x28x1) and of a forward pass (eval mode, no_grad) for ``reactnet_small`` (the paper
+comparisons' student; also with the straightforward reference quantizers, for comparison) and
+the teacher ``resnet_small``.
 
     python benchmarks/bench_models.py [--quick] [--threads 2] [--no-tune-malloc]
 """

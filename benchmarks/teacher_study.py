@@ -98,12 +98,16 @@ ROUND2_PINS: dict[str, dict[str, Any]] = {"teacher": {"method": {"temperature": 
 ROUND3_BASE = {"teacher": "t3_base", "student": "s3_base"}
 ROUND3_PINS: dict[str, dict[str, Any]] = {"teacher": {}, "student": {}, "mocov2": {}}
 ROUND3_TEACHER_S, ROUND3_STUDENT_S = 210.0, 150.0
+# Round 4's baseline: the student recipe after round 3 (RPReLU slopes at 1), distilled from the
+# teacher recipe after round 3 (t3_sym, the symmetric loss), 150 s each.
+ROUND4_BASE = {"teacher": "t3_sym", "student": "s4_base"}
 # reactnet_small's RPReLU slopes started at 0.25 until round 3's s3_slope1 made 1 its default;
 # rounds 1-3 ran with 0.25, so their student rows pin it (the slope rows set 1).
 SLOPE_025 = {"model": {"kwargs": {"prelu_init": 0.25}}}
 SLOPE_025_ROUNDS = (1, 2, 3)
-PINS = {1: ROUND1_PINS, 2: ROUND2_PINS, 3: ROUND3_PINS}
-BASES = {1: {"teacher": "t_base", "student": "s_base"}, 2: ROUND2_BASE, 3: ROUND3_BASE}
+PINS = {1: ROUND1_PINS, 2: ROUND2_PINS, 3: ROUND3_PINS, 4: ROUND3_PINS}
+BASES = {1: {"teacher": "t_base", "student": "s_base"}, 2: ROUND2_BASE, 3: ROUND3_BASE,
+         4: ROUND4_BASE}
 
 
 def _teacher_rows() -> list[Row]:
@@ -166,6 +170,10 @@ def _student_rows() -> list[Row]:
         return Row(key, "student", variable, value, round=3, teacher="t3_base",
                    budget=ROUND3_STUDENT_S, **kw)
 
+    def s4(key: str, variable: str, value: str, **kw: Any) -> Row:
+        return Row(key, "student", variable, value, round=4, teacher="t3_sym",
+                   budget=ROUND3_STUDENT_S, **kw)
+
     kwargs = lambda **a: {"model": {"kwargs": a}}  # noqa: E731
 
     aug = lambda **a: {"data": {"augment": a}}  # noqa: E731
@@ -207,6 +215,55 @@ def _student_rows() -> list[Row]:
         s3("s3_wide05", "width", "x0.5 (16...512)", overrides={"model": {"width_mult": 0.5}}),
         s3("s3_wide05mid1", "width and depth", "x0.5, 1 middle block instead of 5",
            overrides={"model": {"width_mult": 0.5, "kwargs": {"mid_blocks": 1}}}),
+        # Round 4: one change each from s4_base (today's S2BNN_RECIPE from t3_sym, 150 s). The
+        # width rows move compute from the 2x2 / 1x1 tail (most of the step's time at 28 px) to
+        # the wide early maps, at about the baseline's time per step.
+        s4("s4_base", "baseline", "S2BNN_RECIPE from t3_sym, 150 s"),
+        s4("s4_tfeat", "target", "the teacher's pooled backbone features (192-d), not its head",
+           overrides={"method": {"proj_dim": 192, "teacher": {"head": "none"}}}),
+        s4("s4_fromreal", "binarisation", "two steps: 1/2 real-valued, 1/2 binary from it",
+           two_step=0.5, step1_model={"binary_act": False, "binary_weight": False}),
+        s4("s4_w05c128", "width", "x0.5 early, at most 128 channels, 2 middle blocks",
+           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 128,
+                                                                "mid_blocks": 2}}}),
+        s4("s4_w1c64", "width", "x1 early (32...64), at most 64 channels, 2 middle blocks",
+           overrides={"model": {"width_mult": 1.0, "kwargs": {"max_channels": 64,
+                                                                "mid_blocks": 2}}}),
+        s4("s4_w05c64", "width", "x0.5 early, at most 64 channels, 5 middle blocks",
+           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 64}}}),
+        s4("s4_w05c128m5", "width", "x0.5 early, at most 128 channels, 5 middle blocks",
+           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 128}}}),
+        s4("s4_w05c128m0", "width", "x0.5 early, at most 128 channels, no middle block",
+           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 128,
+                                                                "mid_blocks": 0}}}),
+        s4("s4_w05c256m0", "width", "x0.5 early, at most 256 channels, no middle block",
+           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 256,
+                                                                "mid_blocks": 0}}}),
+        s4("s4_w1c128m1", "width", "x1 early (32...128), at most 128 channels, 1 middle block",
+           overrides={"model": {"width_mult": 1.0, "kwargs": {"max_channels": 128,
+                                                                "mid_blocks": 1}}}),
+        s4("s4_w0625c160m0", "width", "x0.625 early, at most 160 channels, no middle block",
+           overrides={"model": {"width_mult": 0.625, "kwargs": {"max_channels": 160,
+                                                                  "mid_blocks": 0}}}),
+        s4("s4_w075c192m0", "width", "x0.75 early, at most 192 channels, no middle block",
+           overrides={"model": {"width_mult": 0.75, "kwargs": {"max_channels": 192,
+                                                                 "mid_blocks": 0}}}),
+        s4("s4_w05c256t0", "width and depth",
+           "x0.5 early, at most 256 channels, no middle block, no last stage (ends at 2x2)",
+           overrides={"model": {"width_mult": 0.5, "kwargs": {
+               "max_channels": 256, "mid_blocks": 0, "tail_blocks": 0}}}),
+        s4("s4_w0625t0", "width and depth",
+           "x0.625 (20...320), no middle block, no last stage (ends at 2x2)",
+           overrides={"model": {"width_mult": 0.625, "kwargs": {
+               "mid_blocks": 0, "tail_blocks": 0}}}),
+        s4("s4_w075t0", "width and depth",
+           "x0.75 (24...384), no middle block, no last stage (ends at 2x2)",
+           overrides={"model": {"width_mult": 0.75, "kwargs": {
+               "mid_blocks": 0, "tail_blocks": 0}}}),
+        s4("s4_w1t0", "width and depth",
+           "x1 (32...512), no middle block, no last stage (ends at 2x2)",
+           overrides={"model": {"width_mult": 1.0, "kwargs": {
+               "mid_blocks": 0, "tail_blocks": 0}}}),
         Row("m_base", "mocov2", "baseline", "MOCOV2_RECIPE (no teacher)"),
         Row("m_color", "mocov2", "augmentation", "+ intensity jitter", round=2, overrides=aug(
             color=True)),
@@ -601,6 +658,39 @@ rests on.
   seed of two.
 - **Teacher, no help:** stem stride 1 at 28 px, 334 steps (3x the time per step): 81.6 (-1.5).
 
+### Round 4
+
+Baseline: today's student recipe (slopes at 1) distilled from today's teacher recipe (t3_sym),
+150 s: s4_base 77.1 / 77.4 on two seeds, the demo's 77.2. The question was where the time of a
+step goes. Profiled at batch 128 and 28 px (torch.profiler), convolution backward is 40 % of
+the student's step, and most of it is spent on the smallest maps: the five middle blocks' 3x3
+convolutions at 2x2 (128 channels) and the last stage's at 1x1 (256 channels), where a 3x3
+kernel mostly multiplies padding. The 8- to 64-channel blocks at 14x14 to 4x4, where a binary
+network loses most information (one bit per channel), cost little. So the width rows move
+compute from the small maps to the large ones (`max_channels` caps the late widths,
+`mid_blocks` and `tail_blocks` drop blocks; new keyword arguments), most at about the
+baseline's time per step (the `steps` column says what each got).
+
+- **Width early, depth late: +2.6 to +3.4, kept as `reactnet_compact`.** x0.75 (24 ... 384
+  channels), no middle blocks and no last stage, so the network ends on the 2x2 map: 421 steps
+  (1.46x the baseline's time per step), 80.5 / 79.9 on two seeds against 77.1 / 77.4, kNN 78.4 /
+  78.1 against 75.8 / 75.7, with 1.01 M parameters instead of 1.78 M. Its student-teacher
+  cosine ends at 0.80 (baseline 0.72). It is the demo's student now (`student_model`), and the
+  MoCo v2 student and the untrained baseline use the same network.
+- **The steps between.** One change at a time from x0.25 with five middle blocks:
+  - x0.5, channels capped at 128, two middle blocks: 78.7 / 78.5 (same time per step);
+  - the same with no middle block: 79.2 / 78.9 (684 steps); with all five: 76.7 (469 steps);
+  - x0.5 capped at 256, no middle block: 79.6 / 79.5; without the last stage: 79.3 (660 steps);
+  - no middle block and no last stage at x0.625: 80.1 (539 steps); at x0.75: 80.5 / 79.9; at
+    x1: 79.6 (245 steps: 1.7x x0.75's time per step, and too few steps);
+  - capped at 64 channels (a 64-d feature): x0.5 75.8, x1 with two middle blocks 76.1; x1 with
+    128 channels and one middle block 77.3 (350 steps).
+- **No help:** distilling the teacher's pooled backbone features (192-d, `method.teacher.head=
+  none`) instead of its 128-d head output, 76.6 (-0.6; the soft cross-entropy over non-negative
+  features gave the student little to match, cosine -0.2 at the end); half the steps
+  real-valued, then binary from that model, with the slope-1 init: 76.3 (-0.9, after +0.7 at
+  slope 0.25 in round 3: noise).
+
 ### Why the untrained student scores 42 while the prototype's scored ~71 (section 4)
 
 The probe reads what the paper's protocol reads and ReActNet's own code returns before its fc:
@@ -700,8 +790,9 @@ def write_doc(plan: Plan) -> Path:
         "recipes before the study; round 2: t_best / s_bs128, the recipes round 1 left; "
         f"round 3: t3_base / s3_base, today's recipes at the demo's shares of its default "
         f"budget, {ROUND3_TEACHER_S:.0f} s per teacher and {ROUND3_STUDENT_S:.0f} s per "
-        "student; a second seed against the same seed of its baseline). One seed unless "
-        "stated.",
+        "student; round 4: s4_base, today's student recipe distilled from t3_sym for "
+        f"{ROUND3_STUDENT_S:.0f} s; a second seed against the same seed of its baseline). "
+        "One seed unless stated.",
         "",
     ]
     pix = rows.get("pixels")
@@ -724,7 +815,7 @@ def write_doc(plan: Plan) -> Path:
                 f"{_cell(r, 'emb_knn_top1')} | {_cell(r, 'emb_linear_top1')} |")
     # student table
     lines += ["", f"## 2. Binary student (reactnet_small), distilled from `{plan.teacher}` "
-              "(round 3: from `t3_base`)", "",
+              "(round 3: from `t3_base`, round 4: from `t3_sym`)", "",
               "| row | method | changes | to | steps | epochs | train s | kNN | linear | Δ | "
               "SGD / Adam |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

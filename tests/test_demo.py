@@ -223,3 +223,12 @@ def test_finished_stage_reuse_and_time_budgets(tmp_path):
     other = config_from_dict({**budgeted, "time_budget": "30"})
     assert finished_with_same_config(other, any_budget=True)
     assert not finished_with_same_config(other)
+
+
+def test_both_students_are_the_demo_student_model(tmp_path):
+    # The recipes name reactnet_small (the paper comparisons' configs); the demo trains and
+    # compares its own student_model in both student stages and in the untrained baseline.
+    cfgs = stage_configs(DemoConfig(data="synthetic"), tmp_path)
+    assert cfgs["s2bnn"].model.name == cfgs["mocov2"].model.name == "reactnet_compact"
+    other = stage_configs(DemoConfig(data="synthetic", student_model="reactnet_small"), tmp_path)
+    assert other["s2bnn"].model.name == other["mocov2"].model.name == "reactnet_small"
