@@ -114,7 +114,8 @@ class ReActNet(PooledBackbone):
             )
         act_q, weight_q = act_weight_quantizers(binary_act, binary_weight)
         c = max(1, round(32 * width_mult))
-        # (multiple of c out, stride); each stage's first block doubles the channels.
+        # (multiple of c out, stride); each stage's first block doubles the channels (unless
+        # max_channels holds them).
         plan = [(2, 1), (4, 2), (4, 1), (8, 2), (8, 1), (16, 2)]
         plan += [(16, 1)] * mid_blocks
         plan += [(32, tail_stride)] + [(32, 1)] * (tail_blocks - 1) if tail_blocks else []
@@ -168,7 +169,7 @@ def reactnet_small(
     max_channels: int | None = None,
     tail_blocks: int = 2,
 ) -> ReActNet:
-    """ReActNet-A layout at 1/4 width for 28-32 px images (the demo student; 1 channel default).
+    """ReActNet-A layout at 1/4 width for 28-32 px images (the paper comparisons' student; 1 ch).
 
     Unlike ReActNet-A, its RPReLU slopes start at 1 (the identity), not PReLU's 0.25: with 0.25
     the untrained residual stream drifts positive and by the last blocks most sign inputs are +1
