@@ -174,6 +174,9 @@ def _student_rows() -> list[Row]:
         return Row(key, "student", variable, value, round=4, teacher="t3_sym",
                    budget=ROUND3_STUDENT_S, **kw)
 
+    def layout(width: float, **kwargs: Any) -> dict[str, Any]:  # a round-4 student layout
+        return {"model": {"width_mult": width, "kwargs": kwargs}}
+
     kwargs = lambda **a: {"model": {"kwargs": a}}  # noqa: E731
 
     aug = lambda **a: {"data": {"augment": a}}  # noqa: E731
@@ -224,46 +227,35 @@ def _student_rows() -> list[Row]:
         s4("s4_fromreal", "binarisation", "two steps: 1/2 real-valued, 1/2 binary from it",
            two_step=0.5, step1_model={"binary_act": False, "binary_weight": False}),
         s4("s4_w05c128", "width", "x0.5 early, at most 128 channels, 2 middle blocks",
-           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 128,
-                                                                "mid_blocks": 2}}}),
+           overrides=layout(0.5, max_channels=128, mid_blocks=2)),
         s4("s4_w1c64", "width", "x1 early (32...64), at most 64 channels, 2 middle blocks",
-           overrides={"model": {"width_mult": 1.0, "kwargs": {"max_channels": 64,
-                                                                "mid_blocks": 2}}}),
+           overrides=layout(1.0, max_channels=64, mid_blocks=2)),
         s4("s4_w05c64", "width", "x0.5 early, at most 64 channels, 5 middle blocks",
-           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 64}}}),
+           overrides=layout(0.5, max_channels=64)),
         s4("s4_w05c128m5", "width", "x0.5 early, at most 128 channels, 5 middle blocks",
-           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 128}}}),
+           overrides=layout(0.5, max_channels=128)),
         s4("s4_w05c128m0", "width", "x0.5 early, at most 128 channels, no middle block",
-           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 128,
-                                                                "mid_blocks": 0}}}),
+           overrides=layout(0.5, max_channels=128, mid_blocks=0)),
         s4("s4_w05c256m0", "width", "x0.5 early, at most 256 channels, no middle block",
-           overrides={"model": {"width_mult": 0.5, "kwargs": {"max_channels": 256,
-                                                                "mid_blocks": 0}}}),
+           overrides=layout(0.5, max_channels=256, mid_blocks=0)),
         s4("s4_w1c128m1", "width", "x1 early (32...128), at most 128 channels, 1 middle block",
-           overrides={"model": {"width_mult": 1.0, "kwargs": {"max_channels": 128,
-                                                                "mid_blocks": 1}}}),
+           overrides=layout(1.0, max_channels=128, mid_blocks=1)),
         s4("s4_w0625c160m0", "width", "x0.625 early, at most 160 channels, no middle block",
-           overrides={"model": {"width_mult": 0.625, "kwargs": {"max_channels": 160,
-                                                                  "mid_blocks": 0}}}),
+           overrides=layout(0.625, max_channels=160, mid_blocks=0)),
         s4("s4_w075c192m0", "width", "x0.75 early, at most 192 channels, no middle block",
-           overrides={"model": {"width_mult": 0.75, "kwargs": {"max_channels": 192,
-                                                                 "mid_blocks": 0}}}),
+           overrides=layout(0.75, max_channels=192, mid_blocks=0)),
         s4("s4_w05c256t0", "width and depth",
            "x0.5 early, at most 256 channels, no middle block, no last stage (ends at 2x2)",
-           overrides={"model": {"width_mult": 0.5, "kwargs": {
-               "max_channels": 256, "mid_blocks": 0, "tail_blocks": 0}}}),
+           overrides=layout(0.5, max_channels=256, mid_blocks=0, tail_blocks=0)),
         s4("s4_w0625t0", "width and depth",
            "x0.625 (20...320), no middle block, no last stage (ends at 2x2)",
-           overrides={"model": {"width_mult": 0.625, "kwargs": {
-               "mid_blocks": 0, "tail_blocks": 0}}}),
+           overrides=layout(0.625, mid_blocks=0, tail_blocks=0)),
         s4("s4_w075t0", "width and depth",
            "x0.75 (24...384), no middle block, no last stage (ends at 2x2)",
-           overrides={"model": {"width_mult": 0.75, "kwargs": {
-               "mid_blocks": 0, "tail_blocks": 0}}}),
+           overrides=layout(0.75, mid_blocks=0, tail_blocks=0)),
         s4("s4_w1t0", "width and depth",
            "x1 (32...512), no middle block, no last stage (ends at 2x2)",
-           overrides={"model": {"width_mult": 1.0, "kwargs": {
-               "mid_blocks": 0, "tail_blocks": 0}}}),
+           overrides=layout(1.0, mid_blocks=0, tail_blocks=0)),
         Row("m_base", "mocov2", "baseline", "MOCOV2_RECIPE (no teacher)"),
         Row("m_color", "mocov2", "augmentation", "+ intensity jitter", round=2, overrides=aug(
             color=True)),
