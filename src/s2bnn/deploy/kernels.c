@@ -871,17 +871,25 @@ static void bconv_part(const s2d_bconv_args *a, const plan_t *pl, int tid, int n
     }
 }
 
+/* This thread's index in the running team and the team's size (0 of 1 without OpenMP). */
+static inline void team_slot(int *tid, int *nt) {
+#ifdef _OPENMP
+    *tid = omp_get_thread_num();
+    *nt = omp_get_num_threads();
+#else
+    *tid = 0;
+    *nt = 1;
+#endif
+}
+
 int s2d_bconv(const s2d_bconv_args *a) {
     plan_t pl;
     if (bconv_plan(a, &pl)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(pl.nth) if (pl.nth > 1)
     {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int tid, nt;
+        team_slot(&tid, &nt);
         scratch_t s;
         if (!scratch_alloc(&s, a->lp, a->cout)) {
 #pragma omp atomic write
@@ -934,11 +942,8 @@ int s2d_bconv_chain(const s2d_bconv_args *const *as, int n) {
     int failed = 0;
 #pragma omp parallel num_threads(team) if (team > 1)
     {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int tid, nt;
+        team_slot(&tid, &nt);
         scratch_t s;
         int ok = scratch_alloc(&s, maxlp, maxc);
         if (!ok) {
