@@ -71,10 +71,11 @@ NOTES: list[str] = [
     "15 above the untrained network: **missed by 0.2** (75.8 against 61.0). The untrained "
     "reactnet_compact is a much stronger baseline than the untrained reactnet_small (61.0 "
     "against 49.2): its wider binary layers pass more of the image on at random init.",
-    "- Why the student gained (study round 4): at 28 px most of reactnet_small's step went to "
-    "3x3 convolutions on 2x2 and 1x1 maps, while its 8- to 64-channel early layers, where a "
-    "binary network loses most (one bit per channel), were cheap. reactnet_compact moves that "
-    "compute to the early maps: +3.4 / +2.6 linear top-1 on two seeds at equal time.",
+    "- Why the student gained (study round 4): at 28 px 73 % of reactnet_small's convolution "
+    "time in training went to 2x2 and 1x1 maps (`python benchmarks/student_profile.py`), while "
+    "its 8- to 64-channel early layers, where a binary network loses most (one bit per "
+    "channel), were cheap. reactnet_compact moves that compute to the early maps: +3.4 / +2.6 "
+    "linear top-1 on two seeds at equal time.",
     "- Next to try: make the evaluation cheaper (it now takes a fifth of the budget and comes "
     "out of the teacher's and the students' time), e.g. fewer untrained seeds or the packed "
     "runtime for the binary networks' features; then the teacher's share.",

@@ -654,11 +654,13 @@ rests on.
 
 Baseline: today's student recipe (slopes at 1) distilled from today's teacher recipe (t3_sym),
 150 s: s4_base 77.1 / 77.4 on two seeds, the demo's 77.2. The question was where the time of a
-step goes. Profiled at batch 128 and 28 px (torch.profiler), convolution backward is 40 % of
-the student's step, and most of it is spent on the smallest maps: the five middle blocks' 3x3
-convolutions at 2x2 (128 channels) and the last stage's at 1x1 (256 channels), where a 3x3
-kernel mostly multiplies padding. The 8- to 64-channel blocks at 14x14 to 4x4, where a binary
-network loses most information (one bit per channel), cost little. So the width rows move
+step goes. `python benchmarks/student_profile.py` (torch.profiler, batch 128, 28 px, 2 threads)
+printed for reactnet_small: convolutions 49 % of the step, their backward 39 %; of the
+convolutions' time, 55 % on 2x2 input maps and 18 % on 1x1 ones (the five middle blocks at 128
+channels and the last stage at 256, where a 3x3 kernel mostly multiplies padding), 27 % on the
+28x28 to 4x4 maps. The 8- to 64-channel blocks there, where a binary network loses most
+information (one bit per channel), cost little. For reactnet_compact (below) the same script
+printed 2 % on 2x2 maps and 96 % on 14x14 to 4x4. So the width rows move
 compute from the small maps to the large ones (`max_channels` caps the late widths,
 `mid_blocks` and `tail_blocks` drop blocks; new keyword arguments), most at about the
 baseline's time per step (the `steps` column says what each got).
