@@ -92,6 +92,14 @@ def test_folder_without_classes_is_one_line_error(tmp_path, capsys):
     assert err.startswith("s2bnn: error:") and "\n" not in err
 
 
+def test_unknown_student_model_stops_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "o"), "student_model=nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "student_model" in err and "'nope'" in err and "reactnet_compact" in err
+    assert "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_demo_key_is_rejected(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "o"), "teacher_epoch=1"]) == 2
     assert "teacher_epoch" in capsys.readouterr().err

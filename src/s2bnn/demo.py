@@ -163,6 +163,12 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
     A stage without a fixed size trains for ``seconds[name]`` (default: its share of the whole
     budget, a placeholder until the demo knows what is left when the stage starts).
     """
+    from s2bnn.models import list_models
+
+    for key in ("teacher_model", "student_model"):  # before any stage or baseline does work
+        if getattr(plan, key) not in list_models(include_private=True):
+            raise ConfigError(f"demo key '{key}' is '{getattr(plan, key)}'; registered models: "
+                              f"{', '.join(list_models())}")
     common = {
         "seed": plan.seed,
         "device": plan.device,
