@@ -56,6 +56,13 @@ def test_demo_end_to_end_on_tiny_imagefolder(tmp_path, capsys):
         assert 0.0 <= run["knn_top1"] <= 100.0 and 0.0 <= run["linear_top1"] <= 100.0
     by_name = {r["name"]: r for r in results["runs"]}
     assert by_name["s2bnn"]["binary"] is True and by_name["teacher"]["binary"] is False
+    # The binary networks' features come from the packed 1-bit runtime where it is built.
+    from s2bnn.deploy._build import kernels
+
+    packed = "packed" if kernels() is not None else "module"
+    for name in ("s2bnn", "mocov2", "random_init"):
+        assert by_name[name]["features_by"] == packed, name
+    assert by_name["teacher"]["features_by"] == "module"
     report = (out / "report.md").read_text()
     for name in RESULT_NAMES:
         assert name in report
@@ -240,3 +247,53 @@ def test_both_students_are_the_demo_student_model(tmp_path):
     assert cfgs["s2bnn"].model.name == cfgs["mocov2"].model.name == "reactnet_compact"
     other = stage_configs(DemoConfig(data="synthetic", student_model="reactnet_small"), tmp_path)
     assert other["s2bnn"].model.name == other["mocov2"].model.name == "reactnet_small"
+
+
+def _binary_student(size: int = 16):
+    import torch
+
+    from s2bnn.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("reactnet_small", num_classes=0, in_chans=1, binary_act=True,
+                        binary_weight=True)
+    model.train()
+    with torch.no_grad():  # running statistics away from the identity, as after training
+        for _ in range(3):
+            model(torch.randn(32, 1, size, size))
+    return model.eval()
+
+
+def test_packed_forward_runs_binary_nets_on_the_packed_runtime_and_declines_the_rest(
+        monkeypatch):
+    import torch
+
+    import s2bnn.deploy
+    from s2bnn.demo import packed_forward
+    from s2bnn.deploy import _build
+    from s2bnn.models import build_model
+
+    model, sample = _binary_student(), torch.randn(16, 1, 16, 16)
+    fast = packed_forward(model, sample, device="cpu")
+    if _build.kernels() is None:  # no C compiler here: the module evaluates itself
+        assert fast is None
+        return
+    assert isinstance(fast, s2bnn.deploy.PackedModel)
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    # A real-valued network has nothing to pack.
+    assert packed_forward(build_model("resnet_small", num_classes=0, in_chans=1).eval(),
+                          sample, device="cpu") is None
+    # A packed model that disagrees with the module on the sample is not used.
+    real_pack = s2bnn.deploy.pack
+
+    def wrong(m, **kw):
+        packed = real_pack(m, **kw)
+        return lambda x: packed(x) * 1.01
+
+    monkeypatch.setattr(s2bnn.deploy, "pack", wrong)
+    assert packed_forward(model, sample, device="cpu") is None
+    monkeypatch.setattr(s2bnn.deploy, "pack", real_pack)
+    monkeypatch.setattr(_build, "kernels", lambda: None)
+    assert packed_forward(model, sample, device="cpu") is None

@@ -15,7 +15,7 @@ from s2bnn.checkpoint import save_checkpoint
 from s2bnn.cli import main
 from s2bnn.errors import CheckpointError, UserError
 from s2bnn.eval.baselines import evaluate_backbone, evaluate_pixels, evaluate_untrained
-from s2bnn.eval.features import extract_features, make_loader
+from s2bnn.eval.features import cache_dataset, extract_features, make_loader
 from s2bnn.eval.finetune import check_label_fraction, finetune, fraction_tag
 from s2bnn.eval.knn import knn_eval, knn_scores
 from s2bnn.eval.linear_protocol import (
@@ -246,6 +246,53 @@ def test_fraction_tag():
 
 
 # --------------------------------------------------------------------------- baselines
+def test_extract_features_runs_the_given_forward_in_place_of_the_module():
+    model, ds = TinyNet(), image_set(12, seed=0)
+    feats, _ = extract_features(model, make_loader(ds, 5), "cpu",
+                                forward=lambda x: x.flatten(1)[:, :3] * 2)
+    torch.testing.assert_close(feats, ds.tensors[0].flatten(1)[:, :3] * 2)
+
+
+def test_evaluate_backbone_says_which_forward_computed_the_features():
+    train, test = image_set(40, 0), image_set(20, 1)
+    sweep = {"sgd_lrs": [0.1], "adam_lrs": [], "epochs": 2}
+    model = TinyNet()
+    seen = []
+
+    def fast(m):
+        seen.append(m)
+        return lambda x: m(x) + 0.0
+
+    res = evaluate_backbone(model, train, test, sweep_kwargs=sweep, device="cpu", knn_k=5,
+                            fast_forward=fast)
+    assert seen == [model] and res["features_by"] == "fast"
+    plain = evaluate_backbone(model, train, test, sweep_kwargs=sweep, device="cpu", knn_k=5)
+    assert plain["features_by"] == "module" and plain["knn_top1"] == res["knn_top1"]
+    declined = evaluate_untrained(TINY, {"in_chans": 1}, train, test, seeds=(0,),
+                                  sweep_kwargs=sweep, device="cpu", knn_k=5,
+                                  fast_forward=lambda m: None)
+    assert declined["features_by"] == "module"
+
+
+def test_cache_dataset_holds_the_transformed_view_and_its_classes():
+    from s2bnn.data import build_dataset, build_eval_transform
+
+    tf = build_eval_transform(8, 1, mean=(0.5,), std=(0.25,))
+    ds = build_dataset("synthetic:1:8:30:3", "train", transform=tf)
+    cached = cache_dataset(ds, batch_size=7)
+    assert len(cached) == len(ds) and cached.classes == ds.classes
+    assert cached.num_classes == ds.num_classes and cached.images.dtype == torch.float32
+    for i in (0, 13, len(ds) - 1):
+        x, y = ds[i]
+        cx, cy = cached[i]
+        torch.testing.assert_close(cx, x.float())
+        assert cy == y
+    # Too large for the cap: the dataset itself comes back (read image by image as before).
+    assert cache_dataset(ds, max_bytes=len(ds) * 8 * 8 * 4 - 1) is ds
+    plain = image_set(9, seed=0, classes=3)  # no class names: they are numbered
+    assert cache_dataset(plain).classes == ["0", "1", "2"]
+
+
 def test_pixel_and_untrained_baselines():
     train, test = image_set(60, 0, classes=3), image_set(30, 1, classes=3)
     sweep = {"sgd_lrs": [0.1], "adam_lrs": [1e-2], "epochs": 5}
@@ -476,3 +523,11 @@ def test_recalibrate_batchnorm_sets_running_stats_to_data_average():
     # Three equal batches: the cumulative average of batch means is the overall mean.
     torch.testing.assert_close(bn.running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert bn.momentum == 0.1 and not model.training  # momentum and mode restored
+
+
+def test_cli_fast_probe_epochs_default_is_the_librarys(capsys):
+    from s2bnn.eval.linear_sweep import DEFAULT_EPOCHS
+
+    with pytest.raises(SystemExit):
+        main(["eval", "linear", "--help"])
+    assert f"default: {DEFAULT_EPOCHS} fast" in " ".join(capsys.readouterr().out.split())

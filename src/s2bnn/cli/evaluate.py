@@ -49,11 +49,14 @@ def _cmd_linear(args: argparse.Namespace) -> int:
     from s2bnn.eval.runs import run_linear
 
     if args.mode == "fast":
+        from s2bnn.eval.linear_sweep import DEFAULT_EPOCHS
+
         if args.sgd_lrs == [] and args.adam_lrs == []:
             raise UserError("--sgd-lrs and --adam-lrs are both empty; give at least one LR")
         if not 0.0 < args.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-        sweep: dict[str, Any] = {"epochs": args.epochs or 10, "val_fraction": args.val_fraction}
+        sweep: dict[str, Any] = {"epochs": args.epochs or DEFAULT_EPOCHS,
+                                 "val_fraction": args.val_fraction}
         if args.sweep_batch_size:
             sweep["batch_size"] = args.sweep_batch_size
         sweep["num_threads"] = args.sweep_threads or None
@@ -167,7 +170,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                         "main_lincls.py (bare fc on a frozen eval-mode backbone, random crops "
                         "0.08-1 + flips, SGD lr 0.1, 100 epochs)")
     q.add_argument("--epochs", type=positive_int, default=None,
-                   help="epochs (default: 10 fast, 100 protocol)")
+                   help="epochs (default: 30 fast, 100 protocol)")
     q.add_argument("--lr", type=positive_float, default=0.1, help="protocol learning rate")
     q.add_argument("--momentum", type=float, default=0.9, help="protocol SGD momentum")
     q.add_argument("--weight-decay", type=float, default=0.0, help="protocol weight decay")

@@ -8,7 +8,7 @@ under exactly the same probe.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,11 @@ from s2bnn.eval.features import (
 from s2bnn.eval.knn import knn_eval
 from s2bnn.eval.linear_sweep import fast_linear_sweep
 
+# A backbone -> a function computing its eval forward faster, or None (use the module).
+FastForward = Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]
+
 __all__ = [
+    "FastForward",
     "evaluate_features",
     "evaluate_backbone",
     "evaluate_pixels",
@@ -103,23 +107,32 @@ def evaluate_backbone(
     batch_size: int = 256,
     num_workers: int = 0,
     device: str | torch.device = "auto",
+    fast_forward: FastForward | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Extract frozen features of both splits (eval transform expected) and evaluate them.
 
-    Extra keyword arguments go to :func:`evaluate_features` (``knn_k``, ``linear``,
-    ``sweep_kwargs``, ``sample_size``, ...).
+    ``fast_forward(backbone)`` may return a faster function computing the same eval forward
+    (the demo passes the packed 1-bit runtime); ``None`` from it, or no ``fast_forward``, runs
+    the module. The result says which ran (``features_by``: ``module`` or ``fast``). Extra
+    keyword arguments go to :func:`evaluate_features` (``knn_k``, ``linear``, ``sweep_kwargs``,
+    ``sample_size``, ...).
     """
     dev = resolve_device(device)
     backbone = backbone.to(dev)
+    forward = fast_forward(backbone) if fast_forward is not None else None
     tr_f, tr_y = extract_features(
-        backbone, make_loader(train_ds, batch_size, num_workers=num_workers, device=dev), dev)
+        backbone, make_loader(train_ds, batch_size, num_workers=num_workers, device=dev), dev,
+        forward)
     te_f, te_y = extract_features(
-        backbone, make_loader(test_ds, batch_size, num_workers=num_workers, device=dev), dev)
+        backbone, make_loader(test_ds, batch_size, num_workers=num_workers, device=dev), dev,
+        forward)
     if num_classes is None:
         num_classes = num_classes_of(train_ds, tr_y, te_y)
-    return evaluate_features(tr_f, tr_y, te_f, te_y, num_classes=num_classes, device=dev,
-                             **kwargs)
+    out = evaluate_features(tr_f, tr_y, te_f, te_y, num_classes=num_classes, device=dev,
+                            **kwargs)
+    out["features_by"] = "module" if forward is None else "fast"
+    return out
 
 
 def _pixels(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +204,8 @@ def evaluate_untrained(
         out[key] = mean
         out[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
     first = per_seed[0]
-    for key in ("linear", "embedding_sample", "feature_dim", "num_train", "num_test"):
+    for key in ("linear", "embedding_sample", "feature_dim", "num_train", "num_test",
+                "features_by"):
         if key in first:
             out[key] = first[key]
     out["per_seed"] = [{k: v for k, v in r.items() if k != "embedding_sample"} for r in per_seed]
