@@ -7,11 +7,17 @@
    the point): 8 SGD + 7 Adam heads trained together, LR chosen on a held-out 10 %.
 2. The raw-pixel baseline (flattened 28x28 images, kNN k 200 T 0.1 and the same sweep) on the
    real Fashion-MNIST when its idx files are found: the row every self-supervised run must beat.
+3. Feature extraction of the demo's binary student (``reactnet_compact`` at 28 px, 10,000
+   images, batch 256; random weights with BatchNorm statistics from a few training batches):
+   the fake-quantised PyTorch module against the packed 1-bit runtime the demo evaluates with
+   (``s2bnn.demo.packed_forward``), timed in alternating rounds, and how many images' features
+   the two disagree on (a bit flipped by float rounding at a sign threshold).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -34,6 +40,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--no-pixels", action="store_true", help="skip the Fashion-MNIST part")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the feature timing")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--sweep-threads", type=int, default=1,
                         help="threads of the sweep's heads (0: torch's setting)")
@@ -57,6 +64,7 @@ def main() -> None:
     print(f"  fast sweep ({heads} heads, {args.epochs} epochs)  {res['seconds']:6.2f} s  "
           f"(SGD lr {res['sgd']['best_lr']:g}, Adam lr {res['adam']['best_lr']:g})")
 
+    feature_extraction(args.rounds)
     if args.no_pixels:
         return
     try:
@@ -79,6 +87,46 @@ def main() -> None:
     print(f"  linear top-1 Adam         {lin['adam']['top1']:6.2f}  "
           f"(lr {lin['adam']['best_lr']:g})")
     print(f"  time (kNN + sweep)        {total:6.2f} s  (sweep {lin['seconds']:.2f} s)")
+
+
+def feature_extraction(rounds: int, n: int = 10_000, batch: int = 256) -> None:
+    """Seconds to extract the demo student's features: the module against the packed runtime."""
+    from s2bnn.demo import DemoConfig, packed_forward
+    from s2bnn.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(DemoConfig().student_model, num_classes=0, in_chans=1,
+                        binary_act=True, binary_weight=True)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from the identity, as after training
+            model(torch.randn(128, 1, 28, 28))
+    model.eval()
+    x = torch.randn(n, 1, 28, 28)
+    packed = packed_forward(model, x[:64], device="cpu")
+    if packed is None:
+        print("\nfeature extraction: no packed runtime here (no compiled kernels)")
+        return
+
+    def run(fn):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = torch.cat([fn(c) for c in x.split(batch)])
+        return out, time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {"module": [], "packed": []}
+    for _ in range(rounds):
+        ref, t = run(model)
+        times["module"].append(t)
+        got, t = run(packed)
+        times["packed"].append(t)
+    err = (got - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)
+    tm, tp = (statistics.median(times[k]) for k in ("module", "packed"))
+    print(f"\nfeature extraction, {DemoConfig().student_model} at 28 px, {n:,} images, "
+          f"batch {batch}, {torch.get_num_threads()} threads (median of {rounds} rounds)")
+    print(f"  fake-quantised module     {tm:6.2f} s")
+    print(f"  packed 1-bit runtime      {tp:6.2f} s  ({tm / tp:.1f}x)")
+    print(f"  images whose features differ by > 1e-4 relative: {int((err > 1e-4).sum())} "
+          f"of {n:,}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 3. distil a binary ReActNet-style student from it with S2-BNN (strategy 3, distillation only);
 4. train the same binary student with MoCo v2 (strategy 1, the paper's enhanced recipe: Adam,
    "lite" augmentation), so the two students differ only in what they learn from;
-5. evaluate the teacher and both students the same way;
+5. evaluate the teacher and both students the same way (the binary networks' features, here
+   and in step 1, on the packed 1-bit runtime of :mod:`s2bnn.deploy`: :func:`packed_forward`);
 6. write ``report.md``, PNG plots and ``results.json`` and print the summary, with a warning
    and its fix for every weak result.
 
@@ -583,7 +584,10 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
     claims = _check_claims(results)
     warnings = weak_results(results, stages, format_duration(budget))
     wall = time.perf_counter() - t0
+    packed = [n for n in order if results[n].get("features_by") == "packed"]
     notes = [*claims, *[_describe_stage(n, g) for n, g in stages.items()],
+             *([f"features of {', '.join(packed)} computed on the packed 1-bit runtime "
+                "(s2bnn.deploy), the arithmetic a deployed network runs"] if packed else []),
              *[f"WARNING: {w}" for w in warnings],
              f"wall time {wall:.0f} s of a {budget:.0f} s budget (" + ", ".join(
                  f"{k} {v:.0f} s" for k, v in timings.items()) + ")"]

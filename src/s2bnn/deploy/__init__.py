@@ -1,8 +1,9 @@
 """Deploy a trained binary network: bit-packed CPU inference, a packed file, ONNX export.
 
 ``pack(model) -> PackedModel``; ``PackedModel(x)`` returns what ``model.eval()(x)`` returns;
-``PackedModel.save(path)`` / ``load(path)``. See docs/DEPLOY.md. Only the CLI imports this package;
-the runtime (:mod:`s2bnn.deploy.runtime`) needs nothing of the training code.
+``PackedModel.save(path)`` / ``load(path)``. See docs/DEPLOY.md. Only the CLI and the demo
+import this package; the runtime (:mod:`s2bnn.deploy.runtime`) needs nothing of the training
+code.
 """
 
 from __future__ import annotations
