@@ -142,20 +142,49 @@ def test_fast_sweep_chooses_lr_on_heldout_split_not_test():
     x, y = blobs(800, 32, 6, seed=2, spread=4.0)
     xt, yt = blobs(400, 32, 6, seed=3, spread=4.0)
     lrs = [1e-4, 1e-2, 1.0, 30.0]
-    res = fast_linear_sweep(x, y, xt, yt, sgd_lrs=lrs, adam_lrs=[1e-5, 1e-2], epochs=5)
-    for opt in ("sgd", "adam"):
-        curve = res[opt]
-        best = max(range(len(curve["lrs"])), key=lambda i: (curve["val_top1"][i], -i))
-        assert curve["best_lr"] == curve["lrs"][best]
-    assert res["num_val"] == pytest.approx(80, abs=6)
-    assert res["num_train"] + res["num_val"] == 800
-    # The test set has no say: scrambled test labels change the test curve, not the choice.
     scrambled = yt[torch.randperm(len(yt), generator=torch.Generator().manual_seed(0))]
-    other = fast_linear_sweep(x, y, xt, scrambled, sgd_lrs=lrs, adam_lrs=[1e-5, 1e-2], epochs=5)
-    for opt in ("sgd", "adam"):
-        assert other[opt]["val_top1"] == res[opt]["val_top1"]
-        assert other[opt]["best_lr"] == res[opt]["best_lr"]
-        assert other[opt]["test_top1"] != res[opt]["test_top1"]
+    for folds in (1, 5):
+        kw = dict(sgd_lrs=lrs, adam_lrs=[1e-5, 1e-2], epochs=5, folds=folds)
+        res = fast_linear_sweep(x, y, xt, yt, **kw)
+        for opt in ("sgd", "adam"):
+            curve = res[opt]
+            best = max(range(len(curve["lrs"])), key=lambda i: (curve["val_top1"][i], -i))
+            assert curve["best_lr"] == curve["lrs"][best]
+        assert res["folds"] == folds
+        if folds == 1:
+            assert res["num_val"] == pytest.approx(80, abs=6)
+            assert res["num_train"] + res["num_val"] == 800
+        else:  # every training image held out once: a count of hits over all 800
+            assert res["num_val"] == res["num_train"] == 800
+            for v in res["sgd"]["val_top1"]:
+                assert v * 8 == pytest.approx(round(v * 8), abs=1e-6)
+        # The test set has no say: scrambled test labels change the test curve, not the choice.
+        other = fast_linear_sweep(x, y, xt, scrambled, **kw)
+        for opt in ("sgd", "adam"):
+            assert other[opt]["val_top1"] == res[opt]["val_top1"]
+            assert other[opt]["best_lr"] == res[opt]["best_lr"]
+            assert other[opt]["test_top1"] != res[opt]["test_top1"]
+
+
+def test_small_labelled_sets_choose_the_lr_by_cross_validation():
+    from s2bnn.eval.linear_sweep import _stratified_folds, selection_folds
+
+    assert selection_folds(60000, 0.1) == selection_folds(10000, 0.1) == 1
+    assert selection_folds(2000, 0.1) == 5 and selection_folds(2000, 0.5) == 1
+    assert selection_folds(3, 0.1) == 1 and selection_folds(7, 0.1) == 3
+    y = torch.tensor([0] * 23 + [1] * 7 + [2] * 12)
+    fold = _stratified_folds(y, 5, seed=0)
+    for c in range(3):
+        counts = torch.bincount(fold[y == c], minlength=5)
+        assert int(counts.max() - counts.min()) <= 1  # every class spread evenly
+    assert int(torch.bincount(fold).max() - torch.bincount(fold).min()) <= 1
+    # The default follows the rule: 300 training images -> 5 folds, on a learnable problem.
+    x, yy = blobs(300, 8, 3, seed=0)
+    xt, yt = blobs(90, 8, 3, seed=1)
+    res = fast_linear_sweep(x, yy, xt, yt, sgd_lrs=[0.1, 1.0], adam_lrs=[1e-2], epochs=5)
+    assert res["folds"] == 5 and res["linear_top1"] >= 99.0
+    with pytest.raises(ValueError, match="folds"):
+        fast_linear_sweep(x, yy, xt, yt, folds=0)
 
 
 def test_fast_sweep_standardisation_hides_the_feature_scale():

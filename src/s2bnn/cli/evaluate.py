@@ -192,7 +192,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--adam-lrs", type=positive_float, nargs="*", default=None,
                    help="fast-mode Adam grid (default 1e-4 ... 0.1); empty to skip Adam")
     q.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fast mode: share of training features held out to choose the LR")
+                   help="fast mode: share of training features held out to choose the LR "
+                        "(5-fold cross-validation instead where it would hold < 1000)")
     q.add_argument("--sweep-batch-size", type=positive_int, default=None,
                    help="fast mode: minibatch of the heads (default 1024)")
     q.add_argument("--sweep-threads", type=int, default=1,
