@@ -10,7 +10,8 @@ Rows (each one whole ``s2bnn demo`` in its own process, so none inherits another
   that the demo decodes image by image, as a new user's folder would be;
 - ``fmnist-10k``: Fashion-MNIST, the first 10,000 training images (``limit=10000``);
 - ``fmnist-60k``: Fashion-MNIST, all 60,000 (the default ``make demo``);
-- ``fmnist-60k-seed1``: the same with ``seed=1`` (every stage's seed).
+- ``fmnist-60k-seed1``: the same with ``seed=1`` (every stage's seed);
+- ``folder-2k-seed1``: the folder with ``seed=1``.
 
 For each row the table gives the demo's wall time against its budget, what each stage got (steps,
 epochs, seconds) and the linear top-1 of every network, plus the demo's own warnings. Results
@@ -39,6 +40,7 @@ ROWS: dict[str, dict[str, object]] = {
     "fmnist-60k": {"overrides": []},
     # The default demo again with another seed: how much of a row is seed noise.
     "fmnist-60k-seed1": {"overrides": ["seed=1"]},
+    "folder-2k-seed1": {"folder": (2000, 1000), "overrides": ["seed=1"]},
 }
 
 

@@ -123,6 +123,9 @@ def _teacher_rows() -> list[Row]:
     def t3(key: str, variable: str, value: str, **kw: Any) -> Row:
         return Row(key, "teacher", variable, value, round=3, budget=ROUND3_TEACHER_S, **kw)
 
+    def t4(key: str, variable: str, value: str, **kw: Any) -> Row:
+        return Row(key, "teacher", variable, value, round=4, budget=ROUND3_TEACHER_S, **kw)
+
     aug = lambda **a: {"data": {"augment": a}}  # noqa: E731
     meth = lambda **a: {"method": a}  # noqa: E731
     opt = lambda **a: {"optim": a}  # noqa: E731
@@ -159,6 +162,8 @@ def _teacher_rows() -> list[Row]:
             name="sgd", lr=0.06, weight_decay=5e-4)),
         t3("t3_sym", "loss", "symmetric (method.symmetric: both views as queries)",
            overrides=meth(symmetric=True)),
+        # Round 4: one change each from t3_sym (today's TEACHER_RECIPE, 210 s).
+        t4("t4_bs64", "batch size", "64 (twice the steps)", overrides={"batch_size": 64}),
     ]
 
 
@@ -689,6 +694,13 @@ baseline's time per step (the `steps` column says what each got).
   real-valued, then binary from that model, with the slope-1 init: 76.3 (-0.9, after +0.7 at
   slope 0.25 in round 3: noise).
 
+- **Teacher at batch 64 (t4_bs64, against t3_sym): not pursued.** Its calibration run measured
+  156 images/s where the row itself then trained at 208, so it got 511 steps in 157 s instead
+  of 210 s. At about t3_sym's steps (515 of 128) but half the images it scored 81.9 against
+  83.8 (kNN 78.0 against 79.8). Batch 64 also runs a third fewer images a second than 128 on
+  this CPU, so in equal time it would get about 680 steps, a third more, not twice as many.
+  The second seed was not run.
+
 ### Why the untrained student scores 42 while the prototype's scored ~71 (section 4)
 
 The probe reads what the paper's protocol reads and ReActNet's own code returns before its fc:
@@ -789,7 +801,8 @@ def write_doc(plan: Plan) -> Path:
         f"round 3: t3_base / s3_base, today's recipes at the demo's shares of its default "
         f"budget, {ROUND3_TEACHER_S:.0f} s per teacher and {ROUND3_STUDENT_S:.0f} s per "
         "student; round 4: s4_base, today's student recipe distilled from t3_sym for "
-        f"{ROUND3_STUDENT_S:.0f} s; a second seed against the same seed of its baseline). "
+        f"{ROUND3_STUDENT_S:.0f} s, and t3_sym for teacher rows; a second seed against the "
+        "same seed of its baseline). "
         "One seed unless stated.",
         "",
     ]

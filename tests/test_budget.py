@@ -196,3 +196,72 @@ def test_budget_below_one_step_refused_and_old_run_kept(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match="config key 'time_budget'.*less than one optimiser"):
         train(tiny_cfg(run, epochs=None, time_budget="2s", force=True), parts=tiny_parts())
     assert snapshot(run) == before
+
+
+# --------------------------------------------------------------------------- an epoch cap
+def test_cap_budget_steps() -> None:
+    from s2bnn.engine.sizing import cap_budget_steps
+
+    assert cap_budget_steps(900, 20, 15) == 300  # a small dataset: the cap ends the run
+    assert cap_budget_steps(500, 20, 468) == 500  # a large one: the budget does
+    assert cap_budget_steps(500, None, 15) == 500
+
+
+def test_time_budget_max_epochs_caps_a_budget_sized_run(tmp_path: Path, monkeypatch) -> None:
+    """A budget that fits many epochs of a small dataset stops at the cap, with the LR schedule
+    ending there; the cap changes nothing of a run sized by epochs or steps."""
+    monkeypatch.setattr(Trainer, "measure_step_seconds", lambda self: 0.001)
+    common = {"epochs": None, "time_budget": "60", "optim": {"lr": 0.05, "schedule": "linear"}}
+    run = tmp_path / "capped"
+    train(tiny_cfg(run, time_budget_max_epochs=2, **common), parts=tiny_parts())
+    ck = load_checkpoint(run)
+    assert ck["total_steps"] == ck["step"] == 2 * ck["steps_per_epoch"] and ck["finished"]
+    assert float(read_metrics(run)[-1]["lr"]) == 0.0
+    assert ck["sizing"]["time_budget_max_epochs"] == 2
+    train(tiny_cfg(tmp_path / "steps", epochs=None, steps=5, time_budget_max_epochs=1),
+          parts=tiny_parts())
+    assert load_checkpoint(tmp_path / "steps")["total_steps"] == 5
+    # Without a time budget the key does not enter the sizing a resume compares.
+    assert "time_budget_max_epochs" not in load_checkpoint(tmp_path / "steps")["sizing"]
+
+
+def test_time_budget_max_epochs_must_be_positive(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: x\ntime_budget: 60\n")
+    with pytest.raises(ConfigError, match="'time_budget_max_epochs' must be > 0"):
+        load_config(recipe, ["time_budget_max_epochs=0"])
+    assert load_config(recipe, ["time_budget_max_epochs=3"]).time_budget_max_epochs == 3
+
+
+# --------------------------------------------------------------------------- re-planning
+def test_replanned_steps() -> None:
+    from s2bnn.engine.sizing import replanned_steps
+
+    # 100 steps done of 500 planned; the machine turned out twice as fast: 40 s left at 0.1 s.
+    assert replanned_steps(100, 500, 0.1, 40.0) == 500  # 100 + 400: as planned
+    assert replanned_steps(100, 500, 0.05, 40.0) == 900  # faster: more steps
+    assert replanned_steps(100, 500, 0.2, 40.0) == 300  # slower: fewer
+    assert replanned_steps(100, 500, 0.1, 41.0) == 500  # within 3 %: unchanged
+    assert replanned_steps(100, 500, 0.05, 40.0, cap=600) == 600  # the epoch cap still holds
+    assert replanned_steps(100, 500, 0.1, -5.0) == 100  # out of time: stop now
+    with pytest.raises(ValueError):
+        replanned_steps(1, 2, 0.0, 1.0)
+
+
+def test_time_budget_replan_follows_the_real_step_time(tmp_path: Path, monkeypatch) -> None:
+    """The timed steps claim 0.2 s a step, so 8 s of budget plan ~37 steps; the real steps are
+    far faster, so the re-planning run trains many more, its schedule still ending at 0; without
+    re-planning the run keeps the measured plan."""
+    monkeypatch.setattr(Trainer, "measure_step_seconds", lambda self: 0.2)
+    common = {"epochs": None, "time_budget": "8", "log_every": 1,
+              "optim": {"lr": 0.05, "schedule": "linear"}}
+    train(tiny_cfg(tmp_path / "fixed", **common), parts=tiny_parts())
+    fixed = load_checkpoint(tmp_path / "fixed")["total_steps"]
+    assert 15 <= fixed <= 40  # (set-up takes well under 5 s)
+    run = tmp_path / "replan"
+    train(tiny_cfg(run, time_budget_replan=True, time_budget_max_epochs=30, **common),
+          parts=tiny_parts())
+    ck = load_checkpoint(run)
+    assert ck["finished"] and ck["step"] == ck["total_steps"] > 2 * fixed
+    assert ck["total_steps"] <= 30 * ck["steps_per_epoch"]  # never past the epoch cap
+    assert float(read_metrics(run)[-1]["lr"]) == 0.0  # the stretched schedule ends at its end

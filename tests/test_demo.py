@@ -162,10 +162,11 @@ def test_demo_sized_by_its_budget_ends_within_it(tmp_path, capsys):
     data = _tree(tmp_path / "data")
     sized = [a for a in TINY if not a.startswith(("teacher_", "s2bnn_", "mocov2_"))]
     assert main(["demo", "--data", str(data), "--out", str(tmp_path / "o"), *sized,
-                 "budget=40s"]) == 0
+                 "budget=40s", "teacher_max_epochs=null"]) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     stages = results["stages"]
     assert set(stages) == {"teacher", "s2bnn", "mocov2"}
+    assert "epoch_cap" not in stages["teacher"]
     for got in stages.values():
         assert got["steps"] >= 1 and got["budget_seconds"] > 0
         assert got["seconds"] <= 1.25 * got["budget_seconds"] + 2
@@ -173,7 +174,51 @@ def test_demo_sized_by_its_budget_ends_within_it(tmp_path, capsys):
     assert results["wall_seconds"] <= 1.1 * 40 + 3
 
 
+def test_budgeted_teacher_is_capped_in_epochs(tmp_path):
+    from s2bnn.demo import MIN_STEPS, _describe_stage, teacher_epoch_cap
+
+    assert teacher_epoch_cap(20, 2000, 128) == 20  # 15 steps an epoch: 300 steps at most
+    assert teacher_epoch_cap(20, 60000, 128) == 20  # never reached in a 10-minute demo
+    # 3 steps an epoch: the cap is raised so that it still allows MIN_STEPS steps.
+    assert teacher_epoch_cap(20, 500, 128) == -(-MIN_STEPS // 3)
+    assert teacher_epoch_cap(None, 500, 128) is None and teacher_epoch_cap(20, None, 128) == 20
+    cfgs = stage_configs(DemoConfig(data="synthetic"), tmp_path, num_train=2000)
+    assert cfgs["teacher"].time_budget_max_epochs == 20
+    assert cfgs["s2bnn"].time_budget_max_epochs is cfgs["mocov2"].time_budget_max_epochs is None
+    fixed = stage_configs(DemoConfig(data="synthetic", teacher_steps=5), tmp_path, num_train=2000)
+    assert fixed["teacher"].time_budget_max_epochs is None  # a fixed size is not capped
+    # Budgeted stages re-plan their steps as they train; a fixed size is what it says.
+    assert fixed["s2bnn"].time_budget_replan and not fixed["teacher"].time_budget_replan
+    off = stage_configs(DemoConfig(data="synthetic", teacher_max_epochs=None), tmp_path,
+                        num_train=2000)
+    assert off["teacher"].time_budget_max_epochs is None
+    text = _describe_stage("teacher", {"steps": 300, "epochs": 20.0, "seconds": 150.0,
+                                       "budget_seconds": 240.0, "epoch_cap": 20})
+    assert "stopped at 20 epochs (teacher_max_epochs)" in text and "students" in text
+
+
+@pytest.mark.slow
+def test_demo_teacher_stopped_by_its_cap_leaves_its_time_to_the_students(tmp_path, capsys,
+                                                                         monkeypatch):
+    import s2bnn.demo
+
+    monkeypatch.setattr(s2bnn.demo, "MIN_STEPS", 1)  # a tiny folder: let the cap bind at 2
+    data = _tree(tmp_path / "data")
+    sized = [a for a in TINY if not a.startswith(("teacher_", "s2bnn_", "mocov2_"))]
+    assert main(["demo", "--data", str(data), "--out", str(tmp_path / "o"), *sized,
+                 "budget=30s", "teacher_max_epochs=2"]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    teacher, s2bnn = results["stages"]["teacher"], results["stages"]["s2bnn"]
+    assert teacher["epoch_cap"] == 2 and teacher["epochs"] == 2.0
+    assert teacher["seconds"] < 0.5 * teacher["budget_seconds"]
+    # The teacher's unused time went to the stages after it.
+    assert s2bnn["budget_seconds"] > teacher["budget_seconds"]
+    assert "stopped at 2 epochs (teacher_max_epochs)" in capsys.readouterr().out
+    assert results["wall_seconds"] <= 1.1 * 30 + 3
+
+
 @pytest.mark.parametrize("over, needle", [
+    (["teacher_max_epochs=0"], "'teacher_max_epochs' must be > 0"),
     (["budget=soon"], "demo key 'budget'"),
     (["budget=-3"], "demo key 'budget'"),
     (["teacher_steps=5", "teacher_epochs=1"], "'teacher_steps' and 'teacher_epochs'"),

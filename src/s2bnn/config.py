@@ -194,6 +194,14 @@ class Config:
     # Wall-clock seconds for the whole run, set-up included (600, 90s, 10m, 1h30m): the engine
     # times a few steps first and trains as many as fit; the schedule spans exactly those.
     time_budget: Optional[str] = None
+    # With time_budget: train at most this many epochs, and let the schedule end there, when
+    # fewer steps than fit the budget already exhaust what the data gives (a small dataset).
+    # Ignored without time_budget.
+    time_budget_max_epochs: Optional[int] = None
+    # With time_budget: re-plan the steps while training from the step time seen so far, for a
+    # machine whose speed drifts (a shared VM): the schedule is stretched or shortened to end at
+    # the new last step. Off, the run is the one steps=N would train.
+    time_budget_replan: bool = False
     max_steps: Optional[int] = None  # stop after this many optimiser steps (dry runs)
     batch_size: int = 256  # global batch, split across ranks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -238,8 +246,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE: tuple[str, ...] = (
-    "epochs", "steps", "data.limit", "batch_size", "method.proj_dim", "data.augment.num_views",
-    "method.queue_size", "method.shuffle_bn_groups", "method.temperature", "method.dino_out_dim",
+    "epochs", "steps", "time_budget_max_epochs", "data.limit", "batch_size", "method.proj_dim",
+    "data.augment.num_views", "method.queue_size", "method.shuffle_bn_groups", "method.temperature",
+    "method.dino_out_dim",
 )
 
 

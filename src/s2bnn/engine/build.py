@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 
 from s2bnn.checkpoint import load_checkpoint
 from s2bnn.config import Config, OptimConfig
-from s2bnn.engine.optim import build_optimizer, build_scheduler
+from s2bnn.engine.optim import build_optimizer, build_scheduler, stretch_scheduler
 from s2bnn.errors import CheckpointError, ConfigError, DataError
 
 __all__ = ["Parts", "build_parts", "backbone_kwargs", "load_step1_backbone",
@@ -249,3 +249,10 @@ def make_scheduler(oc: OptimConfig, optimizer: torch.optim.Optimizer, total_step
     """The per-step LR schedule of ``oc`` over ``total_steps`` (warm-up given in epochs)."""
     warmup = round(oc.warmup_epochs * steps_per_epoch)
     return build_scheduler(optimizer, total_steps, warmup, oc.schedule, oc.lr, oc.min_lr)
+
+
+def stretch_schedule(oc: OptimConfig, scheduler: Any, total_steps: int,
+                     steps_per_epoch: int) -> None:
+    """:func:`make_scheduler`'s schedule, re-planned in place to end at ``total_steps``."""
+    warmup = round(oc.warmup_epochs * steps_per_epoch)
+    stretch_scheduler(scheduler, total_steps, warmup, oc.schedule, oc.lr, oc.min_lr)

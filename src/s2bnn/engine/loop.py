@@ -43,6 +43,7 @@ from s2bnn.engine.build import (
     load_step1_backbone,
     make_optimizer,
     make_scheduler,
+    stretch_schedule,
 )
 from s2bnn.engine.callbacks import Callback, MetricsLogger, ProgressBar
 from s2bnn.engine.ddp import broadcast_plan, convert_sync_bn, init_distributed, wrap_ddp
@@ -159,13 +160,23 @@ class Trainer:
         planned = sizing.planned_steps(cfg, self.steps_per_epoch, resume)
 
         self.method = self._build_method(planned or self.steps_per_epoch).to(device)
+        self.replan: tuple[float, int | None] | None = None  # (budget s, step cap) to re-plan
         if planned is None:  # a time budget: measure, then size the run
             budget = parse_duration(cfg.time_budget)  # type: ignore[arg-type]
             step_s = self.measure_step_seconds()
             planned, line = sizing.agreed_steps_in_budget(
                 budget, step_s, time.perf_counter() - self.t_start, self.steps_per_epoch,
                 self.world, device)
+            capped = sizing.cap_budget_steps(planned, cfg.time_budget_max_epochs,
+                                             self.steps_per_epoch)
+            if capped < planned:
+                line += (f"; capped at time_budget_max_epochs={cfg.time_budget_max_epochs} "
+                         f"-> {capped} steps")
+                planned = capped
             self.say(line)
+            if cfg.time_budget_replan:
+                self.replan = (budget, None if cfg.time_budget_max_epochs is None
+                               else cfg.time_budget_max_epochs * self.steps_per_epoch)
             self.method.set_total_steps(planned)
         self.total_steps = planned
 
@@ -300,6 +311,8 @@ class Trainer:
             f"{self.run_dir}"
         )
         t0 = time.perf_counter()
+        self.replan_from = (t0, p.step)
+        self.next_replan = p.step + self._replan_every()
         wrote = False
         while not self.done():
             self.train_epoch()
@@ -334,6 +347,8 @@ class Trainer:
             steps += 1
             p.epoch_step = i + 1
             self._call("on_step_end")
+            if self.replan is not None and p.step >= self.next_replan:
+                self._replan()
             last = i + 1 == self.steps_per_epoch
             stop = self.done()
             save = (cfg.save_every_steps > 0 and p.step % cfg.save_every_steps == 0
@@ -349,6 +364,35 @@ class Trainer:
         p.epoch += 1
         p.epoch_step = 0
         self._call("on_epoch_end", row)
+
+    def _replan_every(self) -> int:
+        return max(10, self.total_steps // 20)
+
+    def _replan(self) -> None:
+        """Re-plan a time-budgeted run's last step from the step time seen so far in this run
+        (``time_budget_replan``): the budget's steps were measured on a few steps before
+        training, and a machine whose speed drifts would end the run early or late."""
+        budget, cap = self.replan  # type: ignore[misc]
+        p, now = self.progress, time.perf_counter()
+        self.next_replan = p.step + self._replan_every()
+        if p.step >= 0.9 * self.total_steps:
+            return  # a change this late would only jolt the end of the schedule
+        t0, step0 = self.replan_from
+        step_s = (now - t0) / max(1, p.step - step0)
+        new = sizing.replanned_steps(p.step, self.total_steps, step_s,
+                                     budget - (now - self.t_start), cap)
+        if self.world > 1:  # every rank must stop at the same step
+            t = torch.tensor([new], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            new = int(t[0])
+        if new == self.total_steps:
+            return
+        self.say(f"time budget re-planned at step {p.step}: {step_s * 1000:.0f} ms a step so "
+                 f"far -> {new} steps instead of {self.total_steps}")
+        self.total_steps = new
+        stretch_schedule(self.cfg.optim, self.scheduler, new, self.steps_per_epoch)
+        self.method.set_total_steps(new)
+        self.num_epochs = math.ceil(new / self.steps_per_epoch)
 
     def _seed_epoch(self) -> DataLoader:
         """Everything random in this epoch follows from (seed, rank, epoch): see

@@ -190,3 +190,14 @@ def build_scheduler(
         optimizer,
         lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio),
     )
+
+
+def stretch_scheduler(scheduler: LambdaLR, total_steps: int, warmup_steps: int, schedule: str,
+                      base_lr: float, min_lr: float = 0.0) -> None:
+    """Make ``scheduler`` (from :func:`build_scheduler`) end at ``total_steps`` from its current
+    step on. The factors are plain functions, so a checkpoint does not keep them: a resumed run
+    rebuilds them from its own total, as here."""
+    min_ratio = min_lr / base_lr if base_lr > 0 else 0.0
+    scheduler.lr_lambdas = [
+        lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio)
+        for _ in scheduler.lr_lambdas]

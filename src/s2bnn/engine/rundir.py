@@ -42,6 +42,7 @@ __all__ = [
 RESUME_MUTABLE_KEYS: frozenset[str] = frozenset({
     "output_dir", "resume", "force", "progress", "log_every", "knn_every", "knn_train_size",
     "knn_test_size", "knn_k", "save_every", "save_every_steps", "epochs", "steps", "time_budget",
+    "time_budget_max_epochs", "time_budget_replan",
     "max_steps", "device", "compile",
     "nan_policy", "max_bad_steps", "data.root", "data.num_workers", "model.init_from",
 })

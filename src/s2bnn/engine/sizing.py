@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,13 +27,40 @@ from s2bnn.errors import ConfigError
 if TYPE_CHECKING:
     from s2bnn.engine.loop import Trainer
 
-__all__ = ["sizing_of", "planned_steps", "measure_step_seconds", "steps_in_budget",
-           "agreed_steps_in_budget"]
+__all__ = ["sizing_of", "cap_budget_steps", "replanned_steps", "planned_steps",
+           "measure_step_seconds", "steps_in_budget", "agreed_steps_in_budget"]
 
 
 def sizing_of(cfg: Config) -> dict[str, Any]:
     """The config keys that size a run (kept in the checkpoint, compared on resume)."""
-    return {key: getattr(cfg, key) for key in SIZING_KEYS}
+    out = {key: getattr(cfg, key) for key in SIZING_KEYS}
+    if cfg.time_budget is not None and cfg.time_budget_max_epochs is not None:
+        # Only when it applies, so that checkpoints written before the key existed still match.
+        out["time_budget_max_epochs"] = cfg.time_budget_max_epochs
+    return out
+
+
+def cap_budget_steps(steps: int, max_epochs: int | None, steps_per_epoch: int) -> int:
+    """``steps`` (what fits a time budget), at most ``max_epochs`` epochs of
+    ``steps_per_epoch`` when a cap is given."""
+    if max_epochs is None:
+        return steps
+    return min(steps, max(1, int(max_epochs) * int(steps_per_epoch)))
+
+
+def replanned_steps(step: int, total: int, step_seconds: float, seconds_left: float,
+                    cap: int | None = None, tolerance: float = 0.03) -> int:
+    """The last step of a time-budgeted run re-planned at ``step``: as many more steps as fit in
+    ``seconds_left`` at ``step_seconds`` each (at most ``cap`` in all, and never fewer than
+    ``step``: a run out of time stops now). Within ``tolerance`` of ``total`` it stays
+    ``total``, so that timing noise does not keep moving the schedule."""
+    if not step_seconds > 0:
+        raise ValueError(f"step time must be > 0, got {step_seconds}")
+    fit = step + max(0, math.floor(seconds_left / step_seconds))
+    if cap is not None:
+        fit = min(fit, cap)
+    fit = max(fit, step)
+    return total if abs(fit - total) <= tolerance * total else fit
 
 
 def planned_steps(cfg: Config, steps_per_epoch: int,

@@ -1,0 +1,229 @@
+"""The demo's recipes on a small folder: what lifts the S2-BNN student on 2,000 images (#11).
+
+On ``benchmarks/demo_budget.py``'s ``folder-2k`` row (2,000 training / 1,000 validation PNGs,
+28 px, grey, 10 classes) the demo's student stayed short of the issue's goal of 15 points over
+the untrained network. Every row here is one change to the demo's recipes, trained on that
+folder for a fixed number of optimiser steps (not seconds: this VM's speed drifts between
+rows, and steps keep rows comparable), and evaluated as ``s2bnn demo`` evaluates (weighted kNN,
+k 200, and the linear probe's SGD and Adam sweeps; on a labelled set this small the probe
+picks its LR by 5-fold cross-validation). Raw pixels and the untrained student (3 seeds) are
+measured in the same run. No labels reach training.
+
+The default steps are what the demo's stages got at this machine's usual speed on this folder
+(teacher 585, S2-BNN student 469: docs/DEMO_BUDGET.md, round 5's first folder run).
+
+    python benchmarks/small_folder.py                 # every pending row, then the doc
+    python benchmarks/small_folder.py --only f_t_q512 --redo
+    python benchmarks/small_folder.py --report        # rewrite docs/SMALL_FOLDER.md only
+    python benchmarks/small_folder.py --quick         # smoke run (tiny steps, numbers mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from demo_budget import write_folder  # noqa: E402
+from run_all import machine  # noqa: E402
+
+TEACHER_STEPS, STUDENT_STEPS = 585, 469
+FOLDER = (2000, 1000)
+
+
+@dataclass
+class Row:
+    key: str
+    stage: str  # teacher | s2bnn | mocov2 | pixels | untrained
+    variable: str
+    value: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None  # default: TEACHER_STEPS or STUDENT_STEPS
+    teacher: str = "f_t_base"  # s2bnn rows: the teacher row they distil from
+    base: str | None = None  # the row this one changes one thing of
+
+
+ROWS: dict[str, Row] = {r.key: r for r in [
+    Row("pixels", "pixels", "baseline", "the flattened image"),
+    Row("untrained", "untrained", "baseline", "the student at random init (3 seeds)"),
+    Row("f_t_base", "teacher", "baseline", "TEACHER_RECIPE (queue capped at the 2,000 images)"),
+    # The queue holds both views' keys of the last ~8 steps: capped at the dataset's size it
+    # holds a stale key of about half the images, so a query often meets its own image among
+    # the negatives.
+    Row("f_t_q1024", "teacher", "queue", "1024", {"method": {"queue_size": 1024}},
+        base="f_t_base"),
+    Row("f_t_q512", "teacher", "queue", "512", {"method": {"queue_size": 512}},
+        base="f_t_base"),
+    # 37 epochs on 2,000 images, not 1-2 on 60,000: stronger crops may now pay.
+    Row("f_t_crop035", "teacher", "crop scale", "0.35-1",
+        {"data": {"augment": {"crop_scale": [0.35, 1.0]}}}, base="f_t_base"),
+    # Is the teacher still learning at 37 epochs, and the student at 30? If the teacher is not,
+    # its share of a small folder's budget would serve the student better.
+    Row("f_t_half", "teacher", "training steps", "293 (half)", steps=293, base="f_t_base"),
+    Row("f_s_base", "s2bnn", "baseline", "S2BNN_RECIPE from f_t_base"),
+    Row("f_s_2x", "s2bnn", "training steps", "938 (twice)", steps=938, base="f_s_base"),
+    Row("f_s_q1024", "s2bnn", "teacher", "f_t_q1024 (queue 1024)", teacher="f_t_q1024",
+        base="f_s_base"),
+]}
+
+
+def plan_for(folder: Path, quick: bool) -> Any:
+    from s2bnn.demo import DemoConfig
+
+    return DemoConfig(data=str(folder), progress=False, random_seeds=1 if quick else 3)
+
+
+def stage_config(row: Row, plan: Any, out: Path, quick: bool) -> Any:
+    """The demo's config of ``row.stage`` on the folder, ``row.overrides`` on top, sized by
+    steps."""
+    from s2bnn.config import config_from_dict, config_to_dict
+    from s2bnn.demo import deep_merge, stage_configs
+
+    cfg = config_to_dict(stage_configs(plan, out / "demo", force=True)[row.stage])
+    steps = row.steps or (TEACHER_STEPS if row.stage == "teacher" else STUDENT_STEPS)
+    cfg = deep_merge(cfg, {**row.overrides, "steps": 6 if quick else steps, "epochs": None,
+                           "output_dir": str(out / "runs" / row.key), "force": True,
+                           "time_budget": None})
+    if row.stage == "s2bnn":
+        cfg = deep_merge(cfg, {"method": {"teacher": {"path": str(out / "runs" / row.teacher)}}})
+    return config_from_dict(cfg, f"row {row.key}")
+
+
+def run_row(row: Row, plan: Any, out: Path, ds: dict[str, Any], quick: bool) -> dict[str, Any]:
+    import functools
+
+    import torch
+
+    from s2bnn.demo import evaluate_run, packed_forward, train_stage
+    from s2bnn.engine import backbone_kwargs
+    from s2bnn.eval import evaluate_pixels, evaluate_untrained
+    from s2bnn.report import read_metrics
+
+    t0 = time.perf_counter()
+    sample = torch.stack([ds["test"][i][0] for i in range(min(64, len(ds["test"])))])
+    nets = {"knn_k": 200, "device": "cpu",
+            "fast_forward": functools.partial(packed_forward, sample=sample, device="cpu")}
+    result: dict[str, Any] = {"stage": row.stage, "variable": row.variable, "value": row.value,
+                              "base": row.base}
+    if row.stage == "pixels":
+        res = evaluate_pixels(ds["pixels_train"], ds["pixels_test"], knn_k=200, device="cpu")
+    elif row.stage == "untrained":
+        student = stage_config(Row("x", "s2bnn", "", ""), plan, out, quick)
+        res = evaluate_untrained(plan.student_model, backbone_kwargs(student, 1), ds["train"],
+                                 ds["test"], seeds=range(plan.random_seeds), sample_size=2000,
+                                 **nets)
+    else:
+        cfg = stage_config(row, plan, out, quick)
+        run_dir, seconds = train_stage(cfg)
+        metrics = read_metrics(run_dir / "metrics.csv")
+        rates = sorted(m["img_per_s"] for m in metrics if m.get("img_per_s"))
+        result.update(steps=cfg.steps, epochs=round(cfg.steps * cfg.batch_size / FOLDER[0], 1),
+                      train_seconds=round(seconds, 1),
+                      img_per_s=rates[len(rates) // 2] if rates else None,
+                      teacher=row.teacher if row.stage == "s2bnn" else None)
+        res, _ = evaluate_run(row.key, run_dir, ds, image_size=28, in_chans=1, **nets)
+    for k in ("knn_top1", "linear_top1", "linear_top1_sgd", "linear_top1_adam",
+              "linear_top1_std"):
+        if res.get(k) is not None:
+            result[k] = round(float(res[k]), 2)
+    result["row_seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def write_doc(data: dict[str, Any], path: Path) -> None:
+    rows = data["rows"]
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        v = r.get(k)
+        return "—" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+    lines = ["# The demo's recipes on a 2,000-image folder", "",
+             "Written by `python benchmarks/small_folder.py` (see its docstring for the method). "
+             f"Machine: {data.get('machine')}.", "",
+             f"Folder: {FOLDER[0]} training / {FOLDER[1]} validation PNGs from Fashion-MNIST's "
+             "test split (benchmarks/demo_budget.py's `folder-2k`). Every trained row has a fixed "
+             "number of steps; linear top-1 is the demo's probe.", "",
+             "| row | stage | changes | to | steps (epochs) | train s | img/s | kNN | linear | "
+             "Δ | SGD / Adam |", "|" + "---|" * 11]
+    for key, row in ROWS.items():
+        r = rows.get(key)
+        if r is None:
+            continue
+        delta = "—"
+        if r.get("base") in rows and r.get("linear_top1") is not None:
+            delta = f"{r['linear_top1'] - rows[r['base']]['linear_top1']:+.1f} ({r['base']})"
+        steps = f"{r['steps']} ({r['epochs']})" if r.get("steps") else "—"
+        lines.append(" | ".join([
+            f"| {key}", row.stage, row.variable, row.value, steps, cell(r, "train_seconds"),
+            cell(r, "img_per_s"), cell(r, "knn_top1"), cell(r, "linear_top1"), delta,
+            f"{cell(r, 'linear_top1_sgd')} / {cell(r, 'linear_top1_adam')}"]) + " |")
+    lines += ["", *NOTES]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# Written by hand after a run (the table above comes from the JSON).
+NOTES: list[str] = [
+    "## What the rows say",
+    "",
+    "One seed each, on 1,000 validation images: a linear top-1 there has a binomial standard "
+    "error of about 1.3 points, so single differences under ~2 points are not evidence.",
+    "",
+    "- **The queue is not the folder teacher's problem.** The demo caps MoCo v2's queue at the "
+    "dataset (1,792 keys for 2,000 images), so a query often meets a stale key of its own image "
+    "among the negatives. Queue 1,024 scored 80.5 (+1.1), queue 512 79.2 (-0.2): not monotonic, "
+    "and the student distilled from the 1,024 teacher scored exactly the baseline's 78.7 "
+    "(f_s_q1024). The queue rule is unchanged.",
+    "- **Stronger crops do not help here either:** 0.35-1 instead of 0.6-1, 79.3 (-0.1).",
+    "- **The teacher stops learning long before its budget ends.** Half the steps (293, 19 "
+    "epochs) scored 79.3 against 79.4 at 585 (37 epochs); only its kNN moved (72.9 -> 74.6).",
+    "- **The student does not.** Twice the steps (938, 60 epochs) lifted it from 78.7 to 79.4 "
+    "(kNN 73.2 -> 74.6), from 14.6 to 15.3 points above the untrained network (64.1).",
+    "- **Kept:** the demo's teacher now stops after `teacher_max_epochs` (default 20) epochs "
+    "when its budget share would buy more (`time_budget_max_epochs` of the engine; the cap is "
+    "raised on tiny sets so that it still allows 300 steps), and the stages after it share the "
+    "time it leaves. It binds only on small sets: in a 10-minute demo the teacher gets about 1 "
+    "epoch of Fashion-MNIST's 60,000 images and 7 of 10,000.",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=list(ROWS), default=None)
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "small_folder"))
+    args = parser.parse_args()
+    from s2bnn.demo import eval_datasets
+
+    name = "small_folder_quick" if args.quick else "small_folder"
+    store = ROOT / "docs" / "results" / f"{name}.json"
+    data = json.loads(store.read_text()) if store.is_file() else {"rows": {}}
+    work = Path(args.work + ("_quick" if args.quick else ""))
+    if not args.report:
+        folder = write_folder(work / "data", *((200, 100) if args.quick else FOLDER))
+        plan = plan_for(folder, args.quick)
+        ds = eval_datasets(str(folder), None, None, None, 1, 28)
+        for key in args.only or list(ROWS):
+            if key in data["rows"] and not args.redo:
+                continue
+            print(f"== {key}", flush=True)
+            data["rows"][key] = run_row(ROWS[key], plan, work, ds, args.quick)
+            data["machine"] = machine()
+            print(json.dumps(data["rows"][key]), flush=True)
+            store.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    if not args.quick:
+        write_doc(data, ROOT / "docs" / "SMALL_FOLDER.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
