@@ -83,7 +83,10 @@ NOTES: list[str] = [
     "stronger crops, weight decay and temperature 0.2 gave nothing beyond noise; nor did "
     "jitter on the student's views (docs/SMALL_FOLDER.md). A student 15 points "
     "above the untrained one needs a teacher near 80 on this folder. The folder's 1,000 "
-    "validation images also give each number a standard error of about 1.3 points.",
+    "validation images also give each number a standard error of about 1.3 points. The "
+    "folder rows' warning to give the teacher more time was wrong for a teacher stopped by its "
+    "cap; since these rows the demo says instead that more time will not help, and that more "
+    "unlabelled images or a stronger teacher would.",
     "- Seed noise on Fashion-MNIST: the seed-1 row's teacher lands 0.2 below pixels (83.0) and "
     "its S2-BNN student at 80.6. Over the three 60k runs the teacher scored 84.4, 84.0 and "
     "83.0, above pixels by less than its seed noise (1.2-1.8 between two seeds in the study).",

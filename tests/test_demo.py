@@ -252,6 +252,12 @@ def test_weak_results_name_the_cause_and_the_fix():
     assert weak_results(good, {"s2bnn": {"steps": 5000, "epochs": 20.0}}, "10m") == []
     far = {**good, "s2bnn": {"linear_top1": 60.0}}
     assert "points below its teacher" in weak_results(far, {}, "10m")[0]
+    # A teacher that stopped at its epoch cap is short of data, not of time: no "more time".
+    small = {**good, "teacher": {"linear_top1": 79.0}}
+    capped = weak_results(small, {"teacher": {"steps": 300, "epochs": 20.0, "epoch_cap": 20}},
+                          "10m")
+    assert len(capped) == 1 and "after 20 epochs" in capped[0], capped
+    assert "more unlabelled images" in capped[0] and "budget=30m" not in capped[0]
 
 
 def test_stage_configs_chain_teacher_into_student(tmp_path):
