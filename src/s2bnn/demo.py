@@ -15,9 +15,11 @@
 The demo has one wall-clock ``budget`` (default 10 minutes). Before each training stage it
 divides what is left, less the evaluation still to come, between the stages still to run in
 fixed proportions (:data:`STAGE_SHARES`), and the stage trains as many steps as fit in its part
-(``time_budget`` of the engine). A 2,000-image folder then gets many epochs and a large set a
-fraction of one; a stage that ran long or short is made up for by the ones after it. A stage
-can instead be given a fixed size (``teacher_steps=``, ``s2bnn_epochs=``, ...).
+(``time_budget`` of the engine, re-planned as it trains: ``time_budget_replan``). A
+2,000-image folder then gets many epochs and a large set a fraction of one; the teacher stops
+after ``teacher_max_epochs`` epochs, and a stage that ran long or short is made up for by the
+ones after it. A stage can instead be given a fixed size (``teacher_steps=``,
+``s2bnn_epochs=``, ...).
 
 The stages' training configs mirror ``configs/fashion_mnist/{teacher_mocov2,s2bnn,
 mocov2_bnn_plus}.yaml`` (a test keeps them in step); :class:`DemoConfig` only sets sizes. A
