@@ -504,17 +504,17 @@ def weak_results(rows: dict[str, dict[str, Any]], stages: dict[str, dict[str, An
     stronger = ("distil from a stronger teacher with s2bnn train configs/fashion_mnist/"
                 "s2bnn.yaml method.teacher.path=...")
     capped = (stages.get("teacher") or {}).get("epoch_cap")
-    if teacher is not None and pix is not None and teacher <= pix and capped:
-        # More time would not help: the teacher stopped at its epoch cap, not at the clock.
-        out.append(f"the teacher ({teacher:.1f}) is not above raw pixels ({pix:.1f}) after "
-                   f"{_epochs(capped)} of this data, where more epochs stopped paying on small "
-                   "sets (docs/SMALL_FOLDER.md); the students are capped near it. More time "
-                   "will not fix that: train the teacher on more unlabelled images, or "
-                   f"{stronger}")
-    elif teacher is not None and pix is not None and teacher <= pix:
-        out.append(f"the teacher ({teacher:.1f}) is not above raw pixels ({pix:.1f}), so it has "
-                   f"little to teach and the students are capped below pixels; {more}, or "
-                   f"{stronger}")
+    if teacher is not None and pix is not None and teacher <= pix:
+        if capped:  # more time would not help: the epoch cap, not the clock, stopped it
+            out.append(f"the teacher ({teacher:.1f}) is not above raw pixels ({pix:.1f}) after "
+                       f"{_epochs(capped)} of this data, where more epochs stopped paying on "
+                       "small sets (docs/SMALL_FOLDER.md); the students are capped near it. "
+                       "More time will not fix that: train the teacher on more unlabelled "
+                       f"images, or {stronger}")
+        else:
+            out.append(f"the teacher ({teacher:.1f}) is not above raw pixels ({pix:.1f}), so it "
+                       f"has little to teach and the students are capped below pixels; {more}, "
+                       f"or {stronger}")
     if s2 is not None and rand is not None and s2 < rand + 5:
         out.append(f"the S2-BNN student ({s2:.1f}) is barely above the untrained network "
                    f"({rand:.1f}): it has not learnt from its teacher yet; {more}")

@@ -247,12 +247,16 @@ def make_optimizer(oc: OptimConfig, module: nn.Module) -> torch.optim.Optimizer:
 def make_scheduler(oc: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int,
                    steps_per_epoch: int) -> Any:
     """The per-step LR schedule of ``oc`` over ``total_steps`` (warm-up given in epochs)."""
-    warmup = round(oc.warmup_epochs * steps_per_epoch)
-    return build_scheduler(optimizer, total_steps, warmup, oc.schedule, oc.lr, oc.min_lr)
+    return build_scheduler(optimizer, total_steps, _warmup_steps(oc, steps_per_epoch),
+                           oc.schedule, oc.lr, oc.min_lr)
 
 
 def stretch_schedule(oc: OptimConfig, scheduler: Any, total_steps: int,
                      steps_per_epoch: int) -> None:
     """:func:`make_scheduler`'s schedule, re-planned in place to end at ``total_steps``."""
-    warmup = round(oc.warmup_epochs * steps_per_epoch)
-    stretch_scheduler(scheduler, total_steps, warmup, oc.schedule, oc.lr, oc.min_lr)
+    stretch_scheduler(scheduler, total_steps, _warmup_steps(oc, steps_per_epoch), oc.schedule,
+                      oc.lr, oc.min_lr)
+
+
+def _warmup_steps(oc: OptimConfig, steps_per_epoch: int) -> int:
+    return round(oc.warmup_epochs * steps_per_epoch)

@@ -175,8 +175,8 @@ class Trainer:
                 planned = capped
             self.say(line)
             if cfg.time_budget_replan:
-                self.replan = (budget, None if cfg.time_budget_max_epochs is None
-                               else cfg.time_budget_max_epochs * self.steps_per_epoch)
+                self.replan = (budget, sizing.epoch_cap_steps(cfg.time_budget_max_epochs,
+                                                              self.steps_per_epoch))
             self.method.set_total_steps(planned)
         self.total_steps = planned
 

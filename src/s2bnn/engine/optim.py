@@ -185,11 +185,7 @@ def build_scheduler(
 ) -> LambdaLR:
     """A per-step ``LambdaLR`` following :func:`lr_factor`; call ``.step()`` after each step."""
     lr_factor(0, total_steps, warmup_steps, schedule)  # validate the name now, not mid-run
-    min_ratio = min_lr / base_lr if base_lr > 0 else 0.0
-    return LambdaLR(
-        optimizer,
-        lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio),
-    )
+    return LambdaLR(optimizer, _factor_of(total_steps, warmup_steps, schedule, base_lr, min_lr))
 
 
 def stretch_scheduler(scheduler: LambdaLR, total_steps: int, warmup_steps: int, schedule: str,
@@ -197,7 +193,11 @@ def stretch_scheduler(scheduler: LambdaLR, total_steps: int, warmup_steps: int, 
     """Make ``scheduler`` (from :func:`build_scheduler`) end at ``total_steps`` from its current
     step on. The factors are plain functions, so a checkpoint does not keep them: a resumed run
     rebuilds them from its own total, as here."""
+    factor = _factor_of(total_steps, warmup_steps, schedule, base_lr, min_lr)
+    scheduler.lr_lambdas = [factor for _ in scheduler.lr_lambdas]
+
+
+def _factor_of(total_steps: int, warmup_steps: int, schedule: str, base_lr: float,
+               min_lr: float) -> Callable[[int], float]:
     min_ratio = min_lr / base_lr if base_lr > 0 else 0.0
-    scheduler.lr_lambdas = [
-        lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio)
-        for _ in scheduler.lr_lambdas]
+    return lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio)

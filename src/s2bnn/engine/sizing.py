@@ -27,7 +27,7 @@ from s2bnn.errors import ConfigError
 if TYPE_CHECKING:
     from s2bnn.engine.loop import Trainer
 
-__all__ = ["sizing_of", "cap_budget_steps", "replanned_steps", "planned_steps",
+__all__ = ["sizing_of", "epoch_cap_steps", "cap_budget_steps", "replanned_steps", "planned_steps",
            "measure_step_seconds", "steps_in_budget", "agreed_steps_in_budget"]
 
 
@@ -40,12 +40,16 @@ def sizing_of(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def epoch_cap_steps(max_epochs: int | None, steps_per_epoch: int) -> int | None:
+    """The steps of ``max_epochs`` epochs (``None``: no cap)."""
+    return None if max_epochs is None else max(1, int(max_epochs) * int(steps_per_epoch))
+
+
 def cap_budget_steps(steps: int, max_epochs: int | None, steps_per_epoch: int) -> int:
     """``steps`` (what fits a time budget), at most ``max_epochs`` epochs of
     ``steps_per_epoch`` when a cap is given."""
-    if max_epochs is None:
-        return steps
-    return min(steps, max(1, int(max_epochs) * int(steps_per_epoch)))
+    cap = epoch_cap_steps(max_epochs, steps_per_epoch)
+    return steps if cap is None else min(steps, cap)
 
 
 def replanned_steps(step: int, total: int, step_seconds: float, seconds_left: float,
