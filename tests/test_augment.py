@@ -110,6 +110,21 @@ def test_multicrop_global_and_local_views():
     assert [v.shape[-1] for v in tf(rgb32())] == [32, 32, 16, 16]
 
 
+def test_local_crops_with_the_mocov2_and_lite_presets():
+    """Small crops are not DINO's alone: with mocov2 or s2bnn_lite they follow the preset's
+    jitter and blur, after the preset's own (identical) full views."""
+    from s2bnn.data.augment import view_specs
+
+    for preset, blur_p in (("mocov2", 0.5), ("s2bnn_lite", 0.2)):
+        specs = view_specs(preset, 28, 1, num_views=2, local_crops=3)
+        assert [s["size"] for s in specs] == [28, 28, 12, 12, 12]
+        assert all(s["blur_p"] == blur_p and "solarize_p" not in s for s in specs)
+        assert specs[2]["scale"] == preset_params(preset, 28)["local_crop_scale"]
+        assert specs[0]["scale"] == preset_params(preset, 28)["crop_scale"]
+    views = build_train_transform("mocov2", 28, 1, num_views=2, local_crops=2)(grey28())
+    assert [tuple(v.shape) for v in views] == [(1, 28, 28)] * 2 + [(1, 12, 12)] * 2
+
+
 def test_eval_preset_and_transform():
     img = rgb32()
     views = build_train_transform("eval", 32, 3, num_views=2)(img)
@@ -141,7 +156,7 @@ def test_accepts_augment_config_fields():
     "kwargs,match",
     [
         (dict(preset="simclr"), "mocov2, s2bnn_lite, eval, multicrop"),
-        (dict(preset="mocov2", local_crops=2), "multicrop"),
+        (dict(preset="eval", local_crops=2), "needs a training preset"),
         (dict(preset="mocov2", crop_scale=[0.8, 0.2]), "crop_scale"),
         (dict(preset="mocov2", crop_scale=[0.2]), "crop_scale"),
         (dict(preset="mocov2", num_views=0), "num_views"),

@@ -200,6 +200,35 @@ def test_fast_sweep_standardisation_hides_the_feature_scale():
     assert raw[1]["sgd"]["best_lr"] < raw[0]["sgd"]["best_lr"]
 
 
+def test_fast_sweep_chooses_the_weight_decay_with_the_lr():
+    """A list of weight decays makes a grid with the LRs; the choice is made held out (the test
+    labels have no say), the curves reported are the chosen decay's, and a one-value list is
+    the plain sweep. (The per-head decay arithmetic is checked against torch.optim above.)"""
+    x, y = blobs(120, 64, 4, seed=6, spread=6.0)
+    xt, yt = blobs(400, 64, 4, seed=7, spread=6.0)
+    scrambled = yt[torch.randperm(len(yt), generator=torch.Generator().manual_seed(0))]
+    kw = dict(sgd_lrs=[0.1, 1.0], adam_lrs=[1e-2], epochs=20, folds=5)
+    plain = fast_linear_sweep(x, y, xt, yt, weight_decay=0.0, **kw)
+    assert fast_linear_sweep(x, y, xt, yt, weight_decay=[0.0], **kw)["sgd"] == plain["sgd"]
+    decays = [0.0, 0.1, 3.0]
+    grid = fast_linear_sweep(x, y, xt, yt, weight_decay=decays, **kw)
+    other = fast_linear_sweep(x, y, xt, scrambled, weight_decay=decays, **kw)
+    assert grid["weight_decays"] == decays
+    for opt in ("sgd", "adam"):
+        by_wd = grid[opt]["best_val_top1_by_weight_decay"]
+        assert len(set(by_wd)) > 1  # the decay is applied: it changes the held-out score
+        assert grid[opt]["best_val_top1"] == max(by_wd) == max(grid[opt]["val_top1"])
+        assert grid[opt]["best_weight_decay"] == decays[by_wd.index(max(by_wd))]
+        assert by_wd[0] == plain[opt]["best_val_top1"]  # the 0 column is the plain sweep
+        assert len(grid[opt]["val_top1"]) == len(grid[opt]["test_top1"]) == len(grid[opt]["lrs"])
+        assert other[opt]["best_weight_decay"] == grid[opt]["best_weight_decay"]
+        assert other[opt]["best_lr"] == grid[opt]["best_lr"]
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        fast_linear_sweep(x, y, xt, yt, weight_decay=[0.0, -1.0], **kw)
+    refit = fast_linear_sweep(x, y, xt, yt, weight_decay=decays, refit=True, **{**kw, "folds": 1})
+    assert refit["refit"] and refit["sgd"]["best_weight_decay"] in decays
+
+
 def test_fast_sweep_refit_and_single_optimiser():
     x, y = blobs(200, 8, 3, seed=0)
     xt, yt = blobs(90, 8, 3, seed=1)
@@ -511,16 +540,17 @@ def test_batched_heads_match_torch_optimisers():
 
     x, y = blobs(50, 6, 3, seed=0, spread=2.0)
     sgd_lrs, adam_lrs = [0.05, 0.5], [1e-3, 3e-2]
+    decays = [0.01, 0.0, 0.3, 0.01]  # one per head
     epochs, bs = 2, 16
     w, b = _train_heads(x, y, 3, sgd_lrs, adam_lrs, epochs=epochs, batch_size=bs, momentum=0.9,
-                        betas=(0.9, 0.999), weight_decay=0.01, seed=3)
+                        betas=(0.9, 0.999), weight_decays=decays, seed=3)
     total = epochs * 4
     for i, (kind, lr) in enumerate([("sgd", v) for v in sgd_lrs] + [("adam", v) for v in adam_lrs]):
         head = nn.Linear(6, 3)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         # Weight decay on the weight only, as the batched heads do.
-        groups = [{"params": [head.weight], "weight_decay": 0.01},
+        groups = [{"params": [head.weight], "weight_decay": decays[i]},
                   {"params": [head.bias], "weight_decay": 0.0}]
         opt = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if kind == "sgd"
                else torch.optim.Adam(groups, lr=lr))

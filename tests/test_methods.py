@@ -288,6 +288,36 @@ def test_symmetric_moco_is_the_mean_of_both_directions_and_queues_both_keys(
     torch.testing.assert_close(sym.moco.queue.keys[BATCH:2 * BATCH], k1)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_extra_views_are_queries_only(
+        symmetric: bool, registry: None, teacher_run: Path) -> None:
+    """Views after the first two (multi-crop's small crops) are queries against the full views'
+    keys; the loss is the mean over all query-key pairs and only full views' keys are queued."""
+    from s2bnn.losses import info_nce
+
+    case = "mocov2_symmetric" if symmetric else "mocov2"
+    multi, ref = _build(CASES[case](teacher_run)), _build(CASES[case](teacher_run))
+    v0, v1 = _data()[0]
+    small = [F.interpolate(v, size=8, mode="bilinear", align_corners=False) for v in (v0, v1)]
+    for m in (multi, ref):
+        m.train()
+    loss, _ = multi([v0, v1, *small])
+    with torch.no_grad():
+        mc = ref.moco
+        q0, q1 = (mc.query(ref.backbone, ref.head, v) for v in (v0, v1))
+        k0, k1 = (mc.keys(v, ref.backbone, ref.head) for v in (v0, v1))
+        extra = [mc.query(ref.backbone, ref.head, v) for v in small]
+        pairs = [(q0, k1), (q1, k0)] if symmetric else [(q0, k1)]
+        pairs += [(e, k) for e in extra for k in ((k0, k1) if symmetric else (k1,))]
+        terms = [info_nce(q, k, mc.queue.keys, 0.2) for q, k in pairs]
+        expected = sum(terms) / len(terms)
+        plain, _ = ref([v0, v1])
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert abs(float(loss.detach()) - float(plain)) > 1e-4  # the small crops count
+    multi.on_train_step_end(1, 10)
+    assert int(multi.moco.queue.ptr) == (2 if symmetric else 1) * BATCH
+
+
 def test_shuffled_keys_are_unshuffled() -> None:
     """Without BatchNorm, shuffle-BN must not change any key: row i is still image i's key."""
     backbone = TinyNet(bn=False)
@@ -370,6 +400,50 @@ def test_two_view_distillation_averages_views(registry: None, teacher_run: Path)
     assert loss_ab.item() == pytest.approx((loss_a.item() + loss_b.item()) / 2, rel=1e-6)
 
 
+def test_mix_pairs_is_a_per_image_convex_combination() -> None:
+    from s2bnn.methods.base import mix_pairs, sample_mixup
+
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2)
+    perm = torch.tensor([1, 2, 3, 0])
+    lam = torch.tensor([1.0, 0.0, 0.25, 0.5])
+    mixed = mix_pairs(x, lam, perm)
+    assert mixed[:, 0, 0, 0].tolist() == [0.0, 2.0, 0.25 * 2 + 0.75 * 3, 0.5 * 3 + 0.5 * 0]
+    torch.manual_seed(0)
+    lam, perm = sample_mixup(1000, 0.4, torch.device("cpu"))
+    assert lam.shape == (1000,) and bool(((lam >= 0) & (lam <= 1)).all())
+    assert sorted(perm.tolist()) == list(range(1000))
+    # Beta(0.4, 0.4) is U-shaped: most weights near 0 or 1; Beta(1, 1) is uniform.
+    assert ((lam < 0.1) | (lam > 0.9)).float().mean() > 0.4
+    lam1, _ = sample_mixup(1000, 1.0, torch.device("cpu"))
+    assert ((lam1 < 0.1) | (lam1 > 0.9)).float().mean() < 0.3
+
+
+def test_mixup_distils_the_same_mixed_view_and_only_in_training(
+        registry: None, teacher_run: Path) -> None:
+    method = _build(_cfg("s2bnn", teacher=_teacher_cfg(teacher_run), mixup_alpha=1.0))
+    seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+    method.teacher.register_forward_pre_hook(lambda m, a: seen["teacher"].append(a[0].clone()))
+    method.backbone.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].clone()))
+    from s2bnn.methods.base import mix_pairs, sample_mixup
+
+    view = _data()[0][0]
+    method.train()
+    torch.manual_seed(5)
+    method([view])
+    torch.manual_seed(5)  # mixing is the first draw of the step
+    expected = mix_pairs(view, *sample_mixup(len(view), 1.0, view.device))
+    assert torch.equal(seen["teacher"][-1], expected)
+    assert torch.equal(seen["student"][-1], expected)  # the teacher labels the student's input
+    assert not torch.allclose(expected, view)
+    method.eval()
+    method([view])
+    assert torch.equal(seen["teacher"][-1], view) and torch.equal(seen["student"][-1], view)
+    base = _build(_cfg("s2bnn", teacher=_teacher_cfg(teacher_run))).train()
+    base.backbone.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].clone()))
+    base([view])
+    assert torch.equal(seen["student"][-1], view)  # off by default
+
+
 def test_errors(registry: None, teacher_run: Path) -> None:
     with pytest.raises(ConfigError, match="unknown method 'simclr'"):
         _build(_cfg("simclr"))
@@ -390,6 +464,11 @@ def test_errors(registry: None, teacher_run: Path) -> None:
         method([_data()[0][0]])
     with pytest.raises(ConfigError, match="momentum"):
         _build(_cfg("mocov2", momentum=1.5))
+    with pytest.raises(ConfigError, match="mixup_alpha > 0 needs method.contrastive_weight 0"):
+        _build(_cfg("s2bnn", teacher=_teacher_cfg(teacher_run), mixup_alpha=1.0,
+                    contrastive_weight=1.0))
+    with pytest.raises(ConfigError, match="mixup_alpha > 0 needs"):
+        _build(_cfg("s2bnn", teacher=_teacher_cfg(None, kind="online"), mixup_alpha=1.0))
 
 
 def test_seed_closes_the_gap_to_the_teacher(registry: None, teacher_run: Path) -> None:
@@ -432,6 +511,7 @@ def test_registry_names_match_the_config_choices() -> None:
 @pytest.mark.parametrize("name, key, value, match", [
     ("mocov2", "momentum", 1.5, r"method.momentum must be in \[0, 1\]"),
     ("s2bnn", "contrastive_weight", -1.0, r"method.contrastive_weight must be >= 0"),
+    ("s2bnn", "mixup_alpha", -0.5, r"method.mixup_alpha must be >= 0"),
     ("seed", "seed_teacher_temp", 0.0, r"method.seed_teacher_temp must be > 0"),
     ("dino", "dino_warmup_teacher_temp_frac", 2.0, r"must be in \[0, 1\]"),
     ("dino", "dino_student_temp", -0.1, r"method.dino_student_temp must be > 0"),

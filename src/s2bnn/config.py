@@ -145,6 +145,10 @@ class MethodConfig:
     # Views the distillation term covers. first: the first (query) view only, as the reference
     # code (S2-BNN main_moco.py distils images[0]); all: every view, averaged.
     distill_views: str = "all"  # first | all
+    # > 0: each distilled view is mixed with another image of the batch before teacher and
+    # student see it (mixup, weight ~ Beta(a, a) per image; 0: off, as the reference). The
+    # teacher labels any input, so mixing adds new inputs to distil on (Beyer et al. 2022).
+    mixup_alpha: float = 0.0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # SEED
     # The official SEED code's defaults (jacobswan1/SEED tools/opts.py: --temp 0.2 for the

@@ -225,9 +225,9 @@ def view_specs(
         raise DataError(f"augmentation takes 1- or 3-channel images, got {in_chans} channels")
     if local_crops < 0:
         raise DataError(f"data.augment.local_crops must be >= 0, got {local_crops}")
-    if local_crops and preset != "multicrop":
+    if local_crops and preset == "eval":
         raise DataError(
-            f"data.augment.local_crops={local_crops} needs preset multicrop (got '{preset}')"
+            f"data.augment.local_crops={local_crops} needs a training preset (got 'eval')"
         )
     mean_, std_ = _mean_std(mean, std, in_chans)
     if preset == "eval":
@@ -245,22 +245,24 @@ def view_specs(
         std=std_,
     )
     if preset != "multicrop":
-        return [dict(common, size=image_size, scale=scale, blur_p=blur_p)] * num_views
-
-    # DINO: asymmetric global views (always blurred / rarely blurred + solarised), then locals.
-    globals_ = [
-        dict(common, size=image_size, scale=scale, blur_p=1.0),
-        dict(common, size=image_size, scale=scale, blur_p=0.1, solarize_p=0.2),
-    ]
-    specs = [globals_[i % 2] for i in range(num_views)]
+        specs = [dict(common, size=image_size, scale=scale, blur_p=blur_p)] * num_views
+        local_blur_p = blur_p
+    else:
+        # DINO: asymmetric global views (always blurred / rarely blurred + solarised).
+        globals_ = [
+            dict(common, size=image_size, scale=scale, blur_p=1.0),
+            dict(common, size=image_size, scale=scale, blur_p=0.1, solarize_p=0.2),
+        ]
+        specs = [globals_[i % 2] for i in range(num_views)]
+        local_blur_p = 0.5
     if local_crops:
         lsize = int(local_size) if local_size is not None else int(p["local_size"])
         if lsize < 1:
             raise DataError(f"data.augment.local_size must be positive, got {local_size}")
         lscale = _scale(local_crop_scale, p["local_crop_scale"], "local_crop_scale")
         specs += [
-            dict(common, size=lsize, scale=lscale, blur_p=0.5, blur_kernel=_blur_kernel(lsize),
-                 blur_sigma=_blur_sigma(lsize))
+            dict(common, size=lsize, scale=lscale, blur_p=local_blur_p,
+                 blur_kernel=_blur_kernel(lsize), blur_sigma=_blur_sigma(lsize))
         ] * local_crops
     return specs
 

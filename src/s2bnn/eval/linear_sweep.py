@@ -52,13 +52,14 @@ def _train_heads(
     batch_size: int,
     momentum: float,
     betas: tuple[float, float],
-    weight_decay: float,
+    weight_decays: Sequence[float],
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train ``len(sgd_lrs) + len(adam_lrs)`` softmax-regression heads together.
 
-    Returns weights ``(D, H, C)`` and biases ``(H, C)``; SGD heads come first. Each head sees the
-    same minibatches; a cosine schedule takes every learning rate to 0 over the run.
+    Returns weights ``(D, H, C)`` and biases ``(H, C)``; SGD heads come first. Head ``i`` has
+    L2 coefficient ``weight_decays[i]`` (per image, on the weights, not the bias). Each head sees
+    the same minibatches; a cosine schedule takes every learning rate to 0 over the run.
 
     Every step is a short, fixed list of whole-tensor ops (about 25): on a busy CPU each op can
     cost a scheduler slice, so the bias rides along as a constant-1 input column and the
@@ -76,6 +77,10 @@ def _train_heads(
     ws, wa = w[:, :hs], w[:, hs:]  # views: updates land in w
     lr_s = torch.tensor(list(sgd_lrs), device=dev, dtype=torch.float32).view(1, hs, 1)
     lr_a = torch.tensor(list(adam_lrs), device=dev, dtype=torch.float32).view(1, ha, 1)
+    if len(weight_decays) != h:
+        raise ValueError(f"{len(weight_decays)} weight decays for {h} heads")
+    decay = torch.tensor(list(weight_decays), device=dev, dtype=torch.float32).view(1, h, 1)
+    any_decay = any(weight_decays)
     buf = torch.zeros(d1, hs, c, device=dev)
     m = torch.zeros(d1, ha, c, device=dev)
     v = torch.zeros(d1, ha, c, device=dev)
@@ -100,8 +105,8 @@ def _train_heads(
             g = g.sub_(g.amax(-1, keepdim=True)).exp_()
             g.div_(g.sum(-1, keepdim=True)).sub_(onehot[yb])
             gw = (xb.T @ g.view(bsz, hc)).view(d1, h, c)  # = B x grad of the mean loss
-            if weight_decay:
-                gw[:d].add_(w[:d], alpha=weight_decay * bsz)  # no decay on the bias row
+            if any_decay:
+                gw[:d].addcmul_(w[:d], decay, value=float(bsz))  # no decay on the bias row
             scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
             step += 1
             if hs:
@@ -194,7 +199,7 @@ def fast_linear_sweep(
     batch_size: int = 1024,
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
-    weight_decay: float = 0.0,
+    weight_decay: float | Sequence[float] = 0.0,
     val_fraction: float = 0.1,
     refit: bool = False,
     folds: int | None = None,
@@ -233,6 +238,17 @@ def fast_linear_sweep(
         raise ValueError("fast_linear_sweep needs at least one SGD or Adam learning rate")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    wds = ((float(weight_decay),) if isinstance(weight_decay, (int, float))
+           else tuple(float(v) for v in weight_decay))
+    if not wds or any(v < 0 or not math.isfinite(v) for v in wds):
+        raise ValueError(f"weight_decay must be >= 0 (or a non-empty list of such), got "
+                         f"{weight_decay}")
+    # Every (weight decay, LR) pair is one head, grouped by optimiser: SGD heads first, and
+    # within an optimiser the LR varies fastest.
+    grid_s = [(lr, wd) for wd in wds for lr in sgd_lrs]
+    grid_a = [(lr, wd) for wd in wds for lr in adam_lrs]
+    heads_s, heads_a = [lr for lr, _ in grid_s], [lr for lr, _ in grid_a]
+    decays = [wd for _, wd in grid_s + grid_a]
     dev = resolve_device(device)
     with _cpu_threads(num_threads if dev.type == "cpu" else None):
         t0 = time.perf_counter()
@@ -246,34 +262,37 @@ def fast_linear_sweep(
         xtr, xte = xtr.to(dev), xte.to(dev)
         ytr, yte = train_labels.to(dev), test_labels.to(dev)
         hp = dict(epochs=epochs, batch_size=batch_size, momentum=momentum, betas=tuple(betas),
-                  weight_decay=weight_decay, seed=seed)
+                  seed=seed)
         k = selection_folds(len(train_labels), val_fraction) if folds is None else int(folds)
         if k < 1:
             raise ValueError(f"folds must be >= 1, got {folds}")
+
+        def train(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _train_heads(x, y, num_classes, heads_s, heads_a, weight_decays=decays, **hp)
+
         if k == 1:
             fit_idx, val_idx = _split_train_val(train_labels, val_fraction, seed)
             fit_idx, val_idx = fit_idx.to(dev), val_idx.to(dev)
-            w, b = _train_heads(xtr[fit_idx], ytr[fit_idx], num_classes, sgd_lrs, adam_lrs, **hp)
+            w, b = train(xtr[fit_idx], ytr[fit_idx])
             val_top1 = _per_head_top1(_head_scores(xtr[val_idx], w, b), ytr[val_idx], w)
             num_fit, num_val = len(fit_idx), len(val_idx)
         else:
             fold = _stratified_folds(train_labels, k, seed).to(dev)
-            hits = torch.zeros(len(sgd_lrs) + len(adam_lrs), dtype=torch.float64)
+            hits = torch.zeros(len(decays), dtype=torch.float64)
             for f in range(k):
                 fit, val = fold != f, fold == f
-                w, b = _train_heads(xtr[fit], ytr[fit], num_classes, sgd_lrs, adam_lrs, **hp)
+                w, b = train(xtr[fit], ytr[fit])
                 top = _per_head_top1(_head_scores(xtr[val], w, b), ytr[val], w)
                 hits += torch.tensor(top, dtype=torch.float64) * int(val.sum())
             val_top1 = (hits / len(ytr)).tolist()  # every training image held out once
             # The test curve: every head trained on all training features (so no refit).
-            w, b = _train_heads(xtr, ytr, num_classes, sgd_lrs, adam_lrs, **hp)
+            w, b = train(xtr, ytr)
             num_fit = num_val = len(ytr)
             refit = False
         test_scores = _head_scores(xte, w, b)
         test_top1 = _per_head_top1(test_scores, yte, w)
 
-        hs = len(sgd_lrs)
-        groups = {"sgd": (list(sgd_lrs), 0), "adam": (list(adam_lrs), hs)}
+        groups = {"sgd": (list(sgd_lrs), 0), "adam": (list(adam_lrs), len(grid_s))}
         result: dict = {
             "mode": "fast",
             "num_train": int(num_fit),
@@ -285,33 +304,42 @@ def fast_linear_sweep(
             "epochs": epochs,
             "batch_size": batch_size,
             "val_fraction": val_fraction,
+            "weight_decays": list(wds),
             "refit": refit,
             "schedule": "cosine",
             "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         }
-        chosen: dict[str, int] = {}
+        chosen: dict[str, int] = {}  # optimiser -> index of its chosen head in the grid
         for name, (lrs, offset) in groups.items():
             if not lrs:
                 continue
-            vals = val_top1[offset:offset + len(lrs)]
-            best = max(range(len(lrs)), key=lambda i: (vals[i], -i))
+            n = len(lrs) * len(wds)
+            vals = val_top1[offset:offset + n]
+            # Ties go to the smaller LR, then to the smaller weight decay (listed first).
+            best = max(range(n), key=lambda i: (vals[i], -(i // len(lrs)), -(i % len(lrs))))
             chosen[name] = best
+            at = (best // len(lrs)) * len(lrs)  # the chosen weight decay's curve
             result[name] = {
                 "lrs": lrs,
-                "val_top1": vals,
-                "test_top1": test_top1[offset:offset + len(lrs)],
-                "best_lr": lrs[best],
+                "val_top1": vals[at:at + len(lrs)],
+                "test_top1": test_top1[offset + at:offset + at + len(lrs)],
+                "best_lr": lrs[best % len(lrs)],
+                "best_weight_decay": wds[best // len(lrs)],
                 "best_val_top1": vals[best],
             }
+            if len(wds) > 1:
+                result[name]["best_val_top1_by_weight_decay"] = [
+                    max(vals[j * len(lrs):(j + 1) * len(lrs)]) for j in range(len(wds))]
         if refit:
+            pick = [(name, groups[name][1] + chosen[name]) for name in chosen]
             w, b = _train_heads(
                 xtr, ytr, num_classes,
-                [sgd_lrs[chosen["sgd"]]] if "sgd" in chosen else [],
-                [adam_lrs[chosen["adam"]]] if "adam" in chosen else [],
-                **hp,
+                [heads_s[chosen["sgd"]]] if "sgd" in chosen else [],
+                [heads_a[chosen["adam"]]] if "adam" in chosen else [],
+                weight_decays=[decays[i] for _, i in pick], **hp,
             )
             scores = _head_scores(xte, w, b)
-            head_of = {name: i for i, name in enumerate(chosen)}
+            head_of = {name: i for i, (name, _) in enumerate(pick)}
         else:
             scores = test_scores
             head_of = {name: groups[name][1] + best for name, best in chosen.items()}

@@ -41,6 +41,8 @@ __all__ = [
     "frozen_copy",
     "check_views",
     "distill_over_views",
+    "mix_pairs",
+    "sample_mixup",
 ]
 
 QUEUE_MULTIPLE = 256  # queue lengths are rounded down to a multiple of this (a typical batch)
@@ -227,3 +229,16 @@ class KeyQueue(nn.Module):
         idx = (torch.arange(batch.shape[0], device=batch.device) + self.ptr) % length
         self.keys.index_copy_(0, idx, batch)
         self.ptr.copy_((self.ptr + batch.shape[0]) % length)
+
+
+def mix_pairs(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Mixup of a batch with a permutation of itself: ``lam_i * x_i + (1 - lam_i) * x_perm_i``."""
+    lam = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[perm]
+
+
+def sample_mixup(n: int, alpha: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image mixing weights ``~ Beta(alpha, alpha)`` and a random partner for each image."""
+    a = torch.full((n,), float(alpha), device=device)
+    lam = torch.distributions.Beta(a, a).sample()
+    return lam, torch.randperm(n, device=device)

@@ -124,14 +124,13 @@ class MomentumContrast(MomentumEncoders):
         self._pending = k.detach()
         return info_nce(q, k, self.queue.keys, self.temperature)
 
-    def symmetric_loss(self, q1: torch.Tensor, k1: torch.Tensor, q2: torch.Tensor,
-                       k2: torch.Tensor) -> torch.Tensor:
-        """The mean of :meth:`loss` for (q1, k2) and (q2, k1), both against the same queue;
-        ``k1`` and ``k2`` are both queued at the step's end."""
-        loss = 0.5 * (info_nce(q1, k2, self.queue.keys, self.temperature)
-                      + info_nce(q2, k1, self.queue.keys, self.temperature))
-        self._pending = torch.cat([k1, k2]).detach()
-        return loss
+    def pairs_loss(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                   queued: list[torch.Tensor]) -> torch.Tensor:
+        """The mean InfoNCE over ``(query, key)`` pairs, all against the same queue; the keys
+        in ``queued`` are queued at the step's end."""
+        loss = sum(info_nce(q, k, self.queue.keys, self.temperature) for q, k in pairs)
+        self._pending = torch.cat(queued).detach()
+        return loss / len(pairs)
 
     @torch.no_grad()
     def step_end(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -148,7 +147,10 @@ class MoCoV2(Method):
     """MoCo v2: backbone + MLP head (feat -> hidden -> dim), momentum key encoder and queue.
 
     ``symmetric=True`` adds the loss with the views swapped (as MoCo v3 does) and averages the
-    two; the paper's MoCo v2 is one-way (the default).
+    two; the paper's MoCo v2 is one-way (the default). Views after the first two (e.g. the
+    small crops of ``data.augment.local_crops``) are extra queries only: each is contrasted
+    with the key of view 1 (and of view 0 when symmetric), and the loss is the mean over all
+    query-key pairs, as in SwAV's multi-crop. Keys always come from the two full views.
     """
 
     name = "mocov2"
@@ -192,10 +194,14 @@ class MoCoV2(Method):
         check_views(views, self.name, 2)
         q = self.moco.query(self.backbone, self.head, views[0])
         k = self.moco.keys(views[1], self.backbone, self.head)
+        extra = [self.moco.query(self.backbone, self.head, v) for v in views[2:]]
         if self.symmetric:  # view 1 is also a query, against view 0's key
             q2 = self.moco.query(self.backbone, self.head, views[1])
             k0 = self.moco.keys(views[0], self.backbone, self.head)
-            loss = self.moco.symmetric_loss(q, k0, q2, k)
+            loss = self.moco.pairs_loss(
+                [(q, k), (q2, k0)] + [(e, key) for e in extra for key in (k0, k)], [k0, k])
+        elif extra:
+            loss = self.moco.pairs_loss([(q, k)] + [(e, k) for e in extra], [k])
         else:
             loss = self.moco.loss(q, k)
         logs = {"loss_contrastive": loss.detach(),

@@ -14,7 +14,11 @@ For every view ``x`` of an image (the teacher sees the *same* augmented view as 
 ``Contrastive+Distillation`` ``main_moco.py`` feed ``images[0]`` to student and teacher; the key
 view ``images[1]`` only enters the contrastive term); ``all`` distils every view and averages
 (each image then gives several student-teacher pairs per step, at that many times the student
-and teacher compute; the loss keeps the scale of one view). The contrastive term, built only
+and teacher compute; the loss keeps the scale of one view). ``mixup_alpha > 0`` mixes each
+distilled view with a shuffled copy of its batch (weights ~ Beta(a, a) per image) before the
+teacher and the student see it: the teacher labels any input, so on a small set mixing gives
+the student inputs it would never see otherwise (function matching, Beyer et al., CVPR 2022; not
+in the reference, off by default). The contrastive term, built only
 when ``contrastive_weight > 0``, is MoCo v2's (:mod:`.mocov2`) on the same student head; it needs
 two views and always uses the first view's student embedding as its query.
 
@@ -35,7 +39,14 @@ import torch.nn.functional as F
 
 from s2bnn.errors import ConfigError
 from s2bnn.losses import soft_cross_entropy
-from s2bnn.methods.base import Method, check_views, distill_over_views, mlp_head
+from s2bnn.methods.base import (
+    Method,
+    check_views,
+    distill_over_views,
+    mix_pairs,
+    mlp_head,
+    sample_mixup,
+)
 from s2bnn.methods.mocov2 import MomentumContrast, moco_kwargs
 from s2bnn.methods.registry import (
     BuildContext,
@@ -67,13 +78,20 @@ class S2BNN(Method):
         check_range(cfg, "momentum", 0.0, 1.0)
         check_range(cfg, "distill_weight", 0.0)
         check_range(cfg, "contrastive_weight", 0.0)
+        check_range(cfg, "mixup_alpha", 0.0)
+        if cfg.mixup_alpha > 0 and (cfg.contrastive_weight > 0 or cfg.teacher.kind == "online"):
+            # Both would learn contrastively from the mixed views, whose positives no longer
+            # match: mixup is for the distillation-only recipe.
+            raise ConfigError("method.mixup_alpha > 0 needs method.contrastive_weight 0 and an "
+                              "offline teacher (method.teacher.kind=offline)")
         if cfg.distill_weight == 0 and cfg.contrastive_weight == 0:
             raise ConfigError("method.distill_weight and method.contrastive_weight are both 0")
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> S2BNN:
         kw = dict(distill_weight=cfg.distill_weight, contrastive_weight=cfg.contrastive_weight,
-                  distill_views=cfg.distill_views, **moco_kwargs(cfg, ctx.num_train))
+                  distill_views=cfg.distill_views, mixup_alpha=cfg.mixup_alpha,
+                  **moco_kwargs(cfg, ctx.num_train))
         if cfg.teacher.kind == "online":
             return cls(backbone, online_teacher=online_teacher(cfg.teacher, ctx.in_chans,
                                                                cfg.proj_dim), **kw)
@@ -96,6 +114,7 @@ class S2BNN(Method):
         shuffle: bool = True,
         groups: int = 2,
         distill_views: str = "all",
+        mixup_alpha: float = 0.0,
     ) -> None:
         super().__init__(backbone)
         if (teacher is None) == (online_teacher is None):
@@ -103,6 +122,9 @@ class S2BNN(Method):
         if distill_views not in ("first", "all"):
             raise ValueError(f"distill_views must be 'first' or 'all', got {distill_views!r}")
         self.distill_views = distill_views
+        if mixup_alpha > 0 and (contrastive_weight > 0 or online_teacher is not None):
+            raise ValueError("mixup_alpha needs contrastive_weight 0 and an offline teacher")
+        self.mixup_alpha = mixup_alpha
         feat = int(backbone.feature_dim)
         self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
         self.temperature = temperature
@@ -134,6 +156,9 @@ class S2BNN(Method):
         logs: dict[str, torch.Tensor] = {}
         loss_teacher = None
         distilled = views[:1] if self.distill_views == "first" else list(views)
+        if self.mixup_alpha > 0 and self.training:
+            distilled = [mix_pairs(v, *sample_mixup(len(v), self.mixup_alpha, v.device))
+                         for v in distilled]
         if self.teacher_moco is not None:
             tm = self.teacher_moco
             tq = [tm.query(self.teacher_backbone, self.teacher_head, v) for v in distilled]
