@@ -104,8 +104,9 @@ NOTES: list[str] = [
     "Meanwhile the student comes within 1.6-3.3 points of raw pixels everywhere. The "
     "untrained `reactnet_compact` is a strong random-feature baseline; the student was chosen "
     "for its trained score, 2.6-3.4 points above `reactnet_small` (docs/TEACHER_STUDY.md, "
-    "round 4). Round 7 also screened multi-crop for the teacher, mixup for the student and "
-    "weight decay for the probe, and none moved that margin (docs/SMALL_FOLDER.md, "
+    "round 4). Round 7 also screened multi-crop for the teacher, mixup and the paper's "
+    "two-step binarisation for the student, and weight decay for the probe; none moved that "
+    "margin (docs/SMALL_FOLDER.md, "
     "docs/PROBE_WEIGHT_DECAY.md).",
     "- Seed noise on Fashion-MNIST: the seed-1 row's teacher lands 0.2 below pixels (83.0) and "
     "its S2-BNN student at 80.6. Over the three 60k runs the teacher scored 84.4, 84.0 and "
