@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,15 @@ def demo_features(demo: Path) -> tuple[dict[str, tuple[Any, ...]], dict[str, Any
     return out, {"data": plan.data, "limit": plan.limit, "num_train": int(len(ytr))}
 
 
+def finished_demos(paths: list[str]) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any]]]:
+    """``(demo dir, features by network, meta)`` of each finished demo dir in ``paths``."""
+    for demo in map(Path, paths):
+        if not (demo / "results.json").is_file():
+            raise SystemExit(f"{demo} holds no finished demo (results.json); run "
+                             "benchmarks/demo_budget.py first or pass --demo DIR")
+        yield (demo, *demo_features(demo))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", nargs="*", default=[str(d) for d in DEFAULT_DEMOS])
@@ -78,11 +88,7 @@ def main() -> None:
 
     t_all = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(), "epochs": args.epochs, "demos": {}}
-    for demo in map(Path, args.demo):
-        if not (demo / "results.json").is_file():
-            raise SystemExit(f"{demo} holds no finished demo (results.json); run "
-                             "benchmarks/demo_budget.py first or pass --demo DIR")
-        feats, meta = demo_features(demo)
+    for demo, feats, meta in finished_demos(args.demo):
         rows: dict[str, Any] = {}
         for name in NETS:
             a, ya, b, yb = feats[name]

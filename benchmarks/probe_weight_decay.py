@@ -26,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from probe_epochs import DEFAULT_DEMOS, NETS, demo_features  # noqa: E402
+from probe_epochs import DEFAULT_DEMOS, NETS, finished_demos  # noqa: E402
 from run_all import machine  # noqa: E402
 
 # Written by hand after a run (the tables come from the JSON).
@@ -63,11 +63,7 @@ def main() -> None:
 
     t_all = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(), "decays": args.decays, "demos": {}}
-    for demo in map(Path, args.demo):
-        if not (demo / "results.json").is_file():
-            raise SystemExit(f"{demo} holds no finished demo (results.json); run "
-                             "benchmarks/demo_budget.py first or pass --demo DIR")
-        feats, meta = demo_features(demo)
+    for demo, feats, meta in finished_demos(args.demo):
         rows: dict[str, Any] = {}
         for name in NETS:
             a, ya, b, yb = feats[name]
