@@ -218,11 +218,15 @@ def fast_linear_sweep(
     features before the test. ``folds`` > 1 chooses by ``folds``-fold cross-validation instead
     (mean held-out top-1 over the folds) and scores heads trained on all training features;
     ``None``: :func:`selection_folds` (cross-validation when one held-out split would hold
-    fewer than ``MIN_VAL_IMAGES`` images).
+    fewer than ``MIN_VAL_IMAGES`` images). ``weight_decay`` is the heads' L2 coefficient; a list
+    of values makes a grid with the LRs, and the pair is chosen together on the same held-out
+    split (every value adds a full set of heads: the probe's time grows with the list).
 
     Returns a JSON-able dict: per optimiser ``lrs``, ``val_top1`` and ``test_top1`` (the whole
-    curve), ``best_lr``, ``top1``, ``top5``; overall ``linear_top1``/``linear_top5`` of the
-    optimiser whose chosen head did best on the held-out split, and ``linear_top1_sgd``/``_adam``.
+    curve, at the chosen weight decay), ``best_lr``, ``best_weight_decay``, ``top1``, ``top5``
+    (with several decays also ``best_val_top1_by_weight_decay``); overall
+    ``linear_top1``/``linear_top5`` of the optimiser whose chosen head did best on the held-out
+    split, and ``linear_top1_sgd``/``_adam``.
 
     On the CPU the heads train with ``num_threads`` torch threads (``None``: torch's setting).
     The default 1 is deliberate: a step is ~25 ops on ~150k-element tensors, which threads speed
