@@ -53,7 +53,9 @@ class AugmentConfig:
     crop_scale: Optional[list[float]] = None  # RandomResizedCrop scale range
     color: Optional[bool] = None  # colour jitter/grayscale; None: on for RGB, off for grey images
     blur: Optional[bool] = None  # Gaussian blur; None: preset default
-    local_crops: int = 0  # multi-crop (DINO): number of small local views
+    # Small crops after the full views (multi-crop): DINO's local views; MoCo v2 uses them as
+    # extra queries. Any training preset (not eval).
+    local_crops: int = 0
     local_size: Optional[int] = None
     local_crop_scale: Optional[list[float]] = None
 

@@ -14,6 +14,9 @@ Presets (``data.augment.preset``):
   second blurred with p 0.1 and solarised with p 0.2, repeating), then ``local_crops`` small crops
   (scale 0.05-0.4 at ``local_size`` 96, blur p 0.5); jitter (0.4, 0.4, 0.2, 0.1) p 0.8.
 
+``local_crops`` small crops (``local_size``, ``local_crop_scale``) can follow the full views of
+any training preset; outside ``multicrop`` they take the preset's own jitter and blur.
+
 Sizing. At ImageNet resolution (``image_size`` > 64) the published values are used: blur kernel
 23 at 224 (10 % of the image, odd), sigma 0.1-2. Small images (<= 64 px, e.g. Fashion-MNIST at 28)
 get values that make sense there:
