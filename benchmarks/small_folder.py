@@ -81,6 +81,10 @@ ROWS: dict[str, Row] = {r.key: r for r in [
     # positive pairs from each image of a small set per step.
     Row("f_t_mc4", "teacher", "multi-crop", "+ 4 local crops (12 px, scale 0.15-0.4)",
         {"data": {"augment": {"local_crops": 4}}}, steps=293, base="f_t_half"),
+    # On 60,000 images a wider teacher lost to its lower step count (docs/TEACHER_STUDY.md,
+    # t_wide15); on 2,000 images the teacher stops at its epoch cap with time to spare.
+    Row("f_t_w15", "teacher", "width", "x1.5 (36/72/144/288)", {"model": {"width_mult": 1.5}},
+        steps=293, base="f_t_half"),
     Row("f_s_base", "s2bnn", "baseline", "S2BNN_RECIPE from f_t_base"),
     Row("f_s_2x", "s2bnn", "training steps", "938 (twice)", steps=938, base="f_s_base"),
     Row("f_s_q1024", "s2bnn", "teacher", "f_t_q1024 (queue 1024)", teacher="f_t_q1024",
@@ -246,7 +250,9 @@ NOTES: list[str] = [
     "- **Round 7, none kept.** Multi-crop for the teacher (f_t_mc4: four 12 px crops of "
     "0.15-0.4 as extra queries against both full views' keys, `data.augment.local_crops`) "
     "made each step 1.7x slower and scored 78.5 against 79.3 for f_t_half at the same steps "
-    "(kNN 70.9 against 72.9). Mixup for the student (`method.mixup_alpha`: teacher and "
+    "(kNN 70.9 against 72.9). A teacher 1.5x as wide (f_t_w15, 36-288 channels), which the "
+    "epoch cap leaves time for on this folder, scored 78.8 (kNN 73.8). Mixup for the student "
+    "(`method.mixup_alpha`: teacher and "
     "student see the same mix of two images) scored 78.1 at alpha 1.0 and at alpha 0.4, "
     "against 78.7 (kNN 73.7 and 74.6 against 73.2). Beyer et al. found that distillation with "
     "mixup pays off only over long schedules; at twice the steps (938, 60 epochs) it scored "
