@@ -86,6 +86,12 @@ ROWS: dict[str, Row] = {r.key: r for r in [
     Row("f_t_w15", "teacher", "width", "x1.5 (36/72/144/288)", {"model": {"width_mult": 1.5}},
         steps=293, base="f_t_half"),
     Row("f_s_base", "s2bnn", "baseline", "S2BNN_RECIPE from f_t_base"),
+    # The margin the issue asks for is over the same network at random init: how large is it
+    # for the ReActNet-A layout the demo used before reactnet_compact (docs/TEACHER_STUDY.md)?
+    Row("untrained_small", "untrained", "student", "reactnet_small (3 seeds)",
+        {"model": {"name": "reactnet_small"}}, base="untrained"),
+    Row("f_s_small", "s2bnn", "student", "reactnet_small", {"model": {"name": "reactnet_small"}},
+        base="f_s_base"),
     Row("f_s_2x", "s2bnn", "training steps", "938 (twice)", steps=938, base="f_s_base"),
     Row("f_s_q1024", "s2bnn", "teacher", "f_t_q1024 (queue 1024)", teacher="f_t_q1024",
         base="f_s_base"),
@@ -166,8 +172,8 @@ def run_row(row: Row, plan: Any, out: Path, ds: dict[str, Any], quick: bool) -> 
     if row.stage == "pixels":
         res = evaluate_pixels(ds["pixels_train"], ds["pixels_test"], knn_k=200, device="cpu")
     elif row.stage == "untrained":
-        student = stage_config(Row("x", "s2bnn", "", ""), plan, out, quick)
-        res = evaluate_untrained(plan.student_model, backbone_kwargs(student, 1), ds["train"],
+        student = stage_config(Row("x", "s2bnn", "", "", row.overrides), plan, out, quick)
+        res = evaluate_untrained(student.model.name, backbone_kwargs(student, 1), ds["train"],
                                  ds["test"], seeds=range(plan.random_seeds), sample_size=2000,
                                  **nets)
     else:
@@ -265,6 +271,15 @@ NOTES: list[str] = [
     "half binary, scored 76.9 (f_s_fromreal). The one-step baseline scored 78.7. Each step "
     "has its own LR schedule and only half the steps; the binary weights' latent values may "
     "need more steps than that to settle.",
+    "- **Round 7: the margin depends on the student's random init as much as on its "
+    "training.** The ReActNet-A layout the demo used before `reactnet_compact` "
+    "(`reactnet_small`) scores 51.3 +- 3.0 untrained (untrained_small) and 75.7 distilled "
+    "(f_s_small, same teacher and steps, 1.8x the images a second): 24.4 above its random "
+    "init and 5.2 below pixels, so it meets both folder goals. `reactnet_compact` scores "
+    "64.1 untrained and 78.7 distilled: a margin of 14.6, but the better student by 3.0 "
+    "points, as on 60,000 images (2.6-3.4, docs/TEACHER_STUDY.md round 4). The demo keeps "
+    "the better student; switching networks to pass a margin over random init would lower "
+    "what the user gets.",
     "- **Kept:** the demo's teacher now stops after `teacher_max_epochs` (default 20) epochs "
     "when its budget share would buy more (`time_budget_max_epochs` of the engine; the cap is "
     "raised on tiny sets so that it still allows 300 steps), and the stages after it share the "
