@@ -108,7 +108,8 @@ NOTES: list[str] = [
     "untrained `reactnet_compact` is a strong random-feature baseline; the student was chosen "
     "for its trained score, 2.6-3.4 points above `reactnet_small` (docs/TEACHER_STUDY.md, "
     "round 4). On the 2,000-image folder at fixed steps `reactnet_small` scores 51.3 "
-    "untrained and 75.7 distilled (+24.4), against 64.1 and 78.7 (docs/SMALL_FOLDER.md). Round 7 also screened multi-crop for the teacher, mixup and the paper's "
+    "untrained and 75.7 distilled (+24.4), against 64.1 and 78.7 (docs/SMALL_FOLDER.md). "
+    "Round 7 also screened multi-crop for the teacher, mixup and the paper's "
     "two-step binarisation for the student, and weight decay for the probe; none moved that "
     "margin (docs/SMALL_FOLDER.md, "
     "docs/PROBE_WEIGHT_DECAY.md).",
