@@ -295,6 +295,7 @@ def stage_summary(run_dir: Path, seconds: float, budget_s: float | None,
     """What a trained stage got: optimiser steps, epochs, seconds (and its budget); with
     ``max_epochs`` (its time budget's epoch cap), whether the cap, not the time, ended it."""
     from s2bnn.checkpoint import load_checkpoint
+    from s2bnn.engine.sizing import epoch_cap_steps
 
     ckpt = load_checkpoint(run_dir)
     steps = int(ckpt.get("step", 0))
@@ -302,7 +303,8 @@ def stage_summary(run_dir: Path, seconds: float, budget_s: float | None,
     out = {"steps": steps, "epochs": round(steps / per_epoch, 2) if per_epoch else None,
            "seconds": round(seconds, 1),
            "budget_seconds": round(budget_s, 1) if budget_s is not None else None}
-    if max_epochs is not None and per_epoch and steps >= max_epochs * per_epoch:
+    cap = epoch_cap_steps(max_epochs, per_epoch) if per_epoch else None
+    if cap is not None and steps >= cap:  # the engine's own cap, so both agree
         out["epoch_cap"] = max_epochs
     return out
 
