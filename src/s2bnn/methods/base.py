@@ -137,12 +137,12 @@ class Method(nn.Module):
         resume can tell that the teacher file changed under a run."""
         if not self._frozen:
             return None
-        total = torch.zeros((), dtype=torch.float64)
+        total = 0.0  # a Python float: the tensors may live on any device
         for key, value in self.state_dict().items():
             if self._is_frozen(key) and value.is_floating_point():
                 v = value.detach().double()
-                total += v.sum() + (v * v).sum() * 1e-3 + v.numel()
-        return f"{total.item():.10e}"
+                total += float(v.sum() + (v * v).sum() * 1e-3 + v.numel())
+        return f"{total:.10e}"
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
