@@ -152,8 +152,10 @@ def tiny_parts(n: int = 48, dim: int = 6, bn: bool = True, noise: float = 0.1,
 
 
 def tiny_cfg(out: Path, **over):
+    # fp32: precision "auto" is bf16 on CPUs with AVX512-BF16 or AMX, and these runs compare
+    # numbers across runs and processes.
     base = {"output_dir": str(out), "epochs": 2, "batch_size": 8, "progress": False,
-            "log_every": 2, "device": "cpu", "seed": 3}
+            "log_every": 2, "device": "cpu", "seed": 3, "precision": "fp32"}
     base.update(over)
     optim = base.pop("optim", {"lr": 0.05})
     return config_from_dict({**base, "optim": optim})
@@ -427,8 +429,10 @@ def test_precision_choices(tmp_path: Path) -> None:
     from s2bnn.devices import autocast_context
 
     cpu = torch.device("cpu")
-    with autocast_context("auto", cpu)():
-        assert not torch.is_autocast_enabled("cpu")  # fp32 on CPU
+    with autocast_context("auto", cpu, cpu_flags=frozenset({"avx2", "fma"}))():
+        assert not torch.is_autocast_enabled("cpu")  # fp32 where the CPU would emulate bf16
+    with autocast_context("auto", cpu, cpu_flags=frozenset({"avx512f", "avx512_bf16"}))():
+        assert torch.is_autocast_enabled("cpu")  # bf16 where it computes it natively
     with autocast_context("bf16", cpu)():
         assert torch.is_autocast_enabled("cpu")
     train(tiny_cfg(tmp_path / "r", epochs=1, precision="bf16"), parts=tiny_parts())

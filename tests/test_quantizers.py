@@ -201,3 +201,62 @@ def test_reference_ops_give_same_model_function() -> None:
     yb.square().sum().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln for ln in fh if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bf16_conv_on_a_1x1_map_uses_the_centre_tap_with_the_same_result(stride, monkeypatch):
+    """Under CPU bf16 a 'same'-padded conv of a 1x1 map is computed from the kernel's centre tap
+    alone (oneDNN's bf16 weight gradient for that shape returns garbage at random); values and
+    gradients are those of the full convolution, the other taps' gradients exactly zero."""
+    torch.manual_seed(0)
+    conv = QuantConv2d(16, 8, 3, stride=stride, padding=1, input_quantizer="react_sign",
+                       weight_quantizer="scaled_sign")
+    x = torch.randn(4, 16, 1, 1)
+    seen = []
+    real_conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d",
+                        lambda inp, w, *a: seen.append(tuple(w.shape)) or real_conv2d(inp, w, *a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    out.float().sum().backward()
+    assert seen == [(8, 16, 1, 1)]
+    grad = conv.weight.grad.clone()
+    assert torch.isfinite(grad).all()
+    assert grad[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]].eq(0).all()
+    conv.weight.grad = None
+    ref = real_conv2d(react_sign(x), scaled_sign(conv.weight), None, stride, 1)
+    ref.sum().backward()
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(grad, conv.weight.grad, atol=0.05, rtol=0.02)
+    # Every other case keeps the plain convolution: fp32, a larger map.
+    seen.clear()
+    conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(torch.randn(4, 16, 3, 3))
+    assert seen == [(8, 16, 3, 3), (8, 16, 3, 3)]
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="the bug shows only where the CPU computes bf16")
+def test_bf16_weight_gradients_on_1x1_maps_stay_finite():
+    """The failure the centre-tap path avoids: 200 bf16 backward passes of a stride-2 conv of a
+    1x1 map, whose weight gradient was non-finite in 2-12 % of them with a plain conv."""
+    torch.manual_seed(0)
+    conv = QuantConv2d(64, 64, 3, stride=2, padding=1, input_quantizer="react_sign",
+                       weight_quantizer="scaled_sign")
+    bad = 0
+    for _ in range(200):
+        conv.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(torch.randn(16, 64, 1, 1))
+        out.float().mul(1e-3).sum().backward()
+        bad += not bool(torch.isfinite(conv.weight.grad).all())
+    assert bad == 0

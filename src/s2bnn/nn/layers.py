@@ -64,9 +64,26 @@ class QuantConv2d(_Quantized, nn.Conv2d):
         self.weight_quantizer = get_quantizer(weight_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(
-            self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
-        )
+        xq, wq = self.input_quantizer(x), self.weight_quantizer(self.weight)
+        if _centre_only(self, xq):
+            # On a 1x1 map with 'same' zero padding only the kernel's centre meets data, so this
+            # is the same convolution. It avoids oneDNN's bf16 weight gradient for that shape on
+            # CPUs, which returns NaN/Inf at random in the taps that meet only padding (seen
+            # with torch 2.14.1 on AVX512-BF16; tests/test_layers.py reproduces it).
+            kh, kw = self.kernel_size[0] // 2, self.kernel_size[1] // 2
+            return F.conv2d(xq, wq[:, :, kh:kh + 1, kw:kw + 1], self.bias, 1, 0, 1, self.groups)
+        return self._conv_forward(xq, wq, self.bias)
+
+
+def _centre_only(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether ``conv`` on ``x`` is a bf16 CPU convolution of a 1x1 map in which only the
+    kernel's centre tap meets the input (odd kernel, padding k // 2 of zeros, no dilation)."""
+    if x.device.type != "cpu" or x.shape[-2:] != (1, 1) or conv.padding_mode != "zeros":
+        return False
+    bf16 = x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return bf16 and conv.dilation == (1, 1) and all(
+        k % 2 == 1 and p == k // 2 for k, p in zip(conv.kernel_size, conv.padding))
 
 
 class QuantLinear(_Quantized, nn.Linear):
