@@ -56,11 +56,12 @@ def test_binary_student_forward_matches_the_cpu():
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         cpu = net(x)
+        tf32 = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False  # fp32 on both sides: sign thresholds agree
         try:
             gpu = net.cuda()(x.cuda()).cpu()
         finally:
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = tf32
     # A rounding difference at a sign threshold may flip a bit: compare the bulk, not every value.
     close = torch.isclose(gpu, cpu, rtol=1e-3, atol=1e-3).float().mean()
     assert close > 0.95, f"only {close:.1%} of features agree with the CPU"

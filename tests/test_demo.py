@@ -273,6 +273,19 @@ def test_stage_configs_chain_teacher_into_student(tmp_path):
     assert cfgs["mocov2"].model.name == cfgs["s2bnn"].model.name
 
 
+def test_demo_precision_reaches_every_stage(tmp_path, capsys):
+    assert {c.precision for c in stage_configs(DemoConfig(data="synthetic"), tmp_path).values()
+            } == {"auto"}
+    for precision in ("fp32", "bf16"):
+        cfgs = stage_configs(DemoConfig(data="synthetic", precision=precision), tmp_path)
+        assert {c.precision for c in cfgs.values()} == {precision}
+    assert main(["demo", "--data", "synthetic", "--out", str(tmp_path / "o"),
+                 "precision=fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "precision" in err and "fp16" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_finished_stage_reuse_and_time_budgets(tmp_path):
     """A resumed demo keeps a finished stage whatever its budget; a forced rerun does not."""
     from s2bnn.demo import finished_with_same_config

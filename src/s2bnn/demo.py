@@ -72,6 +72,9 @@ class DemoConfig:
     batch_size: int = 256  # the most any stage uses: a stage's recipe may use less (all: 128)
     seed: int = 0
     device: str = "auto"
+    # Every stage's training precision: auto (bf16 autocast on GPUs and on CPUs with AVX512-BF16
+    # or AMX, else fp32), fp32 or bf16. Evaluation is fp32 either way.
+    precision: str = "auto"
     num_workers: int = 0
     # Wall time of the whole demo (evaluation and report included): 600, 90s, 10m, 1h30m.
     budget: str = "10m"
@@ -193,6 +196,7 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
     common = {
         "seed": plan.seed,
         "device": plan.device,
+        "precision": plan.precision,
         "resume": "auto",
         "force": force,
         "progress": plan.progress,

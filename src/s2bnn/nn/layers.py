@@ -69,7 +69,7 @@ class QuantConv2d(_Quantized, nn.Conv2d):
             # On a 1x1 map with 'same' zero padding only the kernel's centre meets data, so this
             # is the same convolution. It avoids oneDNN's bf16 weight gradient for that shape on
             # CPUs, which returns NaN/Inf at random in the taps that meet only padding (seen
-            # with torch 2.14.1 on AVX512-BF16; tests/test_layers.py reproduces it).
+            # with torch 2.14.1 on AVX512-BF16; tests/test_quantizers.py reproduces it).
             kh, kw = self.kernel_size[0] // 2, self.kernel_size[1] // 2
             return F.conv2d(xq, wq[:, :, kh:kh + 1, kw:kw + 1], self.bias, 1, 0, 1, self.groups)
         return self._conv_forward(xq, wq, self.bias)
