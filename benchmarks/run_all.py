@@ -32,14 +32,23 @@ BENCHES: list[tuple[str, list[str], str]] = [
 
 
 def machine() -> str:
-    cpu = platform.machine()
+    """The CPU (with the vector extensions that decide its speed here), cores, GPU, versions."""
+    cpu, flags = platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == platform.machine():
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    # A model name such as "AMD EPYC" names CPUs three times apart in speed here.
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"),
+                                   ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+           if flag in flags]
+    if isa:
+        cpu = f"{cpu} ({', '.join(isa)})"
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
