@@ -21,7 +21,7 @@ Several seeds and a GPU: ``--seeds 0 1 2`` runs every chosen row once per seed (
 seed s distils from its teacher row at seed s, so a row and its base are paired), ``--device
 cuda`` trains and evaluates there, and ``--jobs N`` runs N (row, seed) jobs at once as
 subprocesses, teachers before the students that need them. Such runs go to their own store and
-table (``--store gpu`` writes docs/results/small_folder_gpu.json and the seeds section of
+table (``--store gpu`` writes docs/results/small_folder_gpu.json and
 docs/SMALL_FOLDER_SEEDS.md), so numbers from different machines never share a table:
 
     python benchmarks/small_folder.py --store gpu --device cuda --seeds 0 1 2 --jobs 6
