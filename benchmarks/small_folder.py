@@ -156,7 +156,8 @@ ROWS: dict[str, Row] = {r.key: r for r in [
 
 # The rows a --seeds run covers when --only is not given, in the order they are worth running.
 SEED_ROWS = ["pixels", "untrained", "f_t_base", "f_s_base", "f_s_lr1e3", "f_s_2x", "f_s_tau05",
-             "f_s_lr3e4", "f_s_cos", "f_t_half", "f_t_lr3e3", "f_t_lr3e4"]
+             "f_s_lr3e4", "f_s_cos", "f_t_half", "f_t_lr3e3", "f_t_lr3e4", "f_s_3x",
+             "f_s_2x_lr1e3"]
 
 
 def run_name(key: str, seed: int) -> str:
