@@ -22,11 +22,7 @@ done
 timeout "$SEEDS_TIMEOUT" python3 benchmarks/small_folder.py --store gpu --device cuda \
   --seeds 0 1 2 --jobs 6 --deadline "$SEEDS_DEADLINE" > "$OUT/small_folder.log" 2>&1
 grep "^== " "$OUT/small_folder.log"
-cp docs/results/small_folder_gpu.json "$OUT/" 2>/dev/null
-cp docs/SMALL_FOLDER_SEEDS.md "$OUT/" 2>/dev/null
-python3 - <<'PY'
-import json, sys
-sys.path.insert(0, "benchmarks")
-import small_folder as sf
-print("\n".join(sf.seed_summary(json.load(open("docs/results/small_folder_gpu.json")))))
-PY
+# A run cut short by its timeout has not written the doc yet: write it from the JSON.
+python3 benchmarks/small_folder.py --store gpu --report
+cp docs/results/small_folder_gpu.json docs/SMALL_FOLDER_SEEDS.md "$OUT/"
+sed -n '/^| row/,/^$/p' docs/SMALL_FOLDER_SEEDS.md
