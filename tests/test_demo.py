@@ -206,19 +206,30 @@ def test_demo_teacher_stopped_by_its_cap_leaves_its_time_to_the_students(tmp_pat
     data = _tree(tmp_path / "data")
     sized = [a for a in TINY if not a.startswith(("teacher_", "s2bnn_", "mocov2_"))]
     assert main(["demo", "--data", str(data), "--out", str(tmp_path / "o"), *sized,
-                 "budget=30s", "teacher_max_epochs=2"]) == 0
+                 "budget=30s", "teacher_max_epochs=2", "max_teachers=2"]) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     teacher, s2bnn = results["stages"]["teacher"], results["stages"]["s2bnn"]
     assert teacher["epoch_cap"] == 2 and teacher["epochs"] == 2.0
     assert teacher["seconds"] < 0.5 * teacher["budget_seconds"]
-    # The teacher's unused time went to the stages after it.
+    # The time it left trained a second teacher (max_teachers=2), as long as the first, and the
+    # S2-BNN student distilled from both; the rest went to the students.
+    assert teacher["teachers"] == 2
+    (second,) = teacher["more_teachers"]
+    assert second["seed"] == 1 and second["epochs"] == 2.0
+    from s2bnn.eval.loading import read_run_config
+
+    extra = read_run_config(tmp_path / "o" / "runs" / "s2bnn")["method"]["teacher"]["extra_paths"]
+    assert extra == [str(tmp_path / "o" / "runs" / "teacher_2")]
     assert s2bnn["budget_seconds"] > teacher["budget_seconds"]
-    assert "stopped at 2 epochs (teacher_max_epochs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopped at 2 epochs (teacher_max_epochs); 1 more teacher (seed 1" in out
+    assert "distils from all 2" in out
     assert results["wall_seconds"] <= 1.1 * 30 + 3
 
 
 @pytest.mark.parametrize("over, needle", [
     (["teacher_max_epochs=0"], "'teacher_max_epochs' must be > 0"),
+    (["max_teachers=0"], "'max_teachers' must be >= 1"),
     (["budget=soon"], "demo key 'budget'"),
     (["budget=-3"], "demo key 'budget'"),
     (["teacher_steps=5", "teacher_epochs=1"], "'teacher_steps' and 'teacher_epochs'"),
@@ -271,6 +282,71 @@ def test_stage_configs_chain_teacher_into_student(tmp_path):
                          seconds={"mocov2": 12.5})
     assert cfgs["s2bnn"].steps == 7 and cfgs["mocov2"].time_budget == "12.5"
     assert cfgs["mocov2"].model.name == cfgs["s2bnn"].model.name
+
+
+def test_teachers_that_fit_the_share_the_first_one_left():
+    from s2bnn.demo import teachers_that_fit
+
+    assert teachers_that_fit(240.0, 50.0, 2) == 2
+    assert teachers_that_fit(240.0, 50.0, 4) == 4  # 190 s left: 3 more of 50 s
+    assert teachers_that_fit(240.0, 50.0, 9) == 4  # ... and no more than fit
+    assert teachers_that_fit(240.0, 120.0, 4) == 2
+    assert teachers_that_fit(240.0, 130.0, 4) == 1  # what is left is shorter than one teacher
+    assert teachers_that_fit(240.0, 300.0, 4) == 1  # overran its share
+    assert teachers_that_fit(240.0, 50.0, 1) == 1
+    assert teachers_that_fit(240.0, 0.0, 4) == 1  # nothing measured (a reused run)
+
+
+def test_stage_configs_with_several_teachers(tmp_path):
+    from s2bnn.demo import teacher_dir
+
+    one = stage_configs(DemoConfig(data="synthetic", seed=3), tmp_path, num_train=2000)
+    assert one["s2bnn"].method.teacher.extra_paths == [] and "teacher_2" not in one
+    cfgs = stage_configs(DemoConfig(data="synthetic", seed=3), tmp_path, num_train=2000,
+                         teachers=3, seconds={"teacher_2": 40.0, "teacher_3": 35.5})
+    assert cfgs["s2bnn"].method.teacher.path == cfgs["teacher"].output_dir
+    assert cfgs["s2bnn"].method.teacher.extra_paths == [str(teacher_dir(tmp_path, 2)),
+                                                        str(teacher_dir(tmp_path, 3))]
+    for k, sec in ((2, "40.0"), (3, "35.5")):
+        extra, first = config_to_dict(cfgs[f"teacher_{k}"]), config_to_dict(cfgs["teacher"])
+        assert extra.pop("seed") == 3 + k - 1 and extra.pop("time_budget") == sec
+        assert extra.pop("output_dir") == cfgs["s2bnn"].method.teacher.extra_paths[k - 2]
+        for key in ("seed", "time_budget", "output_dir"):
+            first.pop(key)
+        assert extra == first  # the same recipe, the same epoch cap
+    assert cfgs["teacher_2"].time_budget_max_epochs == 20
+
+
+def test_a_resumed_demo_keeps_its_teacher_count(tmp_path, monkeypatch):
+    """The count is decided once, from the first teacher's time, and kept in runs/teachers.json:
+    a demo resumed after its first teacher (reused, 0 s) trains the same extra teachers."""
+    import s2bnn.demo as demo
+
+    trained = []
+    monkeypatch.setattr(demo, "train_stage", lambda cfg, any_budget=False: (
+        trained.append((cfg.output_dir, cfg.seed, float(cfg.time_budget))) or (
+            Path(cfg.output_dir), 30.0)))
+    monkeypatch.setattr(demo, "stage_summary", lambda run, sec, budget, cap=None: {
+        "steps": 300, "epochs": 20.0, "seconds": sec, "budget_seconds": budget})
+    plan = DemoConfig(data="synthetic", max_teachers=3)
+    first = {"steps": 300, "epochs": 20.0, "seconds": 40.0, "epoch_cap": 20}
+    assert demo._more_teachers(plan, tmp_path, False, 2000, 200.0, first) == 3
+    assert [t[:2] for t in trained] == [(str(demo.teacher_dir(tmp_path, k)), k - 1)
+                                       for k in (2, 3)]
+    assert trained[0][2] == pytest.approx(80.0, abs=1.0)  # 160 s left, for two teachers
+    assert first["teachers"] == 3 and [t["seed"] for t in first["more_teachers"]] == [1, 2]
+    assert "2 more teachers (seeds 1, 2" in demo._describe_stage("teacher", first)
+    assert "distils from all 3" in demo._describe_stage("teacher", first)
+    trained.clear()
+    reused = {"steps": 300, "epochs": 20.0, "seconds": 0.0, "epoch_cap": 20}
+    assert demo._more_teachers(plan, tmp_path, False, 2000, 200.0, reused) == 3
+    assert len(trained) == 2
+    # Not stopped by its cap (it used its share), or a fixed size: one teacher.
+    trained.clear()
+    assert demo._more_teachers(plan, tmp_path, True, 2000, 200.0, {"seconds": 190.0}) == 1
+    assert demo._more_teachers(plan, tmp_path, True, 2000, None, dict(first)) == 1
+    assert trained == [] and json.loads((tmp_path / "runs" / "teachers.json").read_text()) == {
+        "teachers": 1}
 
 
 def test_demo_precision_reaches_every_stage(tmp_path, capsys):

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s2bnn.losses import dino_loss, info_nce, seed_loss, soft_cross_entropy
+from s2bnn.losses import (
+    dino_loss,
+    info_nce,
+    multi_teacher_soft_cross_entropy,
+    seed_loss,
+    soft_cross_entropy,
+)
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:
@@ -74,6 +80,24 @@ def test_soft_cross_entropy_is_minimal_at_the_teacher() -> None:
     entropy = -(p_t * p_t.log()).sum(1).mean()
     assert soft_cross_entropy(t, t, tau).item() == pytest.approx(entropy.item(), rel=1e-9)
     assert soft_cross_entropy(s, t, tau).item() > entropy.item()
+
+
+def test_multi_teacher_loss_is_the_mean_of_the_paper_loss_per_teacher() -> None:
+    tau = 0.2
+    s = torch.cat([_unit(5, 7, seed=10 + k) for k in range(3)], 1)
+    t = torch.cat([_unit(5, 7, seed=20 + k) for k in range(3)], 1)
+    expected = sum(soft_cross_entropy(s[:, 7 * k:7 * (k + 1)], t[:, 7 * k:7 * (k + 1)], tau)
+                   for k in range(3)) / 3
+    torch.testing.assert_close(multi_teacher_soft_cross_entropy(s, t, tau, 3), expected)
+    # One teacher: the paper's loss itself. Blocks are not one softmax over all 21 dims.
+    one = multi_teacher_soft_cross_entropy(s[:, :7], t[:, :7], tau, 1)
+    torch.testing.assert_close(one, soft_cross_entropy(s[:, :7], t[:, :7], tau))
+    assert abs(multi_teacher_soft_cross_entropy(s, t, tau, 3).item()
+               - soft_cross_entropy(s, t, tau).item()) > 0.1
+    with pytest.raises(ValueError, match="do not split into 2 equal blocks"):
+        multi_teacher_soft_cross_entropy(s, t, tau, 2)
+    with pytest.raises(ValueError, match="do not split"):
+        multi_teacher_soft_cross_entropy(s[:, :14], t, tau, 3)
 
 
 def test_seed_loss_matches_formula() -> None:

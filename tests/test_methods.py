@@ -43,19 +43,25 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(_REGISTRY, "tiny_test_net", TinyNet)
 
 
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run dir in this project's checkpoint layout holding a random tiny teacher."""
-    torch.manual_seed(123)
+def _save_teacher(run: Path, seed: int, dim: int = DIM) -> Path:
+    torch.manual_seed(seed)
     backbone = TinyNet(in_chans=1, width=8)
-    head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, DIM))
-    run = tmp_path_factory.mktemp("teacher_run")
+    head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, dim))
     save_checkpoint({
         "format": "s2bnn", "version": 1, "config": {}, "epoch": 1, "step": 1,
         "backbone": {"name": "tiny_test_net", "kwargs": {"in_chans": 1, "width": 8},
                      "state_dict": backbone.state_dict()},
         "method": {f"head.{k}": v for k, v in head.state_dict().items()},
     }, run / "checkpoints" / "last.pt")
+    return run
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir in this project's checkpoint layout holding a random tiny teacher, and in its
+    ``second/`` another one (another seed) for the multi-teacher cases."""
+    run = _save_teacher(tmp_path_factory.mktemp("teacher_run"), 123)
+    _save_teacher(run / "second", 456)
     return run
 
 
@@ -118,6 +124,8 @@ CASES = {
                                           contrastive_weight=1.0, momentum=0.99),
     "s2bnn_online": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(None, kind="online"),
                                      momentum=0.99),
+    "s2bnn_teachers": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(
+        run, extra_paths=[str(run / "second")] if run else [])),
     "seed": lambda run: _cfg("seed", teacher=_teacher_cfg(run)),
     "dino": lambda run: _cfg("dino", dino_out_dim=64, ema_momentum=0.99,
                              dino_center_momentum=0.99),
@@ -170,7 +178,8 @@ def test_frozen_teacher_stays_frozen_and_gets_no_grad(registry: None, teacher_ru
         torch.testing.assert_close(v, before[k])
 
 
-@pytest.mark.parametrize("case", ["mocov2", "s2bnn_contrastive", "s2bnn_online", "seed", "dino"])
+@pytest.mark.parametrize("case", ["mocov2", "s2bnn_contrastive", "s2bnn_online",
+                                  "s2bnn_teachers", "seed", "dino"])
 def test_ddp_ignored_names(case: str, registry: None, teacher_run: Path) -> None:
     method = _build(CASES[case](teacher_run))
     names = set(method.ddp_ignored_names())
@@ -208,7 +217,7 @@ def test_state_dict_round_trip(case: str, registry: None, teacher_run: Path) -> 
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("case", ["s2bnn", "s2bnn_contrastive", "seed"])
+@pytest.mark.parametrize("case", ["s2bnn", "s2bnn_contrastive", "s2bnn_teachers", "seed"])
 def test_training_state_leaves_the_offline_teacher_out(
     case: str, registry: None, teacher_run: Path
 ) -> None:
@@ -245,8 +254,8 @@ def test_methods_without_a_frozen_teacher_checkpoint_everything(
 
 def test_views_needed() -> None:
     assert [views_needed(CASES[c](None)) for c in sorted(CASES)] == [
-        # dino mocov2 mocov2_symmetric s2bnn s2bnn_contrastive s2bnn_online seed
-        2, 2, 2, 1, 2, 2, 1]
+        # dino mocov2 mocov2_symmetric s2bnn s2bnn_contrastive s2bnn_online s2bnn_teachers seed
+        2, 2, 2, 1, 2, 2, 1, 1]
 
 
 def test_queue_is_updated_after_the_step(registry: None, teacher_run: Path) -> None:
@@ -493,6 +502,55 @@ def test_seed_closes_the_gap_to_the_teacher(registry: None, teacher_run: Path) -
     before = kl()
     _epoch_losses(method, epochs=4)
     assert kl() < 0.5 * before
+
+
+def test_several_teachers_one_head_block_each(registry: None, teacher_run: Path) -> None:
+    """method.teacher.extra_paths: the targets are both teachers' embeddings side by side, the
+    student has one unit block per teacher, the loss is the mean of the paper's loss over the
+    blocks, and training brings the student closer to each teacher."""
+    from s2bnn.losses import soft_cross_entropy
+    from s2bnn.teachers import TeacherEnsemble, load_teacher
+
+    method = _build(CASES["s2bnn_teachers"](teacher_run))
+    assert isinstance(method.teacher, TeacherEnsemble) and method.members == 2
+    assert method.head[-1].out_features == 2 * DIM
+    x = _data()[0][0]
+    alone = [load_teacher(p, "tiny_test_net") for p in (teacher_run, teacher_run / "second")]
+    target = method.teacher(x)
+    torch.testing.assert_close(target, torch.cat([t(x) for t in alone], 1))
+    assert not torch.allclose(target[:, :DIM], target[:, DIM:])  # two different teachers
+
+    def blocks() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        with torch.no_grad():
+            s = method._student(x)
+        assert torch.allclose(s.unflatten(1, (2, DIM)).norm(dim=2), torch.ones(len(x), 2))
+        return list(zip(s.split(DIM, 1), target.split(DIM, 1)))
+
+    method.eval()
+    loss, logs = method([x])
+    paper = [soft_cross_entropy(s, t, method.temperature) for s, t in blocks()]
+    torch.testing.assert_close(loss, torch.stack(paper).mean())
+    cosines = [(s * t).sum(1).mean() for s, t in blocks()]
+    torch.testing.assert_close(logs["cosine"], torch.stack(cosines).mean())
+    _epoch_losses(method, epochs=4)
+    method.eval()
+    after = [(s * t).sum(1).mean() for s, t in blocks()]
+    assert all(a > b for a, b in zip(after, cosines)), (cosines, after)
+
+
+def test_several_teachers_errors(registry: None, teacher_run: Path, tmp_path: Path) -> None:
+    extra = [str(teacher_run / "second")]
+    with pytest.raises(ConfigError, match="extra_paths .*needs method.contrastive_weight 0"):
+        _build(_cfg("s2bnn", teacher=_teacher_cfg(teacher_run, extra_paths=extra),
+                    contrastive_weight=1.0))
+    with pytest.raises(ConfigError, match="method 'seed' distils from one teacher"):
+        _build(_cfg("seed", teacher=_teacher_cfg(teacher_run, extra_paths=extra)))
+    with pytest.raises(CheckpointError, match="teacher not found: .*nowhere"):
+        _build(_cfg("s2bnn", teacher=_teacher_cfg(
+            teacher_run, extra_paths=[str(tmp_path / "nowhere")])))
+    other = _save_teacher(tmp_path / "wide", 7, dim=2 * DIM)
+    with pytest.raises(ConfigError, match=f"{other} gives 64-d embeddings"):
+        _build(_cfg("s2bnn", teacher=_teacher_cfg(teacher_run, extra_paths=[str(other)])))
 
 
 def test_missing_teacher_file_names_the_fix(registry: None, tmp_path: Path) -> None:

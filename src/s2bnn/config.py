@@ -106,6 +106,10 @@ class TeacherConfig:
 
     kind: str = "offline"  # offline (frozen, loaded from `path`) | online (MoCo v2 in the same run)
     path: Optional[str] = None  # run dir, s2bnn checkpoint, official MoCo v2 .pth.tar, safetensors
+    # S2-BNN, offline: more teachers of the same arch, read like `path`. The student's head gets
+    # one proj_dim block per teacher and the loss is the mean of the paper's loss over them
+    # (multi-teacher distillation; not in the paper, empty by default).
+    extra_paths: list[str] = field(default_factory=list)
     arch: str = "resnet50"  # registry name of the teacher backbone
     kwargs: dict[str, Any] = field(default_factory=dict)  # build_model kwargs of the teacher
     # Offline: the projection head in the checkpoint. auto: whatever the checkpoint holds (none if

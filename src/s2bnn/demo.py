@@ -3,8 +3,11 @@
 1. evaluate the baselines that need no training: raw pixels and the untrained student (several
    seeds), with weighted kNN and the linear probe (SGD and Adam learning-rate sweeps); their
    time also tells how long the trained networks' evaluation will take;
-2. pretrain a real-valued teacher with MoCo v2;
-3. distil a binary ReActNet-style student from it with S2-BNN (strategy 3, distillation only);
+2. pretrain a real-valued teacher with MoCo v2 (with ``max_teachers`` > 1, on a small set where
+   the teacher stops at its epoch cap early, the time it leaves trains more teachers from other
+   seeds);
+3. distil a binary ReActNet-style student from it (from them) with S2-BNN (strategy 3,
+   distillation only);
 4. train the same binary student with MoCo v2 (strategy 1, the paper's enhanced recipe: Adam,
    "lite" augmentation), so the two students differ only in what they learn from;
 5. evaluate the teacher and both students the same way (the binary networks' features, here
@@ -47,7 +50,7 @@ from s2bnn.errors import ConfigError, DataError, RunDirError
 __all__ = [
     "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
     "result_row", "train_stage", "finished_with_same_config", "STAGE_SHARES", "weak_results",
-    "deep_merge", "stage_seconds", "teacher_epoch_cap",
+    "deep_merge", "stage_seconds", "teacher_epoch_cap", "teachers_that_fit", "teacher_dir",
 ]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
@@ -59,6 +62,7 @@ STAGE_SHARES: dict[str, float] = {"teacher": 0.40, "s2bnn": 0.31, "mocov2": 0.29
 MIN_STEPS = 300
 MIN_STAGE_FRACTION = 0.04  # of the budget: the least a later stage gets after overruns
 REPORT_SECONDS = 8.0  # plots and files at the end, kept out of the training time
+MAX_TEACHERS = 1  # DemoConfig.max_teachers (1: one teacher)
 
 
 @dataclass
@@ -95,6 +99,14 @@ class DemoConfig:
     # (linear 79.3 / 79.4) while the S2-BNN student gained from twice its steps (78.7 -> 79.4;
     # benchmarks/small_folder.py). Larger sets get far fewer epochs than this. None: no cap.
     teacher_max_epochs: Optional[int] = 20
+    # A teacher stopped by that cap leaves most of its share unused on a small set. With
+    # max_teachers > 1 that time trains more teachers (seeds seed+1, seed+2, ...), each given
+    # the first one's time, as many as fit (at most this many in all), and the S2-BNN student
+    # distils from all of them: one head block per teacher, the paper's loss averaged over the
+    # blocks (method.teacher.extra_paths). Off by default: on the folders a second teacher
+    # scored +2.5 and +0.8 at equal student steps but -0.6, -0.9 and -1.2 inside the demo
+    # (docs/MULTI_TEACHER.md, docs/DEMO_BUDGET.md).
+    max_teachers: int = MAX_TEACHERS
     # Labelled images the probes train on (None: all). 10,000 keeps the whole demo inside 10 min
     # on 2 cores with a margin (20,000 took 104 s of a 605 s demo on a slow day).
     eval_train_limit: Optional[int] = 10000
@@ -178,14 +190,31 @@ def teacher_epoch_cap(max_epochs: int | None, num_train: int | None, batch: int)
     return max(int(max_epochs), math.ceil(MIN_STEPS / per_epoch))
 
 
+def teachers_that_fit(share: float, first: float, max_teachers: int) -> int:
+    """How many teachers a teacher share of ``share`` seconds trains when the first one, stopped
+    by its epoch cap, took ``first`` seconds: that one and as many more of the same length as
+    fit in the rest of the share, at most ``max_teachers`` in all."""
+    if max_teachers <= 1 or not first > 0:
+        return 1
+    return 1 + max(0, min(max_teachers - 1, math.floor((share - first) / first)))
+
+
+def teacher_dir(out: Path, k: int) -> Path:
+    """Run dir of the demo's ``k``-th teacher (1: the first, ``runs/teacher``)."""
+    return out / "runs" / ("teacher" if k == 1 else f"teacher_{k}")
+
+
 def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
                   seconds: dict[str, float] | None = None,
-                  num_train: int | None = None) -> dict[str, Config]:
+                  num_train: int | None = None, teachers: int = 1) -> dict[str, Config]:
     """The validated training configs of the three stages, keyed by result name.
 
     A stage without a fixed size trains for ``seconds[name]`` (default: its share of the whole
     budget, a placeholder until the demo knows what is left when the stage starts); the teacher
-    for at most :func:`teacher_epoch_cap` epochs of ``num_train`` images.
+    for at most :func:`teacher_epoch_cap` epochs of ``num_train`` images. With ``teachers`` > 1
+    the configs of the extra teachers are there too (``teacher_2``, ...: the teacher's recipe
+    at seeds ``seed+1``, ..., each for ``seconds[name]``), and the S2-BNN student distils from
+    every teacher.
     """
     from s2bnn.models import list_models
 
@@ -208,6 +237,9 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
     if plan.teacher_max_epochs is not None and plan.teacher_max_epochs <= 0:
         raise ConfigError(f"demo key 'teacher_max_epochs' must be > 0 (or null for no cap), "
                           f"got {plan.teacher_max_epochs}")
+    if plan.max_teachers < 1:
+        raise ConfigError(f"demo key 'max_teachers' must be >= 1 (1: one teacher), "
+                          f"got {plan.max_teachers}")
     sizes = {}
     for name in STAGES:
         # This VM's speed drifts by a third within minutes: a stage re-plans its steps as it
@@ -222,19 +254,25 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
     if "time_budget" in sizes["teacher"]:
         sizes["teacher"]["time_budget_max_epochs"] = teacher_epoch_cap(
             plan.teacher_max_epochs, num_train, sizes["teacher"]["batch_size"])
-    teacher_dir = out / "runs" / "teacher"
     stages = {
         "teacher": deep_merge(TEACHER_RECIPE, {
-            **common, "output_dir": str(teacher_dir), **sizes["teacher"],
+            **common, "output_dir": str(teacher_dir(out, 1)), **sizes["teacher"],
             "model": {"name": plan.teacher_model}}),
         "s2bnn": deep_merge(S2BNN_RECIPE, {
             **common, "output_dir": str(out / "runs" / "s2bnn"), **sizes["s2bnn"],
             "model": {"name": plan.student_model},
-            "method": {"teacher": {"path": str(teacher_dir), "arch": plan.teacher_model}}}),
+            "method": {"teacher": {
+                "path": str(teacher_dir(out, 1)), "arch": plan.teacher_model,
+                "extra_paths": [str(teacher_dir(out, k)) for k in range(2, teachers + 1)]}}}),
         "mocov2": deep_merge(MOCOV2_RECIPE, {
             **common, "output_dir": str(out / "runs" / "mocov2"), **sizes["mocov2"],
             "model": {"name": plan.student_model}}),
     }
+    for k in range(2, teachers + 1):
+        extra = {"seed": plan.seed + k - 1, "output_dir": str(teacher_dir(out, k))}
+        if "time_budget" in sizes["teacher"]:
+            extra["time_budget"] = f"{(seconds or {}).get(f'teacher_{k}', 1.0):.1f}"
+        stages[f"teacher_{k}"] = deep_merge(stages["teacher"], extra)
     return {name: config_from_dict(cfg, f"demo stage '{name}'") for name, cfg in stages.items()}
 
 
@@ -327,6 +365,36 @@ def stage_seconds(left: float, todo: dict[str, float], budget: float,
     return seconds
 
 
+def _more_teachers(plan: DemoConfig, out: Path, force: bool, num_train: int,
+                   share: float | None, first: dict[str, Any]) -> int:
+    """Train the extra teachers that the first teacher's unused share pays for (see
+    ``DemoConfig.max_teachers``); returns the number of teachers in all and adds
+    ``teachers`` and ``more_teachers`` (what each extra one got) to ``first``. The count goes to
+    ``runs/teachers.json``, so that a demo resumed after its first teacher keeps it."""
+    record = out / "runs" / "teachers.json"
+    if first["seconds"] == 0 and record.is_file() and not force:  # first teacher reused
+        count = int(json.loads(record.read_text())["teachers"])
+    elif share is None or not first.get("epoch_cap"):
+        count = 1  # a fixed-size teacher, or one that used its whole share
+    else:
+        count = teachers_that_fit(share, first["seconds"], plan.max_teachers)
+    atomic_write_bytes(record, json.dumps({"teachers": count}).encode())
+    first["teachers"], first["more_teachers"] = count, []
+    start = time.perf_counter()
+    for k in range(2, count + 1):
+        left = (share or 0.0) - first["seconds"] - (time.perf_counter() - start)
+        sec = max(left / (count - k + 1), 1.0)
+        name = f"teacher_{k}"
+        cfg = stage_configs(plan, out, force=force, seconds={name: sec}, num_train=num_train,
+                            teachers=count)[name]
+        print(f"\n== teacher {k} of {count} (seed {cfg.seed}), {format_duration(sec)} of the "
+              "time the first one left", flush=True)
+        run_dir, seconds = train_stage(cfg, any_budget=not force)
+        got = stage_summary(run_dir, seconds, sec, cfg.time_budget_max_epochs)
+        first["more_teachers"].append({"seed": cfg.seed, **got})
+    return count
+
+
 def _epochs(n: float) -> str:
     return f"{n:g} epoch" + ("" if n == 1 else "s")
 
@@ -338,9 +406,17 @@ def _describe_stage(name: str, got: dict[str, Any]) -> str:
     text += f" in {format_duration(got['seconds'])}"
     if got.get("budget_seconds") is not None:
         text += f" (its budget {format_duration(got['budget_seconds'])})"
+    more = got.get("more_teachers") or []
     if got.get("epoch_cap") is not None:
-        text += (f"; stopped at {_epochs(got['epoch_cap'])} (teacher_max_epochs), its time "
-                 "left to the students")
+        text += f"; stopped at {_epochs(got['epoch_cap'])} (teacher_max_epochs)"
+        text += ", its time left to the students" if not more else ""
+    if more:
+        seeds = ", ".join(str(t["seed"]) for t in more)
+        text += (f"; {len(more)} more teacher{'s' if len(more) > 1 else ''} (seed"
+                 f"{'s' if len(more) > 1 else ''} {seeds}: "
+                 f"{', '.join(str(t['steps']) for t in more)} steps in "
+                 f"{format_duration(sum(t['seconds'] for t in more))}), and the S2-BNN student "
+                 f"distils from all {len(more) + 1}")
     return text
 
 
@@ -595,6 +671,7 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
 
     stages: dict[str, dict[str, Any]] = {}
     dirs: dict[str, Path] = {}
+    teachers = 1
     texts = {
         "teacher": f"teacher: MoCo v2 on real-valued {plan.teacher_model}",
         "s2bnn": f"S2-BNN: distil binary {plan.student_model} from the frozen teacher "
@@ -611,7 +688,8 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
                 f"demo key 'budget': {format_duration(budget)} is used up before the {name} "
                 f"stage (the evaluation on this data needs about {format_duration(eval_reserve)});"
                 " raise budget or lower eval_train_limit")
-        cfg = stage_configs(plan, out, force=force, seconds=seconds, num_train=num_train)[name]
+        cfg = stage_configs(plan, out, force=force, seconds=seconds, num_train=num_train,
+                            teachers=teachers)[name]
         share = f", {format_duration(seconds[name])} of the budget" if name in seconds else ""
         _header(2 + i, total, texts[name] + share)
         # A rerun with --force trains again (e.g. with a larger budget); a demo resumed after a
@@ -619,6 +697,10 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
         dirs[name], timings[name] = train_stage(cfg, any_budget=not force)
         stages[name] = stage_summary(dirs[name], timings[name], seconds.get(name),
                                      cfg.time_budget_max_epochs if cfg.time_budget else None)
+        if name == "teacher":
+            teachers = _more_teachers(plan, out, force, num_train, seconds.get(name),
+                                      stages[name])
+            timings[name] += sum(t["seconds"] for t in stages[name].get("more_teachers", []))
         print(_describe_stage(name, stages[name]), flush=True)
 
     _header(5, total, "evaluation of the trained networks: weighted kNN and linear probes")

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-__all__ = ["info_nce", "soft_cross_entropy", "seed_loss", "dino_loss"]
+__all__ = [
+    "info_nce", "soft_cross_entropy", "multi_teacher_soft_cross_entropy", "seed_loss", "dino_loss",
+]
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -91,6 +93,23 @@ def soft_cross_entropy(
     p_teacher = F.softmax(_up(teacher.detach()) / temperature, dim=1)
     log_p_student = F.log_softmax(_up(student) / temperature, dim=1)
     return -(p_teacher * log_p_student).sum(dim=1).mean()
+
+
+def multi_teacher_soft_cross_entropy(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, members: int
+) -> torch.Tensor:
+    """:func:`soft_cross_entropy` averaged over ``members`` teachers.
+
+    ``teacher`` holds the teachers' unit embeddings side by side (N x members*D, as
+    :class:`s2bnn.teachers.TeacherEnsemble` gives them) and ``student`` one unit embedding per
+    teacher in the same layout; block k of the student matches teacher k. With one member
+    this is :func:`soft_cross_entropy` itself.
+    """
+    if student.shape != teacher.shape or student.shape[1] % members:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
+                         f"embeddings do not split into {members} equal blocks")
+    pairs = zip(student.chunk(members, dim=1), teacher.chunk(members, dim=1))
+    return torch.stack([soft_cross_entropy(s, t, temperature) for s, t in pairs]).mean()
 
 
 @_full_precision

@@ -56,7 +56,7 @@ from s2bnn.models.common import model_in_chans
 
 __all__ = [
     "PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "PRECISION_CHOICES", "FORMAT_CHOICES", "Teacher",
-    "load_teacher", "detect_format",
+    "TeacherEnsemble", "load_teacher", "detect_format",
 ]
 
 # Key prefix of the student's projection head in every method's state_dict (see module docstring).
@@ -125,6 +125,34 @@ class Teacher(nn.Module):
         with torch.no_grad(), self._autocast(x):
             z = self.head(self.backbone(x))
         return F.normalize(z.float(), dim=1)
+
+
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers as one: ``forward`` returns their embeddings side by side
+    (N x members*D), each block of D unit length, in the order given.
+
+    For multi-teacher distillation (:class:`s2bnn.methods.s2bnn.S2BNN` with
+    ``method.teacher.extra_paths``): teachers trained with different seeds see the data
+    differently, and a student matching all of them learns more than any one can teach.
+    """
+
+    def __init__(self, teachers: list[Teacher]) -> None:
+        super().__init__()
+        if not teachers:
+            raise ValueError("TeacherEnsemble needs at least one teacher")
+        dims = {t.embed_dim for t in teachers}
+        if len(dims) != 1:
+            raise ConfigError(f"the teachers give embeddings of different sizes {sorted(dims)}; "
+                              "every teacher of method.teacher.path/extra_paths needs the same")
+        self.teachers = nn.ModuleList(teachers)
+        self.members = len(teachers)
+        self.member_dim = dims.pop()
+        self.embed_dim = self.members * self.member_dim
+        self.in_chans = teachers[0].in_chans
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t(x) for t in self.teachers], dim=1)
 
 
 def _tensors(obj: Any) -> bool:

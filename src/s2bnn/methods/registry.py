@@ -107,34 +107,47 @@ def build_method(
 
 
 # --------------------------------------------------------------------------- teachers
-def offline_teacher(tcfg: TeacherConfig, method: str, in_chans: int, proj_dim: int
-                    ) -> nn.Module:
-    """The frozen teacher ``method.teacher`` points at, checked against the data and head."""
-    from s2bnn.teachers import load_teacher
+def offline_teacher(tcfg: TeacherConfig, method: str, in_chans: int, proj_dim: int,
+                    ensemble: bool = False) -> nn.Module:
+    """The frozen teacher ``method.teacher`` points at, checked against the data and head; with
+    ``ensemble`` (a method that distils from several) a :class:`TeacherEnsemble` of ``path``
+    and ``extra_paths`` when the latter is set."""
+    from s2bnn.teachers import TeacherEnsemble
 
+    if tcfg.extra_paths and not ensemble:
+        raise ConfigError(f"method '{method}' distils from one teacher; method.teacher."
+                          "extra_paths is for method s2bnn (leave it empty)")
     if not tcfg.path:
         raise ConfigError(
             f"method '{method}' needs a teacher: set method.teacher.path=RUN_DIR_OR_CHECKPOINT "
             "(e.g. the run dir of configs/fashion_mnist/teacher_mocov2.yaml)"
         )
-    if not Path(tcfg.path).exists():
+    teachers = [_one_teacher(tcfg, path, in_chans, proj_dim)
+                for path in (tcfg.path, *tcfg.extra_paths)]
+    return teachers[0] if len(teachers) == 1 else TeacherEnsemble(teachers)
+
+
+def _one_teacher(tcfg: TeacherConfig, path: str, in_chans: int, proj_dim: int) -> nn.Module:
+    from s2bnn.teachers import load_teacher
+
+    if not Path(path).exists():
         raise CheckpointError(
-            f"teacher not found: {tcfg.path}; train it first (e.g. s2bnn train "
+            f"teacher not found: {path}; train it first (e.g. s2bnn train "
             "configs/fashion_mnist/teacher_mocov2.yaml) or set method.teacher.path"
         )
     teacher = load_teacher(
-        tcfg.path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, fmt=tcfg.format,
+        path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, fmt=tcfg.format,
         **dict(tcfg.kwargs),
     )
     t_chans = getattr(teacher, "in_chans", None)
     if t_chans is not None and t_chans != in_chans:
         raise ConfigError(
-            f"the teacher {tcfg.path} takes {t_chans}-channel images but the data has {in_chans}; "
+            f"the teacher {path} takes {t_chans}-channel images but the data has {in_chans}; "
             "use a teacher trained on this data (or convert the images)"
         )
     if teacher.embed_dim != proj_dim:
         raise ConfigError(
-            f"the teacher {tcfg.path} gives {teacher.embed_dim}-d embeddings but "
+            f"the teacher {path} gives {teacher.embed_dim}-d embeddings but "
             f"method.proj_dim is {proj_dim}; set method.proj_dim={teacher.embed_dim}"
         )
     return teacher

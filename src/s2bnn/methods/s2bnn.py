@@ -5,6 +5,7 @@ For every view ``x`` of an image (the teacher sees the *same* augmented view as 
     s = normalize(head(backbone(x)))          # student: backbone + MLP head (feat -> feat -> D)
     t = teacher(x)                             # frozen, eval mode, no autograd; unit vectors
     L_distill = soft_cross_entropy(s, t, tau)  # -mean_n sum_c softmax(t/tau) log softmax(s/tau)
+    # with K teachers (method.teacher.extra_paths): s has K unit blocks, L = mean_k L(s_k, t_k)
 
     loss = distill_weight * mean_over_views(L_distill)                        # strategy 3
          + contrastive_weight * info_nce(s_view0, key(view1), queue, tau)     # strategy 2, > 0
@@ -38,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s2bnn.errors import ConfigError
-from s2bnn.losses import soft_cross_entropy
+from s2bnn.losses import multi_teacher_soft_cross_entropy
 from s2bnn.methods.base import (
     Method,
     check_views,
@@ -86,6 +87,11 @@ class S2BNN(Method):
                               "offline teacher (method.teacher.kind=offline)")
         if cfg.distill_weight == 0 and cfg.contrastive_weight == 0:
             raise ConfigError("method.distill_weight and method.contrastive_weight are both 0")
+        if cfg.teacher.extra_paths and (cfg.contrastive_weight > 0
+                                        or cfg.teacher.kind == "online"):
+            # The contrastive term and the online teacher work on one proj_dim embedding.
+            raise ConfigError("method.teacher.extra_paths (several offline teachers) needs "
+                              "method.contrastive_weight 0 and method.teacher.kind=offline")
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> S2BNN:
@@ -95,7 +101,8 @@ class S2BNN(Method):
         if cfg.teacher.kind == "online":
             return cls(backbone, online_teacher=online_teacher(cfg.teacher, ctx.in_chans,
                                                                cfg.proj_dim), **kw)
-        teacher = offline_teacher(cfg.teacher, cls.name, ctx.in_chans, cfg.proj_dim)
+        teacher = offline_teacher(cfg.teacher, cls.name, ctx.in_chans, cfg.proj_dim,
+                                  ensemble=True)
         return cls(backbone, teacher=teacher, **kw)
 
     def __init__(
@@ -125,8 +132,12 @@ class S2BNN(Method):
         if mixup_alpha > 0 and (contrastive_weight > 0 or online_teacher is not None):
             raise ValueError("mixup_alpha needs contrastive_weight 0 and an offline teacher")
         self.mixup_alpha = mixup_alpha
+        # Several teachers (a TeacherEnsemble): one proj_dim block of the head's output each.
+        self.members = int(getattr(teacher, "members", 1))
+        if self.members > 1 and (contrastive_weight > 0 or online_teacher is not None):
+            raise ValueError("several teachers need contrastive_weight 0 and no online teacher")
         feat = int(backbone.feature_dim)
-        self.head = mlp_head(feat, hidden_dim or feat, proj_dim)
+        self.head = mlp_head(feat, hidden_dim or feat, proj_dim * self.members)
         self.temperature = temperature
         self.distill_weight = distill_weight
         self.contrastive_weight = contrastive_weight
@@ -149,7 +160,8 @@ class S2BNN(Method):
     def _student(self, x: torch.Tensor) -> torch.Tensor:
         if self.moco is not None:
             return self.moco.query(self.backbone, self.head, x)
-        return F.normalize(self.head(self.backbone(x)), dim=1)
+        z = self.head(self.backbone(x))
+        return F.normalize(z.unflatten(1, (self.members, -1)), dim=2).flatten(1)
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_views(views, self.name, 2 if self.moco or self.teacher_moco else 1)
@@ -170,7 +182,9 @@ class S2BNN(Method):
             targets = self.offline_targets(distilled)
         students = [self._student(v) for v in distilled]
         loss_distill, cosine = distill_over_views(
-            lambda s, t: soft_cross_entropy(s, t, self.temperature), students, targets)
+            lambda s, t: multi_teacher_soft_cross_entropy(s, t, self.temperature, self.members),
+            students, targets)
+        cosine = cosine / self.members  # the mean over teachers of each block's cosine
         loss = self.distill_weight * loss_distill
         logs["loss_distill"] = loss_distill.detach()
         if self.moco is not None:
