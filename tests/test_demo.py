@@ -347,6 +347,16 @@ def test_a_resumed_demo_keeps_its_teacher_count(tmp_path, monkeypatch):
     assert demo._more_teachers(plan, tmp_path, True, 2000, None, dict(first)) == 1
     assert trained == [] and json.loads((tmp_path / "runs" / "teachers.json").read_text()) == {
         "teachers": 1}
+    # A record of 3 from an earlier run does not outvote a smaller max_teachers now, and with
+    # one teacher asked for nothing is recorded or trained.
+    (tmp_path / "runs" / "teachers.json").write_text('{"teachers": 3}')
+    two = DemoConfig(data="synthetic", max_teachers=2)
+    assert demo._more_teachers(two, tmp_path, False, 2000, 200.0, dict(reused)) == 2
+    assert len(trained) == 1
+    off = tmp_path / "off"
+    got = dict(first)
+    assert demo._more_teachers(DemoConfig(data="synthetic"), off, False, 2000, 200.0, got) == 1
+    assert got["teachers"] == 1 and got["more_teachers"] == [] and not off.exists()
 
 
 def test_demo_precision_reaches_every_stage(tmp_path, capsys):

@@ -371,15 +371,18 @@ def _more_teachers(plan: DemoConfig, out: Path, force: bool, num_train: int,
     ``DemoConfig.max_teachers``); returns the number of teachers in all and adds
     ``teachers`` and ``more_teachers`` (what each extra one got) to ``first``. The count goes to
     ``runs/teachers.json``, so that a demo resumed after its first teacher keeps it."""
+    first["teachers"], first["more_teachers"] = 1, []
+    if plan.max_teachers <= 1:
+        return 1
     record = out / "runs" / "teachers.json"
     if first["seconds"] == 0 and record.is_file() and not force:  # first teacher reused
-        count = int(json.loads(record.read_text())["teachers"])
+        count = min(int(json.loads(record.read_text())["teachers"]), plan.max_teachers)
     elif share is None or not first.get("epoch_cap"):
         count = 1  # a fixed-size teacher, or one that used its whole share
     else:
         count = teachers_that_fit(share, first["seconds"], plan.max_teachers)
     atomic_write_bytes(record, json.dumps({"teachers": count}).encode())
-    first["teachers"], first["more_teachers"] = count, []
+    first["teachers"] = count
     start = time.perf_counter()
     for k in range(2, count + 1):
         left = (share or 0.0) - first["seconds"] - (time.perf_counter() - start)

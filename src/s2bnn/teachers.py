@@ -133,7 +133,8 @@ class TeacherEnsemble(nn.Module):
 
     For multi-teacher distillation (:class:`s2bnn.methods.s2bnn.S2BNN` with
     ``method.teacher.extra_paths``): teachers trained with different seeds see the data
-    differently, and a student matching all of them learns more than any one can teach.
+    differently (their features side by side probe better than either alone); whether a student
+    learns more from them depends on the budget (docs/MULTI_TEACHER.md).
     """
 
     def __init__(self, teachers: list[Teacher]) -> None:
