@@ -86,6 +86,11 @@ ROWS: dict[str, dict[str, object]] = {
                              "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
     "folder-2k-bf16-seed2-t2": {"folder": (2000, 1000),
                                 "overrides": ["max_teachers=2", "precision=bf16", "seed=2"]},
+    # Round 10: the S2-BNN student crops like its teacher (S2BNN_RECIPE crop_scale 0.6-1).
+    "folder-4k-r10": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r10-seed1": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
+    "fmnist-60k-r10": {"overrides": ["max_teachers=1", "precision=bf16"]},
 }
 
 

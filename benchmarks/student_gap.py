@@ -1,0 +1,255 @@
+"""Why the demo's student stays below its teacher on 4,000 images (issue #11, round 10).
+
+    python benchmarks/demo_budget.py --only folder-4k-bf16 folder-4k-bf16-seed1   # teachers first
+    python benchmarks/student_gap.py [--rows base t_feat ...] [--steps 1600] [--work DIR]
+    python benchmarks/student_gap.py --report            # rewrite the doc from the JSON
+
+On the 2,000-image folder the demo's S2-BNN student catches up with its teacher; on 4,000 images
+it stays 1.2-2.7 points below it (docs/DEMO_BUDGET.md, round 9). This benchmark asks why, one
+variable at a time:
+
+1. the linear probe (the demo's) of what the student is taught against what the teacher's
+   backbone holds: the teacher's 128-d L2-normalised head output (the paper's target), its
+   pooled backbone features (what the teacher's own probe reads), and the student's features;
+2. the demo's S2-BNN student (``S2BNN_RECIPE``) trained for a fixed number of optimiser steps
+   (about what the demo gives it on this folder) from the same teacher, changing one thing per
+   row (``ROWS``: overrides of the stage config).
+
+A student run already finished in ``--work`` with the same config is reused. No labels reach
+training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from run_all import machine  # noqa: E402
+
+DEMOS = ROOT / "runs" / "demo_budget"
+TEACHERS = {0: "folder-4k-bf16", 1: "folder-4k-bf16-seed1"}  # teacher seed -> demo_budget row
+TEACHER_STEPS = 620  # what the demo's teacher trains here: its 20-epoch cap, 31 steps an epoch
+JSON = ROOT / "docs" / "results" / "student_gap.json"
+DOC = ROOT / "docs" / "STUDENT_GAP.md"
+
+# row -> (what changes, to what, overrides of the S2-BNN stage config). One variable per row.
+ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "base": ("baseline", "S2BNN_RECIPE (target: the teacher's 128-d head output)", {}),
+    "t_feat": ("target", "the teacher's pooled backbone features (192-d, no head)",
+               {"method": {"proj_dim": 192, "teacher": {"head": "none"}}}),
+    "crop06": ("student crops", "0.6-1 (the teacher's; preset 0.35-1)",
+               {"data": {"augment": {"crop_scale": [0.6, 1.0]}}}),
+    "crop02": ("student crops", "0.2-1", {"data": {"augment": {"crop_scale": [0.2, 1.0]}}}),
+    "lr6e-3": ("learning rate", "6e-3 (recipe 3e-3)", {"optim": {"lr": 6.0e-3}}),
+    "lr1.5e-3": ("learning rate", "1.5e-3", {"optim": {"lr": 1.5e-3}}),
+    "tau05": ("temperature", "0.5 (recipe 0.2)", {"method": {"temperature": 0.5}}),
+    "head1024": ("student head", "hidden layer 1,024 wide (recipe: the backbone's 384)",
+                 {"method": {"proj_hidden_dim": 1024}}),
+    "crop06_tau05": ("student crops and temperature", "0.6-1 and 0.5 (crop06 with tau05)",
+                     {"data": {"augment": {"crop_scale": [0.6, 1.0]}},
+                      "method": {"temperature": 0.5}}),
+    # Rows with a "teacher" key first train a teacher (TEACHER_RECIPE, TEACHER_STEPS steps, the
+    # demo's 20-epoch cap on this folder) with those overrides, then the student from it.
+    "t_retrain": ("teacher", "retrained at fixed steps, same recipe (control for t_* rows)",
+                  {"teacher": {}}),
+    "t_proj256": ("teacher", "head output 256-d (recipe 128; the student's head follows)",
+                  {"teacher": {"method": {"proj_dim": 256}}, "method": {"proj_dim": 256}}),
+    "steps2x": ("training steps", "twice the steps (is the student short of steps?)",
+                {"steps": "2x"}),
+    "bs256": ("batch", "256 at half the steps (the paper's batch; equal images)",
+              {"batch_size": 256, "steps": "0.5x"}),
+    "bs64": ("batch", "64 at twice the steps (equal images)", {"batch_size": 64, "steps": "2x"}),
+}
+
+# Written by hand after a run (the tables come from the JSON).
+NOTES: list[str] = [
+    "- **What the paper's target holds.** The teacher's 128-d head output, the student's target, "
+    "probes 81.5-81.6 linear, 1.6-2.1 below the teacher's own backbone (83.2-83.6), though its "
+    "kNN is higher (78.7-80.6 against 74.7-76.5). The demo's students (80.9 and 82.1) are at "
+    "that target's level, not the backbone's: the 1.2-2.7 points they lack against the teacher "
+    "in docs/DEMO_BUDGET.md are mostly the projection head's loss.",
+    "- **The backbone features are not a better target** (t_feat: the soft cross-entropy over "
+    "the teacher's L2-normalised pooled features, `method.teacher.head=none`): 80.3 against "
+    "81.4. After ReLU and pooling those features are all positive and their softmax is nearly "
+    "flat at tau 0.2.",
+    "- **The student is short of steps.** Twice the steps (3,200, about 100 epochs) lifted it "
+    "from 81.4 to 83.0 (steps2x), to within 0.2 of its teacher's backbone. On the 2,000-image "
+    "folder the demo's student trains 130-150 epochs and catches up with its teacher; here it "
+    "gets 50-65.",
+    "- **Batch and schedule are not it.** At equal images, batch 64 (twice the steps) scored "
+    "82.1 and batch 256 (half) 82.0, against 81.4 at 128; lr 6e-3 81.9, temperature 0.5 81.8 "
+    "(79.8 against 80.2 on seed 1). Every change on seed 0 scored 0.4-0.9 above its base, so "
+    "that base is likely half a point low: single rows under a point are noise here.",
+    "- **Kept: the teacher's crops for the student** (crop06: random crops of 0.6-1 of the "
+    "image, the teacher's, instead of the preset's 0.35-1): +0.8 and +0.9 on the two seeds, the "
+    "one change above its base on both. The teacher labels views like those it was trained on, "
+    "and the student fits them in fewer steps; wider crops (0.2-1) scored 81.8. "
+    "`S2BNN_RECIPE` and configs/fashion_mnist/s2bnn.yaml now use them; the MoCo v2 student, "
+    "which learns contrastively, keeps the preset's. docs/DEMO_BUDGET.md (rows `-r10`) has the "
+    "demo with it.",
+]
+
+
+def teacher_dir(seed: int) -> Path:
+    return DEMOS / TEACHERS[seed] / "runs" / "teacher"
+
+
+def probe_targets(ds: dict[str, Any], seed: int) -> dict[str, dict[str, float]]:
+    """Linear and kNN top-1 of the teacher's target, its backbone, and the demo's student."""
+    import torch
+
+    from s2bnn.eval import load_backbone
+    from s2bnn.eval.baselines import evaluate_features, extract_features, make_loader
+    from s2bnn.teachers import load_teacher
+
+    cpu = torch.device("cpu")
+    run = DEMOS / TEACHERS[seed] / "runs"
+    nets = {"teacher head output (128-d, the paper's target)":
+            load_teacher(run / "teacher", "resnet_small", precision="fp32"),
+            "teacher backbone": load_backbone(run / "teacher")[0],
+            "the demo's S2-BNN student": load_backbone(run / "s2bnn")[0]}
+    out = {}
+    for name, net in nets.items():
+        (tr, y), (te, yt) = [extract_features(net.eval(), make_loader(ds[s], 256, device=cpu),
+                                              cpu, None) for s in ("train", "test")]
+        res = evaluate_features(tr, y, te, yt, num_classes=int(y.max()) + 1, device=cpu,
+                                knn_k=200)
+        out[name] = {"dims": int(tr.shape[1]), "linear_top1": round(float(res["linear_top1"]), 2),
+                     "knn_top1": round(float(res["knn_top1"]), 2)}
+        print(f"seed {seed} {name}: {out[name]}", flush=True)
+    return out
+
+
+def run_student(row: str, seed: int, steps: int, work: Path, data: Path,
+                ds: dict[str, Any]) -> dict[str, Any]:
+    """Train the demo's S2-BNN stage with ``ROWS[row]`` from teacher ``seed``; probe it."""
+    import torch
+
+    from s2bnn.config import config_from_dict, config_to_dict
+    from s2bnn.demo import (
+        DemoConfig,
+        deep_merge,
+        evaluate_run,
+        packed_forward,
+        stage_configs,
+        train_stage,
+    )
+
+    plan = DemoConfig(data=str(data), s2bnn_steps=steps, progress=False, seed=seed)
+    out = work / f"seed{seed}" / row
+    cfg = config_to_dict(stage_configs(plan, out, num_train=4000)["s2bnn"])
+    cfg["method"]["teacher"]["path"] = str(teacher_dir(seed))
+    extra = dict(ROWS[row][2])
+    teacher = None
+    if "teacher" in extra:
+        tplan = DemoConfig(data=str(data), teacher_steps=TEACHER_STEPS, progress=False,
+                           seed=seed)
+        tcfg = config_to_dict(stage_configs(tplan, out, num_train=4000)["teacher"])
+        teacher, _ = train_stage(config_from_dict(deep_merge(tcfg, extra.pop("teacher")),
+                                                  f"teacher {row}"))
+        cfg["method"]["teacher"]["path"] = str(teacher)
+    if isinstance(extra.get("steps"), str):  # "2x": a multiple of --steps
+        extra["steps"] = round(steps * float(extra["steps"][:-1]))
+    cfg = deep_merge(cfg, extra)
+    run_dir, seconds = train_stage(config_from_dict(cfg, f"student {row}"))
+    sample = torch.stack([ds["test"][i][0] for i in range(64)])
+    res, _ = evaluate_run(row, run_dir, ds, image_size=28, in_chans=1, knn_k=200, device="auto",
+                          fast_forward=functools.partial(packed_forward, sample=sample))
+    out_row = {"seed": seed, "steps": cfg["steps"], "train_seconds": round(seconds, 1) or None,
+               "linear_top1": round(float(res["linear_top1"]), 2),
+               "knn_top1": round(float(res["knn_top1"]), 2)}
+    if teacher is not None:  # the retrained teacher's backbone, as the demo probes it
+        tres, _ = evaluate_run("teacher", teacher, ds, image_size=28, in_chans=1, knn_k=200,
+                               device="auto")
+        out_row["teacher_linear_top1"] = round(float(tres["linear_top1"]), 2)
+    return out_row
+
+
+def write_doc(data: dict[str, Any]) -> None:
+    lines = ["# The student's gap to its teacher on the 4,000-image folder", "",
+             "Made by `python benchmarks/student_gap.py` (its docstring says how). "
+             f"Machine: {data['machine']}.", "",
+             "Teachers: " + ", ".join(f"seed {k} = the teacher of demo_budget row `{v}`"
+                                      for k, v in TEACHERS.items()) + ". Linear top-1 is the "
+             "demo's probe, on the folder's 1,000 validation images.", "",
+             "## What the student is taught (linear / kNN top-1 %)", "",
+             "| seed | features | dims | linear | kNN |", "|---|---|---|---|---|"]
+    for seed, probes in sorted(data.get("probes", {}).items()):
+        for name, r in probes.items():
+            lines.append(f"| {seed} | {name} | {r['dims']} | {r['linear_top1']:.1f} | "
+                         f"{r['knn_top1']:.1f} |")
+    lines += ["", "## The S2-BNN student, one change per row (fixed steps)", "",
+              "| row | changes | to | seed | steps | train s | teacher | linear | kNN | Δ linear |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    students = data.get("students", {})
+    for key, r in sorted(students.items(), key=lambda kv: (kv[1]["seed"],
+                                                           list(ROWS).index(kv[0].split("@")[0]))):
+        row = key.split("@")[0]
+        base = students.get(f"base@{r['seed']}")
+        delta = "—" if row == "base" or base is None else \
+            f"{r['linear_top1'] - base['linear_top1']:+.1f}"
+        what, to, _ = ROWS[row]
+        probe = data.get("probes", {}).get(str(r["seed"]), {}).get("teacher backbone", {})
+        teacher = r.get("teacher_linear_top1", probe.get("linear_top1"))
+        lines.append(f"| {row} | {what} | {to} | {r['seed']} | {r['steps']} | "
+                     f"{r['train_seconds'] or '—'} | "
+                     f"{'—' if teacher is None else f'{teacher:.1f}'} | {r['linear_top1']:.1f} | "
+                     f"{r['knn_top1']:.1f} | {delta} |")
+    lines += ["", "`teacher`: the linear top-1 of the teacher's backbone the row distilled from "
+              "(the demo's teacher, or the one the row retrained). `train s` is empty where a "
+              "finished run was reused.", ""]
+    if NOTES:
+        lines += ["## Notes", "", *NOTES, ""]
+    DOC.write_text("\n".join(lines))
+    print(f"wrote {DOC}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], choices=list(TEACHERS))
+    parser.add_argument("--steps", type=int, default=1600,
+                        help="student steps (about what the demo's student trains on this folder "
+                             "on the AVX-512 machine: docs/DEMO_BUDGET.md)")
+    parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--work", default=str(ROOT / "runs" / "student_gap"))
+    parser.add_argument("--no-probes", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        write_doc(json.loads(JSON.read_text()))
+        return 0
+    missing = [TEACHERS[s] for s in args.seeds if not (teacher_dir(s) / "checkpoints").is_dir()]
+    if missing:
+        raise SystemExit("teachers missing: run benchmarks/demo_budget.py --only "
+                         + " ".join(missing))
+    from s2bnn.demo import eval_datasets
+
+    data = json.loads(JSON.read_text()) if JSON.is_file() else {"students": {}, "probes": {}}
+    data["machine"] = machine()
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        data_dir = DEMOS / f"{TEACHERS[seed]}-data"
+        ds = eval_datasets(str(data_dir), None, 10000, None, 1, 28)
+        if not args.no_probes:
+            data["probes"][str(seed)] = probe_targets(ds, seed)
+        for row in args.rows:
+            data["students"][f"{row}@{seed}"] = r = run_student(
+                row, seed, args.steps, Path(args.work), data_dir, ds)
+            print(f"student {row} seed {seed}: {r}", flush=True)
+            JSON.write_text(json.dumps(data, indent=2) + "\n")
+    JSON.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"{time.perf_counter() - t0:.0f} s")
+    write_doc(data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
