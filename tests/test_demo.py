@@ -155,17 +155,6 @@ def test_stages_keep_their_recipe_batch(tmp_path):
     assert {c.batch_size for c in small.values()} == {16}  # the demo's batch caps the recipes
 
 
-def test_the_distilled_student_crops_like_its_teacher(tmp_path):
-    # The teacher labels the student's views: they are cut as the teacher's training views were
-    # (docs/STUDENT_GAP.md). The MoCo v2 student learns contrastively and keeps its preset's
-    # stronger crops.
-    cfgs = stage_configs(DemoConfig(data="synthetic"), tmp_path)
-    teacher_crops = cfgs["teacher"].data.augment.crop_scale
-    assert teacher_crops is not None
-    assert cfgs["s2bnn"].data.augment.crop_scale == teacher_crops
-    assert cfgs["mocov2"].data.augment.crop_scale is None
-
-
 @pytest.mark.slow
 def test_demo_sized_by_its_budget_ends_within_it(tmp_path, capsys):
     """No stage sized by hand: the budget is divided between the stages, each trains the steps
