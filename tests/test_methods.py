@@ -651,3 +651,22 @@ def test_one_momentum_helper_for_moco_and_dino(registry: None, teacher_run: Path
         resumed(_data()[0])
         for a, b in zip(getattr(owner(resumed), copy_name).parameters(), target.parameters()):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_compiled_s2bnn_loss_has_a_gradient(weight: float, registry: None,
+                                            teacher_run: Path) -> None:
+    # `compile: true` compiles the method in place. With distill_weight 1 inductor once turned
+    # `1.0 * loss` into an alias of the loss it also logs detached, and the step failed with
+    # "element 0 of tensors does not require grad".
+    method = _build(_cfg("s2bnn", teacher=_teacher_cfg(teacher_run), distill_weight=weight))
+    method.train()
+    views = _data()[0][:1]
+    eager, _ = method(views)
+    torch._dynamo.reset()
+    method.compile()
+    loss, logs = method(views)
+    assert loss.requires_grad and not logs["loss_distill"].requires_grad
+    assert torch.allclose(loss, eager, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in method.head.parameters())

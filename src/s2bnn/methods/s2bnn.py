@@ -185,7 +185,10 @@ class S2BNN(Method):
             lambda s, t: multi_teacher_soft_cross_entropy(s, t, self.temperature, self.members),
             students, targets)
         cosine = cosine / self.members  # the mean over teachers of each block's cosine
-        loss = self.distill_weight * loss_distill
+        # Not `1.0 * loss_distill`: under torch.compile (inductor, torch 2.14 on CPU) that product
+        # becomes an alias of loss_distill, and returned next to its detached copy in `logs` the
+        # loss came back without a grad_fn ("element 0 of tensors does not require grad").
+        loss = loss_distill if self.distill_weight == 1 else self.distill_weight * loss_distill
         logs["loss_distill"] = loss_distill.detach()
         if self.moco is not None:
             k = self.moco.keys(views[1], self.backbone, self.head)
