@@ -23,7 +23,6 @@ interrupted run loses only the student it was in. No labels reach training.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run_all import machine  # noqa: E402
+from run_all import machine, probe_features, write_markdown  # noqa: E402
 
 DEMOS = ROOT / "runs" / "demo_budget"
 TEACHERS = {"A": "folder-2k-bf16", "B": "folder-2k-bf16-seed1", "C": "folder-2k-bf16-cap40",
@@ -78,7 +77,7 @@ def probe_teachers(ds: dict[str, Any]) -> dict[str, dict[str, float]]:
     import torch
 
     from s2bnn.eval import load_backbone
-    from s2bnn.eval.baselines import evaluate_features, extract_features, make_loader
+    from s2bnn.eval.baselines import extract_features, make_loader
 
     cpu = torch.device("cpu")
     feats = {}
@@ -88,22 +87,16 @@ def probe_teachers(ds: dict[str, Any]) -> dict[str, dict[str, float]]:
                                           cpu, None) for split in ("train", "test")]
     out = {}
     for group in ("A", "B", "C", "D", "AB", "CD", "ABCD"):
-        (tr, y), (te, yt) = [[torch.cat([feats[g][i][0] for g in group], 1),
-                              feats[group[0]][i][1]] for i in (0, 1)]
-        res = evaluate_features(tr, y, te, yt, num_classes=int(y.max()) + 1, device=cpu,
-                                knn_k=200)
-        out[group] = {"dims": int(tr.shape[1]), "linear_top1": round(float(res["linear_top1"]), 2),
-                      "knn_top1": round(float(res["knn_top1"]), 2)}
+        out[group] = probe_features(*[(torch.cat([feats[g][i][0] for g in group], 1),
+                                       feats[group[0]][i][1]) for i in (0, 1)])
         print(f"teachers {group}: {out[group]}", flush=True)
     return out
 
 
 def run_student(key: str, seed: int, steps: int, work: Path, data: Path,
                 ds: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
     from s2bnn.config import config_from_dict, config_to_dict
-    from s2bnn.demo import DemoConfig, evaluate_run, packed_forward, stage_configs, train_stage
+    from s2bnn.demo import DemoConfig, evaluate_run, packed_forward_for, stage_configs, train_stage
 
     plan = DemoConfig(data=str(data), s2bnn_steps=steps, progress=False, seed=seed)
     out = work / ("runs" if seed == 0 else f"runs_s{seed}") / key
@@ -111,9 +104,8 @@ def run_student(key: str, seed: int, steps: int, work: Path, data: Path,
     paths = [str(teacher_dir(letter)) for letter in STUDENTS[key]]
     cfg["method"]["teacher"].update(path=paths[0], extra_paths=paths[1:])
     run_dir, seconds = train_stage(config_from_dict(cfg, f"student {key}"))
-    sample = torch.stack([ds["test"][i][0] for i in range(64)])
     row, _ = evaluate_run(key, run_dir, ds, image_size=28, in_chans=1, knn_k=200, device="auto",
-                          fast_forward=functools.partial(packed_forward, sample=sample))
+                          fast_forward=packed_forward_for(ds["test"]))
     return {"seed": seed, "teachers": STUDENTS[key], "steps": steps,
             "train_seconds": round(seconds, 1) or None,
             "linear_top1": round(float(row["linear_top1"]), 2),
@@ -138,10 +130,7 @@ def write_doc(data: dict[str, Any]) -> None:
                      f"{r['train_seconds'] or '—'} | {r['linear_top1']:.1f} | "
                      f"{r['knn_top1']:.1f} |")
     lines += ["", "`train s` is empty where a finished run was reused.", ""]
-    if NOTES:
-        lines += ["## Notes", "", *NOTES, ""]
-    DOC.write_text("\n".join(lines))
-    print(f"wrote {DOC}")
+    write_markdown(DOC, lines, NOTES)
 
 
 def main() -> int:

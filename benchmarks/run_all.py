@@ -31,6 +31,25 @@ BENCHES: list[tuple[str, list[str], str]] = [
 ]
 
 
+def probe_features(train: tuple, test: tuple) -> dict[str, float | int]:
+    """The demo's probes (linear sweep, 200-NN) of given ``(features, labels)`` pairs: feature
+    dims, linear and kNN top-1, for the small studies that compare teachers' features."""
+    from s2bnn.eval.baselines import evaluate_features
+
+    (tr, y), (te, yt) = train, test
+    res = evaluate_features(tr, y, te, yt, num_classes=int(y.max()) + 1, device="cpu", knn_k=200)
+    return {"dims": int(tr.shape[1]), "linear_top1": round(float(res["linear_top1"]), 2),
+            "knn_top1": round(float(res["knn_top1"]), 2)}
+
+
+def write_markdown(path: Path, lines: list[str], notes: list[str]) -> None:
+    """Write a study's doc: its ``lines``, then its hand-written ``notes`` under "## Notes"."""
+    if notes:
+        lines = [*lines, "## Notes", "", *notes, ""]
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
+
+
 def machine() -> str:
     """The CPU (with the vector extensions that decide its speed here), cores, GPU, versions."""
     cpu, flags = platform.machine(), set()

@@ -202,20 +202,14 @@ def stage_config(row: Row, plan: Any, out: Path, quick: bool, part: str | None =
 
 
 def run_row(row: Row, plan: Any, out: Path, ds: dict[str, Any], quick: bool) -> dict[str, Any]:
-    import functools
-
-    import torch
-
-    from s2bnn.demo import evaluate_run, packed_forward, train_stage
+    from s2bnn.demo import evaluate_run, packed_forward_for, train_stage
     from s2bnn.engine import backbone_kwargs
     from s2bnn.eval import evaluate_pixels, evaluate_untrained
     from s2bnn.report import read_metrics
 
     t0 = time.perf_counter()
-    sample = torch.stack([ds["test"][i][0] for i in range(min(64, len(ds["test"])))])
     device = plan.device
-    nets = {"knn_k": 200, "device": device,
-            "fast_forward": functools.partial(packed_forward, sample=sample, device=device)}
+    nets = {"knn_k": 200, "device": device, "fast_forward": packed_forward_for(ds["test"], device)}
     result: dict[str, Any] = {"stage": row.stage, "variable": row.variable, "value": row.value,
                               "base": row.base, "seed": plan.seed, "device": device}
     if row.stage == "pixels":

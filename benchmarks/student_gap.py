@@ -22,7 +22,6 @@ training.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run_all import machine  # noqa: E402
+from run_all import machine, probe_features, write_markdown  # noqa: E402
 
 DEMOS = ROOT / "runs" / "demo_budget"
 TEACHERS = {0: "folder-4k-bf16", 1: "folder-4k-bf16-seed1"}  # teacher seed -> demo_budget row
@@ -119,7 +118,7 @@ def probe_targets(ds: dict[str, Any], seed: int) -> dict[str, dict[str, float]]:
     import torch
 
     from s2bnn.eval import load_backbone
-    from s2bnn.eval.baselines import evaluate_features, extract_features, make_loader
+    from s2bnn.eval.baselines import extract_features, make_loader
     from s2bnn.teachers import load_teacher
 
     cpu = torch.device("cpu")
@@ -130,12 +129,8 @@ def probe_targets(ds: dict[str, Any], seed: int) -> dict[str, dict[str, float]]:
             "the demo's S2-BNN student": load_backbone(run / "s2bnn")[0]}
     out = {}
     for name, net in nets.items():
-        (tr, y), (te, yt) = [extract_features(net.eval(), make_loader(ds[s], 256, device=cpu),
-                                              cpu, None) for s in ("train", "test")]
-        res = evaluate_features(tr, y, te, yt, num_classes=int(y.max()) + 1, device=cpu,
-                                knn_k=200)
-        out[name] = {"dims": int(tr.shape[1]), "linear_top1": round(float(res["linear_top1"]), 2),
-                     "knn_top1": round(float(res["knn_top1"]), 2)}
+        out[name] = probe_features(*[extract_features(
+            net.eval(), make_loader(ds[s], 256, device=cpu), cpu, None) for s in ("train", "test")])
         print(f"seed {seed} {name}: {out[name]}", flush=True)
     return out
 
@@ -143,14 +138,12 @@ def probe_targets(ds: dict[str, Any], seed: int) -> dict[str, dict[str, float]]:
 def run_student(row: str, seed: int, steps: int, work: Path, data: Path,
                 ds: dict[str, Any]) -> dict[str, Any]:
     """Train the demo's S2-BNN stage with ``ROWS[row]`` from teacher ``seed``; probe it."""
-    import torch
-
     from s2bnn.config import config_from_dict, config_to_dict
     from s2bnn.demo import (
         DemoConfig,
         deep_merge,
         evaluate_run,
-        packed_forward,
+        packed_forward_for,
         stage_configs,
         train_stage,
     )
@@ -172,9 +165,8 @@ def run_student(row: str, seed: int, steps: int, work: Path, data: Path,
         extra["steps"] = round(steps * float(extra["steps"][:-1]))
     cfg = deep_merge(cfg, extra)
     run_dir, seconds = train_stage(config_from_dict(cfg, f"student {row}"))
-    sample = torch.stack([ds["test"][i][0] for i in range(64)])
     res, _ = evaluate_run(row, run_dir, ds, image_size=28, in_chans=1, knn_k=200, device="auto",
-                          fast_forward=functools.partial(packed_forward, sample=sample))
+                          fast_forward=packed_forward_for(ds["test"]))
     out_row = {"seed": seed, "steps": cfg["steps"], "train_seconds": round(seconds, 1) or None,
                "linear_top1": round(float(res["linear_top1"]), 2),
                "knn_top1": round(float(res["knn_top1"]), 2)}
@@ -219,10 +211,7 @@ def write_doc(data: dict[str, Any]) -> None:
     lines += ["", "`teacher`: the linear top-1 of the teacher's backbone the row distilled from "
               "(the demo's teacher, or the one the row retrained). `train s` is empty where a "
               "finished run was reused.", ""]
-    if NOTES:
-        lines += ["## Notes", "", *NOTES, ""]
-    DOC.write_text("\n".join(lines))
-    print(f"wrote {DOC}")
+    write_markdown(DOC, lines, NOTES)
 
 
 def main() -> int:

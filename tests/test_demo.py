@@ -447,3 +447,16 @@ def test_packed_forward_runs_binary_nets_on_the_packed_runtime_and_declines_the_
     monkeypatch.setattr(s2bnn.deploy, "pack", real_pack)
     monkeypatch.setattr(_build, "kernels", lambda: None)
     assert packed_forward(model, sample, device="cpu") is None
+
+
+def test_packed_forward_for_guards_on_the_first_64_images_of_the_test_set():
+    import torch
+
+    from s2bnn.demo import packed_forward, packed_forward_for
+
+    images = torch.arange(100.0).reshape(100, 1, 1, 1).expand(100, 1, 4, 4)
+    forward = packed_forward_for([(img, 0) for img in images], device="cpu")
+    assert forward.func is packed_forward and forward.keywords["device"] == "cpu"
+    torch.testing.assert_close(forward.keywords["sample"], images[:64])
+    few = packed_forward_for([(img, 0) for img in images[:5]])
+    torch.testing.assert_close(few.keywords["sample"], images[:5])

@@ -51,6 +51,7 @@ __all__ = [
     "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
     "result_row", "train_stage", "finished_with_same_config", "STAGE_SHARES", "weak_results",
     "deep_merge", "stage_seconds", "teacher_epoch_cap", "teachers_that_fit", "teacher_dir",
+    "packed_forward", "packed_forward_for",
 ]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
@@ -533,6 +534,15 @@ def packed_forward(model: Any, sample: Any, device: str = "auto") -> Any:
     return packed if float(err.median()) < 1e-4 else None
 
 
+def packed_forward_for(test_set: Any, device: str = "auto") -> Any:
+    """The ``fast_forward`` the demo's evaluation uses (:func:`packed_forward`), its guard
+    sample the first (at most 64) images of ``test_set``."""
+    import torch
+
+    sample = torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))])
+    return functools.partial(packed_forward, sample=sample, device=device)
+
+
 def _check_claims(rows: dict[str, dict[str, Any]]) -> list[str]:
     """The paper's claims that this run can test, each stated with its numbers."""
     def top1(name: str) -> float | None:
@@ -614,8 +624,6 @@ def weak_results(rows: dict[str, dict[str, Any]], stages: dict[str, dict[str, An
 
 def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Run the whole pipeline into ``out`` within ``plan.budget``; returns ``results.json``."""
-    import torch
-
     from s2bnn.data import dataset_info, default_image_size
     from s2bnn.engine import backbone_kwargs
     from s2bnn.eval import evaluate_pixels, evaluate_untrained
@@ -658,9 +666,7 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
                                    params=0, ops=0)
     report_runs["pixels"] = {**results["pixels"], "sweep": res.get("linear")}
     t_nets = time.perf_counter()
-    sample = torch.stack([ds["test"][i][0] for i in range(min(64, len(ds["test"])))])
-    nets = {**common, "fast_forward": functools.partial(packed_forward, sample=sample,
-                                                         device=plan.device)}
+    nets = {**common, "fast_forward": packed_forward_for(ds["test"], plan.device)}
     student_kwargs = backbone_kwargs(configs["s2bnn"], in_chans)
     res = evaluate_untrained(plan.student_model, student_kwargs, ds["train"], ds["test"],
                              seeds=range(plan.random_seeds), sample_size=2000, **nets)
