@@ -1,7 +1,8 @@
 """Why the demo's student stays below its teacher on 4,000 images (issue #11, round 10).
 
     python benchmarks/demo_budget.py --only folder-4k-bf16 folder-4k-bf16-seed1   # teachers first
-    python benchmarks/student_gap.py [--rows base t_feat ...] [--steps 1600] [--work DIR]
+    python benchmarks/student_gap.py [--seeds 0 1] [--rows base t_feat ...] [--steps 1600]
+                                     [--work DIR] [--no-probes]
     python benchmarks/student_gap.py --report            # rewrite the doc from the JSON
 
 On the 2,000-image folder the demo's S2-BNN student catches up with its teacher; on 4,000 images
@@ -13,7 +14,8 @@ variable at a time:
    pooled backbone features (what the teacher's own probe reads), and the student's features;
 2. the demo's S2-BNN student (``S2BNN_RECIPE``) trained for a fixed number of optimiser steps
    (about what the demo gives it on this folder) from the same teacher, changing one thing per
-   row (``ROWS``: overrides of the stage config).
+   row (``ROWS``: overrides of the stage config). Rows with a ``teacher`` key first retrain
+   the teacher (the demo's recipe and steps, with those overrides) and distil from it.
 
 A student run already finished in ``--work`` with the same config is reused. No labels reach
 training.
