@@ -244,12 +244,12 @@ def main() -> int:
         ds = eval_datasets(str(data_dir), None, 10000, None, 1, 28)
         if not args.no_probes:
             data["probes"][str(seed)] = probe_targets(ds, seed)
+            JSON.write_text(json.dumps(data, indent=2) + "\n")
         for row in args.rows:
             data["students"][f"{row}@{seed}"] = r = run_student(
                 row, seed, args.steps, Path(args.work), data_dir, ds)
             print(f"student {row} seed {seed}: {r}", flush=True)
             JSON.write_text(json.dumps(data, indent=2) + "\n")
-    JSON.write_text(json.dumps(data, indent=2) + "\n")
     print(f"{time.perf_counter() - t0:.0f} s")
     write_doc(data)
     return 0
