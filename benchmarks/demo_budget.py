@@ -21,6 +21,9 @@ Rows (each one whole ``s2bnn demo`` in its own process, so none inherits another
 - ``...-t2``: ``max_teachers=2`` (round 9: the time a capped teacher leaves trains a second
   one, and the S2-BNN student distils from both). The other rows ran with one teacher, the
   default; their overrides pin ``max_teachers=1`` as the t2 rows pin 2.
+- ``glyphs-4k`` (and ``-seed1``): a folder of the same size that is not Fashion-MNIST: digits
+  drawn from the machine's TrueType fonts (``write_glyph_folder``; Debian's
+  ``fonts-dejavu-core`` is enough).
 
 Rows keep the machine they ran on; the table names it by a letter.
 
@@ -93,6 +96,18 @@ ROWS: dict[str, dict[str, object]] = {
     "folder-4k-r10-seed1": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
     "fmnist-60k-r10": {"overrides": ["max_teachers=1", "precision=bf16"]},
+    # Round 11: a folder that is not Fashion-MNIST (every folder above is cut from its test
+    # split): digits rendered from the machine's TrueType fonts (write_glyph_folder).
+    "glyphs-4k": {"folder": (4000, 1000), "source": "glyphs",
+                  "overrides": ["max_teachers=1", "precision=bf16"]},
+    "glyphs-4k-seed1": {"folder": (4000, 1000), "source": "glyphs",
+                        "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
+    # Round 11: ran at a commit where S2BNN_RECIPE gave the S2-BNN student a linear projection
+    # head (method.proj_hidden_dim=0; +0.7 / +1.3 at fixed steps, docs/STUDENT_GAP.md). The
+    # recipe went back to the MLP after them, so at later commits they run the round-9 demo.
+    "folder-4k-r11": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r11-seed1": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
 }
 
 
@@ -210,6 +225,18 @@ NOTES: list[str] = [
     "steps, two in the demo) the change averages +0.55 with a spread of 0.9: not established, "
     "so the recipe keeps the preset's crops. The +15 margin on 4,000 images stays missed "
     "(13.0-14.3 on four demo runs).",
+    "- Round 11 (rows `glyphs-4k`, `-seed1`): a folder that is not cut from Fashion-MNIST, "
+    "4,000 training and 1,000 validation PNGs of the digits 0-9 drawn from the machine's 22 "
+    "DejaVu fonts at random size, stroke, rotation (+-20 degrees) and shift (+-3 px), with "
+    "pixel noise (`write_glyph_folder`). The unchanged demo: teacher 87.9 / 87.6, S2-BNN "
+    "student 83.3 / 89.5, MoCo v2 60.9 / 55.7, untrained 28.0, raw pixels 49.0 (kNN on pixels "
+    "71.9). Both folder goals hold by far: the student is 55.3 / 61.5 points above the "
+    "untrained network and 34-40 above pixels, and on seed 1 above its own teacher. What makes "
+    "Fashion-MNIST hard for the +15 goal is its untrained baseline: random binary features "
+    "probe 64.1-69.2 on its images (items that fill the frame as large bright shapes) against "
+    "28.0 on these digits (thin strokes at random places). The two seeds' students differ by "
+    "6.2 points with teachers 0.3 apart (kNN 72.6 against 78.0): on this data one run is a "
+    "loose estimate.",
 ]
 
 
@@ -238,6 +265,66 @@ def write_folder(root: Path, n_train: int, n_val: int) -> Path:
     return root
 
 
+def font_files() -> list[Path]:
+    """The TrueType/OpenType fonts under the usual system font directories, sorted."""
+    dirs = [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts"]
+    return sorted(f for d in dirs if d.is_dir() for f in d.rglob("*")
+                  if f.suffix.lower() in (".ttf", ".otf"))
+
+
+def write_glyph_folder(root: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
+    """A 10-class folder of 28 px grey PNGs that is not Fashion-MNIST: the digits 0-9 drawn
+    white on black in a random system font, size, rotation (+-20 degrees), shift (+-3 px) and
+    stroke, plus pixel noise; class-balanced, the same images for the same fonts and ``seed``.
+    Fonts are split by nothing: train and val draw from the same fonts, as a user's folder of
+    one source would."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    fonts = font_files()
+    if not fonts:
+        raise SystemExit("glyph rows need TrueType fonts under /usr/share/fonts (Debian: "
+                         "apt install fonts-dejavu-core)")
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            c = i % 10
+            big = 112  # drawn at 4x, then reduced: anti-aliased strokes as a scan would have
+            font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]),
+                                      int(rng.integers(56, 92)))
+            img = Image.new("L", (big, big), 0)
+            draw = ImageDraw.Draw(img)
+            x0, y0, x1, y1 = draw.textbbox((0, 0), str(c), font=font)
+            pos = ((big - (x1 - x0)) / 2 - x0 + rng.uniform(-12, 12),
+                   (big - (y1 - y0)) / 2 - y0 + rng.uniform(-12, 12))
+            draw.text(pos, str(c), fill=255, font=font, stroke_width=int(rng.integers(0, 4)),
+                      stroke_fill=255)
+            img = img.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR)
+            arr = np.asarray(img.resize((28, 28), Image.LANCZOS), dtype=np.float32)
+            arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr, mode="L").save(d / f"{i}.png")
+    return root
+
+
+def sample_grid(root: Path, out: Path, per_class: int = 12) -> None:
+    """The first ``per_class`` training images of each class of folder ``root``, one class a
+    row, as one PNG at 2x (what a glyph folder looks like)."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for d in sorted((root / "train").iterdir()):
+        files = sorted(d.glob("*.png"), key=lambda f: int(f.stem))[:per_class]
+        rows.append(np.concatenate([np.asarray(Image.open(f).convert("L")) for f in files], 1))
+    grid = Image.fromarray(np.concatenate(rows, 0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(out)
+
+
 def run_row(name: str, spec: dict[str, object], budget: str, work: Path,
             extra: list[str]) -> dict[str, object]:
     out = work / name
@@ -247,7 +334,12 @@ def run_row(name: str, spec: dict[str, object], budget: str, work: Path,
            f"budget={budget}", "progress=false", *spec["overrides"], *extra]  # type: ignore[misc]
     if "folder" in spec:
         n_train, n_val = spec["folder"]  # type: ignore[misc]
-        cmd += ["--data", str(write_folder(work / f"{name}-data", n_train, n_val))]
+        glyphs = spec.get("source") == "glyphs"
+        data = (write_glyph_folder if glyphs else write_folder)(work / f"{name}-data", n_train,
+                                                                n_val)
+        if glyphs:
+            sample_grid(data, ROOT / "docs" / "results" / "glyph_samples.png")
+        cmd += ["--data", str(data)]
     print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -126,6 +126,7 @@ CASES = {
                                      momentum=0.99),
     "s2bnn_teachers": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(
         run, extra_paths=[str(run / "second")] if run else [])),
+    "s2bnn_linear_head": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(run), proj_hidden_dim=0),
     "seed": lambda run: _cfg("seed", teacher=_teacher_cfg(run)),
     "dino": lambda run: _cfg("dino", dino_out_dim=64, ema_momentum=0.99,
                              dino_center_momentum=0.99),
@@ -254,8 +255,9 @@ def test_methods_without_a_frozen_teacher_checkpoint_everything(
 
 def test_views_needed() -> None:
     assert [views_needed(CASES[c](None)) for c in sorted(CASES)] == [
-        # dino mocov2 mocov2_symmetric s2bnn s2bnn_contrastive s2bnn_online s2bnn_teachers seed
-        2, 2, 2, 1, 2, 2, 1, 1]
+        # dino mocov2 mocov2_symmetric s2bnn s2bnn_contrastive s2bnn_linear_head s2bnn_online
+        # s2bnn_teachers seed
+        2, 2, 2, 1, 2, 1, 2, 1, 1]
 
 
 def test_queue_is_updated_after_the_step(registry: None, teacher_run: Path) -> None:
@@ -583,6 +585,44 @@ def test_each_method_checks_its_own_keys_before_anything_loads(
     # Another method's keys are not this method's business.
     other = "mocov2" if name != "mocov2" else "dino"
     check_method_config(_cfg(other, **{key: value}) if key not in ("momentum",) else _cfg(other))
+
+
+@pytest.mark.parametrize("name", ["mocov2", "s2bnn", "seed"])
+def test_proj_hidden_dim_0_is_one_linear_layer_and_the_run_can_teach(
+        name: str, registry: None, teacher_run: Path, tmp_path: Path) -> None:
+    from s2bnn.methods import check_method_config
+    from s2bnn.teachers import load_teacher
+
+    cfg = _cfg(name, proj_hidden_dim=0, teacher=_teacher_cfg(teacher_run), momentum=0.99)
+    check_method_config(cfg)
+    method = _build(cfg)
+    assert isinstance(method.head, nn.Linear)
+    assert (method.head.in_features, method.head.out_features) == (16, DIM)
+    # The default (None) is the MLP: Linear, ReLU, Linear at the backbone's width.
+    mlp = _build(_cfg(name, teacher=_teacher_cfg(teacher_run), momentum=0.99)).head
+    assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear] and mlp[0].out_features == 16
+    # Such a run serves as a teacher: its head.weight / head.bias rebuild the linear head.
+    save_checkpoint({
+        "format": "s2bnn", "version": 1, "config": {}, "epoch": 1, "step": 1,
+        "backbone": {"name": "tiny_test_net", "kwargs": {},
+                     "state_dict": method.backbone.state_dict()},
+        "method": method.state_dict(),
+    }, tmp_path / "checkpoints" / "last.pt")
+    teacher = load_teacher(tmp_path, "tiny_test_net", head="linear")
+    x = torch.randn(4, 1, 16, 16)
+    method.eval()
+    want = F.normalize(method.head(method.backbone(x)), dim=1)
+    torch.testing.assert_close(teacher(x), want)
+
+
+def test_proj_hidden_dim_checks() -> None:
+    from s2bnn.methods import check_method_config
+
+    with pytest.raises(ConfigError, match=r"method.proj_hidden_dim must be >= 0"):
+        check_method_config(_cfg("s2bnn", proj_hidden_dim=-1))
+    with pytest.raises(ConfigError, match=r"must be > 0 for dino"):
+        check_method_config(_cfg("dino", proj_hidden_dim=0))
+    check_method_config(_cfg("dino", proj_hidden_dim=8))
 
 
 def test_views_are_checked_with_the_config() -> None:

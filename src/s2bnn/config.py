@@ -132,7 +132,8 @@ class MethodConfig:
 
     name: str = "s2bnn"  # mocov2 | s2bnn | seed | dino
     proj_dim: int = 128
-    proj_hidden_dim: Optional[int] = None  # None: the backbone's feature dimension
+    # None: the backbone's feature dimension; 0: no hidden layer (one linear layer)
+    proj_hidden_dim: Optional[int] = None
     temperature: float = 0.2  # tau of InfoNCE and of S2-BNN's soft cross-entropy
     # MoCo v2 (also the contrastive term of strategy 2 and the online teacher)
     queue_size: int = 65536  # clipped to the number of training images

@@ -151,11 +151,14 @@ class Method(nn.Module):
         return self
 
 
-def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     """MoCo v2's projection head: Linear(in, hidden), ReLU, Linear(hidden, out).
 
     The layer indices (0 and 2) match the official MoCo v2 ``fc.0``/``fc.2`` keys.
+    ``hidden_dim == 0`` gives one ``Linear(in, out)`` instead (MoCo v1's head).
     """
+    if hidden_dim == 0:
+        return nn.Linear(in_dim, out_dim)
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
     )

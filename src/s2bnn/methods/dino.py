@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s2bnn.distributed import all_reduce_mean
+from s2bnn.errors import ConfigError
 from s2bnn.losses import dino_loss
 from s2bnn.methods.base import Method, check_views
 from s2bnn.methods.momentum import MomentumEncoders
@@ -96,6 +97,9 @@ class DINO(Method, MomentumEncoders):
             check_range(cfg, key, 0.0, 1.0)
         for key in ("dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp"):
             check_range(cfg, key, 0.0, strict_low=True)
+        if cfg.proj_hidden_dim == 0:  # DINO's head is a 3-layer MLP; it has no linear form
+            raise ConfigError("method.proj_hidden_dim must be > 0 for dino (0, a linear head, "
+                              "is for mocov2, s2bnn and seed)")
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> DINO:

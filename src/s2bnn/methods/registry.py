@@ -78,8 +78,9 @@ def check_method_config(cfg: MethodConfig, num_views: int | None = None) -> None
     """Every check of ``cfg`` (and, given ``num_views``, of the views the data gives), cheap and
     before anything is loaded."""
     cls = method_class(cfg.name)
-    if cfg.proj_hidden_dim is not None and cfg.proj_hidden_dim <= 0:
-        raise ConfigError(f"method.proj_hidden_dim must be > 0, got {cfg.proj_hidden_dim}")
+    if cfg.proj_hidden_dim is not None and cfg.proj_hidden_dim < 0:
+        raise ConfigError(f"method.proj_hidden_dim must be >= 0 (0: a linear head), got "
+                          f"{cfg.proj_hidden_dim}")
     cls.check_config(cfg)
     need = cls.views_needed(cfg)
     if num_views is not None and num_views < need:
