@@ -196,7 +196,12 @@ NOTES: list[str] = [
     "different random stream it causes, not run-to-run jitter of one config.",
     "- **Round 11, a linear student head** (head_linear, `method.proj_hidden_dim=0`, instead of "
     "the paper's MLP, 384-384-128): 82.1 and 81.5 against 81.4 and 80.2 (+0.7, +1.3), kNN +1.0 "
-    "and +1.2, the only change here above its base on both seeds in both probes. HEAD_DEMO",
+    "and +1.2, the only change here above its base on both seeds in both probes. In the demo "
+    "(docs/DEMO_BUDGET.md, rows `-r11`, commit 1a27a3e) it scored 80.0 and 80.0 against 82.0 "
+    "and 80.9 (-2.0, -0.9), so `S2BNN_RECIPE` keeps the MLP and `proj_hidden_dim=0` stays an "
+    "option. After the teacher's crops in round 10, it is the second change that won at fixed "
+    "steps on both seeds and lost in the demo: on this folder these rows have not predicted "
+    "the demo.",
     "- **Round 11, not kept.** Sharper targets (t_temp01: the teacher's softmax at 0.1, the "
     "student's at 0.2): +0.5 on both seeds, kNN 0.0 and +0.2, within a row's noise. Progressive "
     "resizing (lowres16, lowres22: the student sees its views at 16 px for the first half of "
