@@ -21,9 +21,9 @@ Rows (each one whole ``s2bnn demo`` in its own process, so none inherits another
 - ``...-t2``: ``max_teachers=2`` (round 9: the time a capped teacher leaves trains a second
   one, and the S2-BNN student distils from both). The other rows ran with one teacher, the
   default; their overrides pin ``max_teachers=1`` as the t2 rows pin 2.
-- ``glyphs-4k`` (and ``-seed1``, ``-seed2``): a folder of the same size that is not Fashion-MNIST: digits
-  drawn from the machine's TrueType fonts (``write_glyph_folder``; Debian's
-  ``fonts-dejavu-core`` is enough).
+- ``glyphs-4k`` (and ``-seed1``, ``-seed2``): a folder of the same size that is not
+  Fashion-MNIST: digits drawn from the machine's TrueType fonts (``write_glyph_folder``;
+  Debian's ``fonts-dejavu-core`` is enough).
 
 Rows keep the machine they ran on; the table names it by a letter.
 
