@@ -151,12 +151,15 @@ class Method(nn.Module):
         return self
 
 
-def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+def mlp_head(in_dim: int, hidden_dim: int | None, out_dim: int) -> nn.Module:
     """MoCo v2's projection head: Linear(in, hidden), ReLU, Linear(hidden, out).
 
     The layer indices (0 and 2) match the official MoCo v2 ``fc.0``/``fc.2`` keys.
-    ``hidden_dim == 0`` gives one ``Linear(in, out)`` instead (MoCo v1's head).
+    ``hidden_dim`` ``None`` is ``in_dim`` (``method.proj_hidden_dim``'s default); ``0`` gives one
+    ``Linear(in, out)`` instead (MoCo v1's head).
     """
+    if hidden_dim is None:
+        hidden_dim = in_dim
     if hidden_dim == 0:
         return nn.Linear(in_dim, out_dim)
     return nn.Sequential(

@@ -183,7 +183,7 @@ class MoCoV2(Method):
         super().__init__(backbone)
         self.symmetric = symmetric
         feat = int(backbone.feature_dim)
-        self.head = mlp_head(feat, feat if hidden_dim is None else hidden_dim, proj_dim)
+        self.head = mlp_head(feat, hidden_dim, proj_dim)
         self.moco = MomentumContrast(
             backbone, self.head, queue_len=queue_len, dim=proj_dim, temperature=temperature,
             momentum=momentum, shuffle=shuffle, groups=groups,

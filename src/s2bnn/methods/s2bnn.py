@@ -137,8 +137,7 @@ class S2BNN(Method):
         if self.members > 1 and (contrastive_weight > 0 or online_teacher is not None):
             raise ValueError("several teachers need contrastive_weight 0 and no online teacher")
         feat = int(backbone.feature_dim)
-        hidden = feat if hidden_dim is None else hidden_dim  # 0: one linear layer
-        self.head = mlp_head(feat, hidden, proj_dim * self.members)
+        self.head = mlp_head(feat, hidden_dim, proj_dim * self.members)
         self.temperature = temperature
         self.distill_weight = distill_weight
         self.contrastive_weight = contrastive_weight

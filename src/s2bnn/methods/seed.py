@@ -73,7 +73,7 @@ class SEED(Method):
     ) -> None:
         super().__init__(backbone)
         feat = int(backbone.feature_dim)
-        self.head = mlp_head(feat, feat if hidden_dim is None else hidden_dim, proj_dim)
+        self.head = mlp_head(feat, hidden_dim, proj_dim)
         self.attach_offline_teacher(teacher)
         self.queue = KeyQueue(queue_len, proj_dim)
         self.student_temp = student_temp
