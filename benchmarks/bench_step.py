@@ -14,7 +14,9 @@ Variants, each adding one thing to the one above it:
 2. fused quantizers and RPReLU (:mod:`s2bnn.nn.quantizers`, one autograd node each);
 3. the teacher as :class:`s2bnn.teachers.Teacher` runs it: channels-last (the library default);
 4. ``method.teacher.precision=bf16``: the frozen teacher in bf16 (where the CPU has bf16);
-5. ``precision=bf16``: the whole step under bf16 autocast.
+5. ``precision=bf16``: the whole step under bf16 autocast;
+6. RSign and RPReLU on the compiled CPU kernels (:mod:`s2bnn.nn._kernels`; variants 1-5 run
+   them as torch ops).
 
 Timings are interleaved (one step of each variant per round, several rounds) so that a machine
 whose speed drifts affects every variant alike; each speed-up is the median of per-round ratios.
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 
 from s2bnn.losses import soft_cross_entropy
 from s2bnn.models import build_model
+from s2bnn.nn import _kernels
 from s2bnn.runtime import tune_malloc
 from s2bnn.teachers import Teacher
 
@@ -69,18 +72,20 @@ def _make_step(
     teacher: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     bf16: bool = False,
+    kernels: bool = False,
 ) -> Step:
     head = _mlp(student.feature_dim, student.feature_dim)
     opt = torch.optim.Adam([*student.parameters(), *head.parameters()], lr=5e-4)
 
     def step() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with ctx:
-            t = teacher(x)
-            s = F.normalize(head(student(x)).float(), dim=1)
-            loss = soft_cross_entropy(s, t.float(), TAU)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with _kernels.switched(kernels):
+            with ctx:
+                t = teacher(x)
+                s = F.normalize(head(student(x)).float(), dim=1)
+                loss = soft_cross_entropy(s, t.float(), TAU)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
 
     return step
@@ -141,6 +146,9 @@ def main() -> None:
     if bf16_ok:
         variants["4 + bf16 teacher"] = _make_step(student(), teacher_bf16, x)
         variants["5 + bf16 step"] = _make_step(student(), teacher_auto, x, bf16=True)
+    if _kernels.library() is not None:
+        variants["6 + RSign/RPReLU kernels"] = _make_step(
+            student(), teacher_auto if bf16_ok else teacher_fp32, x, bf16=bf16_ok, kernels=True)
 
     def timed_teacher(teacher: Callable[[torch.Tensor], torch.Tensor]) -> Step:
         return lambda: teacher(x)
@@ -169,7 +177,7 @@ def main() -> None:
     for name in variants:
         sec = statistics.median(times[name])
         ratio = statistics.median(b / t for b, t in zip(base, times[name]))
-        key = "teacher " + {"1": "1", "2": "1"}.get(name[0], "4" if name[0] in "45" else "3")
+        key = "teacher " + {"1": "1", "2": "1"}.get(name[0], "4" if name[0] in "456" else "3")
         share = statistics.median(times[key]) / sec if key in times else float("nan")
         print(f"{name:<36} {sec:>7.3f} {args.batch / sec:>7.1f} {ratio:>5.2f}x {share:>13.0%}")
     for k, name in (("1", "NCHW fp32"), ("3", "channels-last fp32"), ("4", "channels-last bf16")):

@@ -1,11 +1,9 @@
 """Compile ``kernels.c`` once into a cache and load it with ctypes.
 
-The library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) at
-``-O3 -fopenmp -ffp-contract=off`` (no FMA contraction, so the float epilogue rounds exactly as
-the pure-torch path) into ``$S2BNN_CACHE`` (default ``~/.cache/s2bnn``), under a name keyed by a
-hash of the source, the flags and the compiler, so a changed source or compiler rebuilds and a
-second process reuses the file. With no compiler, one line on stderr says so and how to fix it,
-and :func:`kernels` returns ``None``: the runtime then runs its pure-torch path.
+The library is built by :mod:`s2bnn._cbuild` (the system C compiler, a cache keyed by source,
+flags and compiler) at ``-O3 -fopenmp -ffp-contract=off`` (no FMA contraction, so the float
+epilogue rounds exactly as the pure-torch path). With no compiler, one line on stderr says so and
+how to fix it, and :func:`kernels` returns ``None``: the runtime then runs its pure-torch path.
 
 ISA levels: ``portable`` (plain C), ``popcnt`` (scalar 64-bit POPCNT), ``avx2`` (pshufb nibble
 table), ``avx512`` (AVX-512 VPOPCNTDQ). ``$S2BNN_DEPLOY_ISA`` forces one (``torch`` forces the
@@ -15,14 +13,12 @@ pure-torch path); by default the fastest this CPU has.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
+
+from s2bnn import _cbuild
+from s2bnn._cbuild import find_compiler  # noqa: F401  (benchmarks/ab_kernels.py)
 
 __all__ = ["kernels", "ISA_LEVELS", "available_isas", "default_isa", "build", "BconvArgs"]
 
@@ -51,72 +47,21 @@ class BconvArgs(ctypes.Structure):
     ]
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("S2BNN_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "s2bnn"
-
-
-def find_compiler() -> str | None:
-    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-def _compiler_id(cc: str) -> str:
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return out.stdout.splitlines()[0] if out.stdout else cc
-    except (OSError, subprocess.SubprocessError):
-        return cc
+WHAT = "the packed runtime uses its slow pure-torch path"
 
 
 def library_path(cc: str) -> Path:
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _compiler_id(cc).encode()
-    ).hexdigest()[:16]
-    return cache_dir() / f"s2bnn_kernels_{key}.so"
+    return _cbuild.library_path(SOURCE, FLAGS, cc, "s2bnn_kernels")
 
 
 def build(verbose: bool = False) -> Path | None:
     """Compile the kernels into the cache if needed; the library's path, or ``None``."""
-    cc = find_compiler()
-    if cc is None:
-        print("s2bnn: no C compiler found (cc/gcc/clang): the packed runtime uses its slow "
-              "pure-torch path; install one (e.g. `apt-get install gcc`) or set CC",
-              file=sys.stderr)
-        return None
-    target = library_path(cc)
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as err:
-        res = None
-        msg = str(err)
-    if res is None or res.returncode != 0:
-        if res is not None:
-            msg = (res.stderr.strip().splitlines() or ["failed"])[-1]
-        Path(tmp).unlink(missing_ok=True)
-        print(f"s2bnn: compiling the packed-runtime kernels failed ({msg}): using the slow "
-              f"pure-torch path; check that `{cc} -fopenmp` works", file=sys.stderr)
-        return None
-    os.replace(tmp, target)  # atomic: a concurrent build of the same source is harmless
-    if verbose:
-        print(f"s2bnn: built {target}", file=sys.stderr)
-    return target
+    return _cbuild.compile_cached(SOURCE, FLAGS, "s2bnn_kernels", WHAT, verbose)
 
 
 def _load(path: Path) -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as err:
-        print(f"s2bnn: cannot load {path} ({err}); delete it to rebuild. Using the pure-torch "
-              "path", file=sys.stderr)
+    lib = _cbuild.load_library(path, "Using the pure-torch path")
+    if lib is None:
         return None
     if lib.s2d_abi_version() != ABI_VERSION:
         return None

@@ -13,8 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from s2bnn.nn.quantizers import get_quantizer, is_binary
+from s2bnn.nn import _kernels
+from s2bnn.nn.quantizers import ReActSign, get_quantizer, is_binary
 
 __all__ = ["QuantConv2d", "QuantLinear", "RSign", "RPReLU"]
 
@@ -123,6 +125,9 @@ class RSign(nn.Module):
         return is_binary(self.quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if type(self.quantizer) is ReActSign:
+            # One node (and, on CPU, one compiled pass) for the shift and the sign.
+            return self.quantizer(x, self.beta)
         return self.quantizer(x + self.beta.view(1, -1, 1, 1))
 
 
@@ -147,11 +152,28 @@ class _RPReLUFn(torch.autograd.Function):
         return g_x, -g_x.sum(dims), g_slope, grad.sum(dims)
 
 
+class _RPReLUKernelFn(torch.autograd.Function):
+    """:class:`_RPReLUFn` on the compiled CPU kernels (one pass forward, one backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shift_in: Tensor, slope: Tensor, shift_out: Tensor) -> Tensor:
+        ctx.save_for_backward(x, shift_in, slope)
+        return _kernels.rprelu_forward(x, shift_in, slope, shift_out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x, shift_in, slope = ctx.saved_tensors
+        return _kernels.rprelu_backward(grad, x, shift_in, slope)
+
+
 class RPReLU(nn.Module):
     """ReActNet's RPReLU: PReLU(x - gamma) + zeta with per-channel gamma, slope and zeta.
 
-    ``fused`` (default) runs it as one autograd node; ``fused=False`` is the plain chain of
-    torch ops, kept as the reference for tests and benchmarks.
+    ``fused`` (default) runs it as one autograd node, on CPU float32/bfloat16 tensors through
+    the compiled kernels of :mod:`s2bnn.nn._kernels` (in the input's dtype, computed in float32);
+    ``fused=False`` is the plain chain of torch ops, kept as the reference for tests and
+    benchmarks.
     """
 
     def __init__(self, channels: int, init_slope: float = 0.25, fused: bool = True) -> None:
@@ -163,7 +185,8 @@ class RPReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused and x.dim() == 4:
-            return _RPReLUFn.apply(x, self.shift_in, self.slope, self.shift_out)
+            fn = _RPReLUKernelFn if _kernels.usable(x) else _RPReLUFn
+            return fn.apply(x, self.shift_in, self.slope, self.shift_out)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         y = F.prelu(x - self.shift_in.view(shape), self.slope)
         return y + self.shift_out.view(shape)

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from s2bnn.errors import ModelError
+from s2bnn.nn import _kernels
 
 __all__ = [
     "Quantizer",
@@ -123,13 +125,42 @@ class Quantizer(nn.Module):
         return f"binary={self.binary}"
 
 
+class _ShiftedReActSignKernelFn(torch.autograd.Function):
+    """``react_sign(x + shift)`` (per-channel shift) on the compiled CPU kernels, one pass each
+    way. The +-1 output is bfloat16 under CPU bf16 autocast (the convolution after it would cast
+    it there anyway; +-1 is exact), else the dtype ``x + shift`` would have."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shift: Tensor) -> Tensor:
+        ctx.save_for_backward(x, shift)
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            out = torch.bfloat16
+        else:
+            out = torch.result_type(x, shift)
+        return _kernels.rsign_forward(x, shift, out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, shift = ctx.saved_tensors
+        return _kernels.rsign_backward(grad, x, shift)
+
+
 class ReActSign(Quantizer):
-    """Sign with ReActNet's polynomial gradient."""
+    """Sign with ReActNet's polynomial gradient.
+
+    ``forward(x, shift)`` is ``sign(x + shift)`` with a per-channel ``shift`` (RSign's beta) as
+    one autograd node, on CPU float32/bfloat16 tensors through the compiled kernels of
+    :mod:`s2bnn.nn._kernels`."""
 
     binary = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _ReActSignFn.apply(x)
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        if shift is None:
+            return _ReActSignFn.apply(x)
+        if x.dim() == 4 and _kernels.usable(x):
+            return _ShiftedReActSignKernelFn.apply(x, shift)
+        return _ReActSignFn.apply(x + shift.view(1, -1, 1, 1))
 
 
 class SteSign(Quantizer):

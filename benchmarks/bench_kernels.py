@@ -1,0 +1,177 @@
+"""The compiled RSign / RPReLU training kernels against PyTorch's ops, on the demo's student.
+
+    python benchmarks/bench_kernels.py [--quick] [--rounds 9] [--threads 2] [--batch 128]
+                                       [--size 28] [--model reactnet_compact]
+
+Two tables, each a baseline and the change measured in the same run, interleaved (one call of
+each variant per round) so that a machine whose speed drifts affects both alike; a speed-up is
+the median of the per-round ratios.
+
+1. Layers: every RSign (with ReActSign) and RPReLU of the model, forward and backward at the
+   input shapes and dtypes they meet in a training step (shapes recorded by hooks on one
+   forward pass), as PyTorch's ops (:mod:`s2bnn.nn._kernels` switched off) and as the kernels.
+2. Steps: the S2-BNN student's training step (backbone, MLP head, soft cross-entropy against
+   fixed unit-vector targets, Adam), under bf16 autocast where the CPU has bf16 and in float32,
+   kernels off and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from s2bnn.losses import soft_cross_entropy
+from s2bnn.methods.base import mlp_head
+from s2bnn.models import build_model
+from s2bnn.nn import RPReLU, RSign, _kernels
+from s2bnn.runtime import tune_malloc
+
+Call = Callable[[], None]
+
+
+def _autocast(bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def layer_inputs(model: torch.nn.Module, x: torch.Tensor, bf16: bool
+                 ) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """(layer, a copy of its input) for every RSign and RPReLU, from one forward pass."""
+    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+    def hook(mod: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        seen.append((mod, inp[0].detach().clone()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, (RSign, RPReLU))]
+    with torch.no_grad(), _autocast(bf16):
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def layer_pass(items: list[tuple[torch.nn.Module, torch.Tensor]], bf16: bool, on: bool) -> Call:
+    """Forward and backward of every recorded layer on its recorded input."""
+    inputs = [(m, t.requires_grad_()) for m, t in items]
+    grads = [torch.randn_like(t) for _, t in inputs]
+
+    def run() -> None:
+        with _kernels.switched(on):
+            for (mod, t), g in zip(inputs, grads):
+                with _autocast(bf16):
+                    y = mod(t)
+                y.backward(g.to(y.dtype))
+                t.grad = None
+                mod.zero_grad(set_to_none=True)
+
+    return run
+
+
+def student_step(name: str, batch: int, size: int, bf16: bool, on: bool) -> Call:
+    """One S2-BNN student training step (fixed input and targets), kernels on or off."""
+    torch.manual_seed(0)
+    net = build_model(name, num_classes=0, in_chans=1)
+    head = mlp_head(net.feature_dim, None, 128)
+    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], 3e-3)
+    x = torch.randn(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
+    target = F.normalize(torch.randn(batch, 128), dim=1)
+
+    def step() -> None:
+        with _kernels.switched(on), _autocast(bf16):
+            loss = soft_cross_entropy(F.normalize(head(net(x)).float(), dim=1), target, 0.2)
+        opt.zero_grad(set_to_none=True)
+        with _kernels.switched(on):
+            loss.backward()
+        opt.step()
+
+    return step
+
+
+def interleaved(calls: dict[str, Call], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``rounds`` times, one call of each per round."""
+    for call in calls.values():  # warm-up: oneDNN primitives, allocator, library build
+        call()
+        call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], pairs: list[tuple[str, str, str]],
+           unit_count: int | None = None) -> None:
+    print(f"\n{title}")
+    head = f"{'case':<44} {'torch ms':>9} {'kernels ms':>11} {'speed-up':>9}"
+    print(head + (f" {'img/s torch':>12} {'img/s kernels':>14}" if unit_count else ""))
+    for label, base, new in pairs:
+        b, n = statistics.median(times[base]), statistics.median(times[new])
+        ratio = statistics.median(x / y for x, y in zip(times[base], times[new]))
+        line = f"{label:<44} {b * 1e3:>9.2f} {n * 1e3:>11.2f} {ratio:>8.2f}x"
+        if unit_count:
+            line += f" {unit_count / b:>12.0f} {unit_count / n:>14.0f}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two timed rounds (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--model", default="reactnet_compact")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tuned = tune_malloc()
+    rounds = 2 if args.quick else args.rounds
+    if _kernels.library() is None:
+        print("the training kernels are not built here (no C compiler?): nothing to compare")
+        return
+    bf16_ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    precisions = [("bf16 autocast", True)] if bf16_ok else []
+    precisions.append(("fp32", False))
+    print(f"{args.model}, {args.size} px, batch {args.batch}, threads={args.threads}, "
+          f"malloc_tuned={tuned}, bf16 on this CPU: {bf16_ok}, rounds={rounds}")
+
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=0, in_chans=1)
+    x = torch.randn(args.batch, 1, args.size, args.size).contiguous(
+        memory_format=torch.channels_last)
+    calls: dict[str, Call] = {}
+    pairs = []
+    for label, bf16 in precisions:
+        items = layer_inputs(model, x, bf16)
+        for kind in (RSign, RPReLU):
+            mine = [(m, t) for m, t in items if isinstance(m, kind)]
+            n_el = sum(t.numel() for _, t in mine)
+            dtypes = sorted({str(t.dtype).removeprefix("torch.") for _, t in mine})
+            case = f"{kind.__name__} x{len(mine)} ({'/'.join(dtypes)}, {n_el / 1e6:.1f} M el.)"
+            calls[f"{label} {kind.__name__} torch"] = layer_pass(mine, bf16, on=False)
+            calls[f"{label} {kind.__name__} kernels"] = layer_pass(mine, bf16, on=True)
+            pairs.append((f"{label}: {case}", f"{label} {kind.__name__} torch",
+                          f"{label} {kind.__name__} kernels"))
+    times = interleaved(calls, rounds)
+    report("Layers, forward + backward of all of them (one call = every layer once)", times,
+           pairs)
+
+    calls, pairs = {}, []
+    for label, bf16 in precisions:
+        calls[f"{label} torch"] = student_step(args.model, args.batch, args.size, bf16, False)
+        calls[f"{label} kernels"] = student_step(args.model, args.batch, args.size, bf16, True)
+        pairs.append((f"student step, {label}", f"{label} torch", f"{label} kernels"))
+    times = interleaved(calls, rounds)
+    report("Training step of the S2-BNN student (no teacher, no data loading)", times, pairs,
+           unit_count=args.batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Compiled CPU kernels for RSign and RPReLU in training (``kernels.c`` next to this file).
+
+Under bf16 autocast on CPU these layers meet a bf16 activation and float32 per-channel
+parameters; PyTorch then runs its slow mixed-dtype element-wise path, several passes per layer.
+The kernels read each element once, compute in float32, write once, and reduce the parameter
+gradients in the same pass (``benchmarks/bench_kernels.py`` measures both paths).
+
+:func:`usable` says whether a tensor can take them: a CPU tensor, float32 or bfloat16, contiguous
+as NCHW, channels-last or [N, C], outside ``torch.compile`` tracing, with the library built. Set
+``S2BNN_TRAIN_KERNELS=0`` to run the pure-torch path everywhere. ``python -m s2bnn.nn._kernels``
+prebuilds the library (``make setup`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from s2bnn import _cbuild
+
+__all__ = ["library", "usable", "enabled", "switched", "rsign_forward", "rsign_backward",
+           "rprelu_forward", "rprelu_backward", "ENV"]
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
+ABI_VERSION = 2
+ENV = "S2BNN_TRAIN_KERNELS"
+WHAT = "RSign and RPReLU train on their slower pure-torch path"
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_switch: bool | None = None  # set by switched(); None: the environment decides
+
+
+def _build(verbose: bool = False) -> Path | None:
+    path = _cbuild.compile_cached(SOURCE, FLAGS, "s2bnn_train", WHAT, verbose)
+    if path is None and _cbuild.find_compiler() is not None:
+        # target_clones needs GCC >= 11 on x86-64; one plain build for this CPU's baseline.
+        flags = [*FLAGS, "-DS2T_NO_CLONES"]
+        path = _cbuild.compile_cached(SOURCE, flags, "s2bnn_train", WHAT, verbose)
+    return path
+
+
+def _load(path: Path) -> ctypes.CDLL | None:
+    lib = _cbuild.load_library(path, WHAT)
+    if lib is None or lib.s2t_abi_version() != ABI_VERSION:
+        return None
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    sig = {
+        "s2t_rsign_fwd": [P, I, P, I, L, I, L, P],
+        "s2t_rsign_bwd": [P, P, P, I, L, I, L, P, P],
+        "s2t_rprelu_fwd": [P, I, P, I, L, I, L, P, P, P],
+        "s2t_rprelu_bwd": [P, P, P, I, L, I, L, P, P, P, P, P],
+    }
+    for name, args in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built on first use), or ``None`` where it cannot be built."""
+    global _lib, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            path = _build()
+            _lib = _load(path) if path is not None else None
+        return _lib
+
+
+def enabled() -> bool:
+    """Whether the kernels may run: the library loads, and neither :func:`switched` (off) nor
+    ``S2BNN_TRAIN_KERNELS=0`` turns them off."""
+    if _switch is not None:
+        return _switch and library() is not None
+    return os.environ.get(ENV, "1").strip() not in ("0", "false", "no") and library() is not None
+
+
+@contextlib.contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """Run the enclosed code with the kernels on or off (tests and A/B benchmarks)."""
+    global _switch
+    before, _switch = _switch, on
+    try:
+        yield
+    finally:
+        _switch = before
+
+
+def _geometry(x: Tensor) -> tuple[int, int, int] | None:
+    """(outer, C, inner) of a contiguous NCHW, channels-last or [N, C] tensor, else None."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x.shape[0], x.shape[1], 1
+    if x.dim() == 4:
+        n, c, h, w = x.shape
+        if x.is_contiguous():
+            return n, c, h * w
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return n * h * w, c, 1
+    return None
+
+
+def usable(x: Tensor) -> bool:
+    """Whether ``x`` can go through the compiled kernels (see the module docstring)."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0
+            and not torch.compiler.is_compiling() and _geometry(x) is not None and enabled())
+
+
+def _like(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad`` in ``x``'s dtype and memory layout (the backward kernels index both alike)."""
+    grad = grad.to(x.dtype)
+    if x.dim() == 4 and not x.is_contiguous():
+        return grad.contiguous(memory_format=torch.channels_last)
+    return grad.contiguous()
+
+
+def _vec(p: Tensor) -> Tensor:
+    return p.detach().to(torch.float32).contiguous()
+
+
+def _check(rc: int, name: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"s2bnn training kernel {name}: out of memory for its buffers")
+
+
+def rsign_forward(x: Tensor, beta: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """+1 where ``x + beta >= 0`` (per channel), else -1, as ``out_dtype`` (float32/bfloat16)."""
+    outer, c, inner = _geometry(x)
+    y = torch.empty_like(x, dtype=out_dtype)
+    b = _vec(beta)
+    _check(library().s2t_rsign_fwd(x.data_ptr(), _DTYPES[x.dtype], y.data_ptr(),
+                                   _DTYPES[out_dtype], outer, c, inner, b.data_ptr()), "rsign")
+    return y
+
+
+def rsign_backward(grad: Tensor, x: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """ReActNet's polynomial STE at ``x + beta``: (grad of x, grad of beta)."""
+    outer, c, inner = _geometry(x)
+    grad = _like(grad, x)
+    gx = torch.empty_like(x)
+    g_beta = torch.empty(c, dtype=torch.float32)
+    b = _vec(beta)
+    _check(library().s2t_rsign_bwd(grad.data_ptr(), x.data_ptr(), gx.data_ptr(),
+                                   _DTYPES[x.dtype], outer, c, inner, b.data_ptr(),
+                                   g_beta.data_ptr()), "rsign backward")
+    return gx, g_beta.to(beta.dtype)
+
+
+def rprelu_forward(x: Tensor, shift_in: Tensor, slope: Tensor, shift_out: Tensor) -> Tensor:
+    """``PReLU(x - shift_in) + shift_out`` per channel, in ``x``'s dtype."""
+    outer, c, inner = _geometry(x)
+    y = torch.empty_like(x)
+    si, k, so = _vec(shift_in), _vec(slope), _vec(shift_out)
+    _check(library().s2t_rprelu_fwd(x.data_ptr(), _DTYPES[x.dtype], y.data_ptr(),
+                                    _DTYPES[x.dtype], outer, c, inner, si.data_ptr(),
+                                    k.data_ptr(), so.data_ptr()), "rprelu")
+    return y
+
+
+def rprelu_backward(grad: Tensor, x: Tensor, shift_in: Tensor, slope: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`rprelu_forward` for x, shift_in, slope and shift_out."""
+    outer, c, inner = _geometry(x)
+    grad = _like(grad, x)
+    gx = torch.empty_like(x)
+    outs = [torch.empty(c, dtype=torch.float32) for _ in range(3)]
+    si, k = _vec(shift_in), _vec(slope)
+    _check(library().s2t_rprelu_bwd(grad.data_ptr(), x.data_ptr(), gx.data_ptr(),
+                                    _DTYPES[x.dtype], outer, c, inner, si.data_ptr(),
+                                    k.data_ptr(), *(o.data_ptr() for o in outs)),
+           "rprelu backward")
+    g_si, g_slope, g_so = (o.to(shift_in.dtype) for o in outs)
+    return gx, g_si, g_slope, g_so
+
+
+if __name__ == "__main__":  # `python -m s2bnn.nn._kernels`: prebuild (make setup)
+    built = _build(verbose=True)
+    print(f"s2bnn training kernels: {built if built else 'not built (pure-torch path)'}")
