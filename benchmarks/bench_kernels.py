@@ -110,12 +110,12 @@ def interleaved(calls: dict[str, Call], rounds: int) -> dict[str, list[float]]:
 def report(title: str, times: dict[str, list[float]], pairs: list[tuple[str, str, str]],
            unit_count: int | None = None) -> None:
     print(f"\n{title}")
-    head = f"{'case':<44} {'torch ms':>9} {'kernels ms':>11} {'speed-up':>9}"
+    head = f"{'case':<50} {'torch ms':>9} {'kernels ms':>11} {'speed-up':>9}"
     print(head + (f" {'img/s torch':>12} {'img/s kernels':>14}" if unit_count else ""))
     for label, base, new in pairs:
         b, n = statistics.median(times[base]), statistics.median(times[new])
         ratio = statistics.median(x / y for x, y in zip(times[base], times[new]))
-        line = f"{label:<44} {b * 1e3:>9.2f} {n * 1e3:>11.2f} {ratio:>8.2f}x"
+        line = f"{label:<50} {b * 1e3:>9.2f} {n * 1e3:>11.2f} {ratio:>8.2f}x"
         if unit_count:
             line += f" {unit_count / b:>12.0f} {unit_count / n:>14.0f}"
         print(line)

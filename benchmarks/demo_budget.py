@@ -254,6 +254,18 @@ NOTES: list[str] = [
     "near 82 % carries a binomial sampling error of about 1.2 points, as large as the changes "
     "screened. The +15 margin on 4,000 Fashion-MNIST images stays missed (12.1-14.3 on six "
     "demo runs).",
+    "- Round 12 (rows `-r12`, commit 71d9d31): the recipes unchanged; RSign and RPReLU run as "
+    "compiled CPU kernels (src/s2bnn/nn/kernels.c: one pass each way in float32, bf16 in and "
+    "out), which make the student's training step 1.36-1.53x as fast under bf16 "
+    "(benchmarks/bench_kernels.py, four runs). In the same 10 minutes the S2-BNN student trained "
+    "2,535 and 2,603 steps on 4,000 images (1,536-2,096 in rounds 9-11) and 1,748 on "
+    "Fashion-MNIST (1,334-1,521); MoCo v2's student 954 and 1,084 (646-787) and 813 (497-546). "
+    "S2-BNN: 82.6 (seed 0, margin 14.7, its best demo) and 80.3 (seed 1, margin 12.4; seed 1 "
+    "scored 80.0-80.9 in three of its four earlier-recipe demos with 2,024-2,603 steps), 82.4 on "
+    "Fashion-MNIST as in round 10; MoCo v2 78.1 and 77.8 (75.3-77.7 before), 76.7 on "
+    "Fashion-MNIST. More steps lifted seed 0's student but not seed 1's, whose teacher's target "
+    "(the 128-d head output) probes 81.5 (docs/STUDENT_GAP.md). The +15 margin on 4,000 "
+    "Fashion-MNIST images stays missed (12.1-14.7 on eight demo runs).",
 ]
 
 

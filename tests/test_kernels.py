@@ -222,3 +222,15 @@ def test_build_of_a_broken_source_fails_in_one_line_and_a_good_one_is_cached(
     assert _cbuild.compile_cached(good, ["-O1", "-fPIC", "-shared"], "good", "x") == path
     assert path.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert _cbuild.load_library(path, "x").f() == 7
+
+
+@needs_kernels
+def test_a_jit_trace_records_the_torch_path_not_the_kernels() -> None:
+    import torch.nn as nn
+
+    model = nn.Sequential(RPReLU(4), RSign(4)).eval()
+    x1, x2 = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    traced = torch.jit.trace(model, x1)
+    # A kernel call would be recorded as an opaque Python op around a ctypes call.
+    assert "KernelFn" not in str(traced.inlined_graph)
+    assert torch.equal(traced(x2), model(x2))

@@ -6,7 +6,8 @@ The kernels read each element once, compute in float32, write once, and reduce t
 gradients in the same pass (``benchmarks/bench_kernels.py`` measures both paths).
 
 :func:`usable` says whether a tensor can take them: a CPU tensor, float32 or bfloat16, contiguous
-as NCHW, channels-last or [N, C], outside ``torch.compile`` tracing, with the library built. Set
+as NCHW, channels-last or [N, C], outside ``torch.compile`` and ``torch.jit.trace`` (which need
+torch ops to record), with the library built. Set
 ``S2BNN_TRAIN_KERNELS=0`` to run the pure-torch path everywhere. ``python -m s2bnn.nn._kernels``
 prebuilds the library (``make setup`` does).
 """
@@ -114,7 +115,8 @@ def _geometry(x: Tensor) -> tuple[int, int, int] | None:
 def usable(x: Tensor) -> bool:
     """Whether ``x`` can go through the compiled kernels (see the module docstring)."""
     return (x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0
-            and not torch.compiler.is_compiling() and _geometry(x) is not None and enabled())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _geometry(x) is not None and enabled())
 
 
 def _like(grad: Tensor, x: Tensor) -> Tensor:
