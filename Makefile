@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m s2bnn.deploy._build  # prebuild the packed-runtime kernels into the cache
-	$(BIN)/python -m s2bnn.nn._kernels  # and the RSign / RPReLU training kernels
+	$(BIN)/python -c "from s2bnn.nn import _kernels; _kernels.prebuild()"  # and the training ones
 	touch $@
 
 setup: $(VENV)/.installed

@@ -234,3 +234,28 @@ def test_a_jit_trace_records_the_torch_path_not_the_kernels() -> None:
     # A kernel call would be recorded as an opaque Python op around a ctypes call.
     assert "KernelFn" not in str(traced.inlined_graph)
     assert torch.equal(traced(x2), model(x2))
+
+
+def test_a_compiler_without_target_clones_gets_the_plain_build(monkeypatch, tmp_path,
+                                                               capsys) -> None:
+    if _cbuild.find_compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("S2BNN_CACHE", str(tmp_path))
+    real = _cbuild.compile_cached
+    tried = []
+
+    def no_clones(source, flags, stem, what, verbose=False, quiet=False):
+        tried.append(list(flags))
+        if "-DS2T_NO_CLONES" not in flags:  # as an old GCC would fail on arch=x86-64-v4
+            return None
+        return real(source, flags, stem, what, verbose, quiet)
+
+    monkeypatch.setattr(_cbuild, "compile_cached", no_clones)
+    path = _kernels._build()
+    assert path is not None and len(tried) == 2 and capsys.readouterr().err == ""
+    lib = _kernels._load(path)
+    x = torch.randn(3, 5, 4, 4)
+    beta = torch.randn(5)
+    y = torch.empty_like(x)
+    assert lib.s2t_rsign_fwd(x.data_ptr(), 0, y.data_ptr(), 0, 3, 5, 16, beta.data_ptr()) == 0
+    assert torch.equal(y, torch.where(x + beta.view(1, -1, 1, 1) < 0, -1.0, 1.0))

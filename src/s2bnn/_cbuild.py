@@ -51,10 +51,11 @@ def library_path(source: Path, flags: list[str], cc: str, stem: str) -> Path:
 
 
 def compile_cached(source: Path, flags: list[str], stem: str, what: str,
-                   verbose: bool = False) -> Path | None:
+                   verbose: bool = False, quiet: bool = False) -> Path | None:
     """Build ``source`` into the cache if needed; the library's path, or ``None``.
 
-    ``what`` names the library and what runs without it, for the one-line messages.
+    ``what`` names the library and what runs without it, for the one-line messages; ``quiet``
+    leaves out the message of a failed compile (for a first try that has a fallback).
     """
     cc = find_compiler()
     if cc is None:
@@ -77,6 +78,8 @@ def compile_cached(source: Path, flags: list[str], stem: str, what: str,
         if res is not None:
             msg = (res.stderr.strip().splitlines() or ["failed"])[-1]
         Path(tmp).unlink(missing_ok=True)
+        if quiet:
+            return None
         print(f"s2bnn: compiling {source.name} failed ({msg}): {what}; check that "
               f"`{cc} {' '.join(flags)}` works", file=sys.stderr)
         return None

@@ -8,8 +8,8 @@ gradients in the same pass (``benchmarks/bench_kernels.py`` measures both paths)
 :func:`usable` says whether a tensor can take them: a CPU tensor, float32 or bfloat16, contiguous
 as NCHW, channels-last or [N, C], outside ``torch.compile`` and ``torch.jit.trace`` (which need
 torch ops to record), with the library built. Set
-``S2BNN_TRAIN_KERNELS=0`` to run the pure-torch path everywhere. ``python -m s2bnn.nn._kernels``
-prebuilds the library (``make setup`` does).
+``S2BNN_TRAIN_KERNELS=0`` to run the pure-torch path everywhere. :func:`prebuild` builds the
+library ahead of first use (``make setup`` calls it).
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ _switch: bool | None = None  # set by switched(); None: the environment decides
 
 
 def _build(verbose: bool = False) -> Path | None:
-    path = _cbuild.compile_cached(SOURCE, FLAGS, "s2bnn_train", WHAT, verbose)
-    if path is None and _cbuild.find_compiler() is not None:
-        # target_clones needs GCC >= 11 on x86-64; one plain build for this CPU's baseline.
+    if _cbuild.find_compiler() is None:
+        return _cbuild.compile_cached(SOURCE, FLAGS, "s2bnn_train", WHAT)  # says so, once
+    path = _cbuild.compile_cached(SOURCE, FLAGS, "s2bnn_train", WHAT, verbose, quiet=True)
+    if path is None:
+        # target_clones (x86-64-v4) needs GCC >= 11: one plain build for the baseline ISA.
         flags = [*FLAGS, "-DS2T_NO_CLONES"]
         path = _cbuild.compile_cached(SOURCE, flags, "s2bnn_train", WHAT, verbose)
     return path
@@ -186,6 +188,7 @@ def rprelu_backward(grad: Tensor, x: Tensor, shift_in: Tensor, slope: Tensor
     return gx, g_si, g_slope, g_so
 
 
-if __name__ == "__main__":  # `python -m s2bnn.nn._kernels`: prebuild (make setup)
+def prebuild() -> None:
+    """Build the library into the cache now and say where (``make setup`` calls this)."""
     built = _build(verbose=True)
     print(f"s2bnn training kernels: {built if built else 'not built (pure-torch path)'}")
