@@ -12,10 +12,11 @@
  * elements: channels-last [N, H, W, C] is (outer = N*H*W, inner = 1), NCHW is (N, H*W), and
  * [N, C] is (N, 1). Dtype codes: 0 float32, 1 bfloat16 (round to nearest even, NaN kept quiet).
  *
- * Work goes in runs of at most RUN elements: a channels-last run is R whole rows (R * C elements,
- * R = ceil(RUN / C)) against the per-channel vectors tiled R times, so the vector loop is long
- * whatever C is (a loop over one row of C = 24 bf16 values is shorter than one AVX-512 vector
- * and ran scalar, 10x slower); an NCHW run is a piece of one (sample, channel) plane. Each run is
+ * Work goes in runs: a channels-last run is R whole rows (R * C elements, R = ceil(RUN / C))
+ * against the per-channel vectors tiled R times, so the vector loop is long whatever C is (a
+ * loop over one row of C = 24 bf16 values is shorter than one AVX-512 vector and ran scalar, 10x
+ * slower). An NCHW tensor is tiled the same way by whole samples (period C * H * W) up to
+ * TILE_MAX elements a sample, else walked plane by plane (RUN elements at a time). Each run is
  * converted into float32 buffers that stay in L1, computed there, and converted back. Gradient
  * sums are float32 per tile slot over at most FLUSH_RUNS runs, then float64 per channel.
  *
@@ -40,6 +41,7 @@
 #define RUN 512
 #define FLUSH_RUNS 64    /* runs summed in float32 (at most 64 values a slot) before a flush */
 #define PAR_MIN (1 << 16) /* smaller tensors run on one thread */
+#define TILE_MAX 8192     /* NCHW jobs with C * H * W up to this are tiled like channels-last */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(S2T_NO_CLONES)
 #define S2T_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
@@ -154,9 +156,9 @@ typedef struct {
     const float *param[3];
 } Job;
 
-/* Scratch of one thread: tiled parameters, slot sums and two run buffers of RUN+ floats. */
+/* Scratch of one thread: tiled parameters, slot sums and two run buffers, `len` floats each. */
 typedef struct {
-    int64_t len; /* floats per buffer: R * C (channels-last) or RUN (NCHW) */
+    int64_t len; /* floats per buffer: R * C (channels-last) or min(inner, RUN) (NCHW) */
     float *mem;
     float *p[3], *s[3], *a, *b;
 } Scratch;
@@ -186,23 +188,31 @@ S2T_INLINE void op_run(const Job *J, Scratch *w, int64_t off, int64_t n) {
     from_f32(J->out, J->odt, off, w->a, n);
 }
 
-/* The runs [begin, end) of a channels-last (inner == 1) job, or the planes [begin, end) of an
- * NCHW one; sums into tot[k * C + c]. Returns 0, or -1 if its scratch could not be allocated. */
+/* The period of a tiled job: the elements after which the channel pattern repeats (C * inner),
+ * or 0 for a job walked plane by plane (NCHW maps whose planes are large enough to be runs). */
+static int64_t tiled_period(const Job *J) {
+    int64_t p = (int64_t)J->C * J->inner;
+    return (J->inner == 1 || p <= TILE_MAX) ? p : 0;
+}
+
+/* The runs [begin, end) of a tiled job, or the planes [begin, end) of a plane-wise one; sums
+ * into tot[k * C + c]. Returns 0, or -1 if its scratch could not be allocated. */
 S2T_CLONES static int work(const Job *J, int64_t begin, int64_t end, double *tot) {
     const int C = J->C, np = N_PARAMS[J->op], ns = N_SUMS[J->op];
+    const int64_t period = tiled_period(J), inner = J->inner;
     Scratch w;
-    if (J->inner == 1) {
-        const int64_t rows = (RUN + C - 1) / C, len = rows * C, total = J->outer * C;
+    if (period) {
+        const int64_t reps = (RUN + period - 1) / period, len = reps * period;
+        const int64_t total = J->outer * period;
         if (!scratch_init(&w, len)) return -1;
         for (int k = 0; k < np; k++)
-            for (int64_t j = 0; j < len; j++) w.p[k][j] = J->param[k][j % C];
+            for (int64_t j = 0; j < len; j++) w.p[k][j] = J->param[k][(j / inner) % C];
         for (int64_t run = begin; run < end; run++) {
             int64_t off = run * len, n = total - off < len ? total - off : len;
             op_run(J, &w, off, n);
             if (ns && ((run - begin + 1) % FLUSH_RUNS == 0 || run + 1 == end)) {
                 for (int k = 0; k < ns; k++) {
-                    for (int64_t r = 0; r < rows; r++)
-                        for (int c = 0; c < C; c++) tot[k * C + c] += w.s[k][r * C + c];
+                    for (int64_t j = 0; j < len; j++) tot[k * C + (j / inner) % C] += w.s[k][j];
                     memset(w.s[k], 0, (size_t)len * sizeof(float));
                 }
             }
@@ -213,9 +223,9 @@ S2T_CLONES static int work(const Job *J, int64_t begin, int64_t end, double *tot
             int c = (int)(plane % C);
             for (int k = 0; k < np; k++)
                 for (int64_t j = 0; j < RUN; j++) w.p[k][j] = J->param[k][c];
-            for (int64_t q = 0; q < J->inner; q += RUN) {
-                int64_t n = J->inner - q < RUN ? J->inner - q : RUN;
-                op_run(J, &w, plane * J->inner + q, n);
+            for (int64_t q = 0; q < inner; q += RUN) {
+                int64_t n = inner - q < RUN ? inner - q : RUN;
+                op_run(J, &w, plane * inner + q, n);
             }
             for (int k = 0; k < ns; k++) {
                 double acc = 0.0;
@@ -231,10 +241,10 @@ S2T_CLONES static int work(const Job *J, int64_t begin, int64_t end, double *tot
 
 static int run_job(const Job *J, float *const *sums) {
     const int C = J->C, ns = N_SUMS[J->op];
-    const int64_t total = J->outer * C * J->inner;
+    const int64_t total = J->outer * C * J->inner, period = tiled_period(J);
     int64_t units;
-    if (J->inner == 1) {
-        int64_t len = (RUN + C - 1) / C * C;
+    if (period) {
+        int64_t len = (RUN + period - 1) / period * period;
         units = (total + len - 1) / len;
     } else {
         units = J->outer * C;
