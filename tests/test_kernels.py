@@ -18,6 +18,15 @@ SHAPES = [(2, 3, 5, 5), (4, 24, 7, 7), (3, 37, 6, 6), (8, 130, 9, 9), (128, 24, 
 LAYOUTS = ["channels_last", "nchw"]
 
 
+def every_case(test):
+    """Run ``test(shape, layout, dtype)`` on every shape, layout and dtype the kernels take."""
+    for mark in (pytest.mark.parametrize("shape", SHAPES),
+                 pytest.mark.parametrize("layout", LAYOUTS),
+                 pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16]), needs_kernels):
+        test = mark(test)
+    return test
+
+
 def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g) * 1.3
@@ -42,10 +51,7 @@ def _tol(dtype: torch.dtype) -> dict[str, float]:
                                                                           "atol": 1e-5}
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES)
+@every_case
 def test_rprelu_kernel_matches_float64_formula(shape, layout, dtype) -> None:
     x = _make(shape, layout, dtype)
     si, slope, so = _params(shape[1])
@@ -74,10 +80,7 @@ def test_rprelu_kernel_matches_float64_formula(shape, layout, dtype) -> None:
         torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-3)
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES)
+@every_case
 def test_rsign_kernel_matches_float64_formula(shape, layout, dtype) -> None:
     x = _make(shape, layout, dtype)
     beta = _params(shape[1])[0]

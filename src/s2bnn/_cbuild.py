@@ -17,9 +17,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cache_dir", "find_compiler", "library_path", "compile_cached", "load_library"]
+__all__ = ["cache_dir", "find_compiler", "library_path", "compile_cached", "load_library",
+           "OnceLoaded"]
 
 
 def cache_dir() -> Path:
@@ -97,3 +100,23 @@ def load_library(path: Path, what: str) -> ctypes.CDLL | None:
         print(f"s2bnn: cannot load {path} ({err}); delete it to rebuild. {what}",
               file=sys.stderr)
         return None
+
+
+class OnceLoaded:
+    """A library built (``build() -> path or None``) and loaded (``load(path) -> CDLL or None``)
+    on the first call, once per process and thread-safely; every call returns that result."""
+
+    def __init__(self, build: Callable[[], Path | None],
+                 load: Callable[[Path], ctypes.CDLL | None]) -> None:
+        self._build, self._load = build, load
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+
+    def __call__(self) -> ctypes.CDLL | None:
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                path = self._build()
+                self._lib = self._load(path) if path is not None else None
+            return self._lib

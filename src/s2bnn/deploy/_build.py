@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from pathlib import Path
 
 from s2bnn import _cbuild
@@ -27,10 +26,6 @@ FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
 ABI_VERSION = 6
 ISA_LEVELS = {"portable": 0, "popcnt": 1, "avx2": 2, "avx512": 3}
 ISA_ENV = "S2BNN_DEPLOY_ISA"
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 
 
 class BconvArgs(ctypes.Structure):
@@ -81,15 +76,12 @@ def _load(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
+_once = _cbuild.OnceLoaded(lambda: build(), lambda path: _load(path))
+
+
 def kernels() -> ctypes.CDLL | None:
     """The loaded kernel library (built on first use), or ``None`` where it cannot be built."""
-    global _lib, _tried
-    with _lock:
-        if not _tried:
-            _tried = True
-            path = build()
-            _lib = _load(path) if path is not None else None
-        return _lib
+    return _once()
 
 
 def available_isas() -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,9 +35,6 @@ ENV = "S2BNN_TRAIN_KERNELS"
 WHAT = "RSign and RPReLU train on their slower pure-torch path"
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 _switch: bool | None = None  # set by switched(); None: the environment decides
 
 
@@ -71,15 +67,12 @@ def _load(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
+_once = _cbuild.OnceLoaded(lambda: _build(), lambda path: _load(path))
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library (built on first use), or ``None`` where it cannot be built."""
-    global _lib, _tried
-    with _lock:
-        if not _tried:
-            _tried = True
-            path = _build()
-            _lib = _load(path) if path is not None else None
-        return _lib
+    return _once()
 
 
 def enabled() -> bool:
