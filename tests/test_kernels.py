@@ -12,9 +12,10 @@ from s2bnn.nn import RPReLU, RSign, _kernels
 needs_kernels = pytest.mark.skipif(_kernels.library() is None, reason="no C compiler")
 
 # (N, C, H, W): odd widths, one row shorter than a vector, runs that end mid-row, more than
-# FLUSH_RUNS runs in a thread and tensors above PAR_MIN (several threads).
+# FLUSH_RUNS runs in a thread, tensors above PAR_MIN (several threads), and NCHW samples both
+# under and over TILE_MAX elements (tiled, or walked plane by plane, also on a tiny map).
 SHAPES = [(2, 3, 5, 5), (4, 24, 7, 7), (3, 37, 6, 6), (8, 130, 9, 9), (128, 24, 14, 14),
-          (2, 1, 4, 4), (5, 16, 1, 1)]
+          (2, 1, 4, 4), (5, 16, 1, 1), (3, 2100, 2, 2)]
 LAYOUTS = ["channels_last", "nchw"]
 
 
@@ -169,6 +170,9 @@ def test_rsign_output_is_bf16_under_cpu_autocast_and_double_backward_refuses() -
 
 def test_unusable_inputs_and_a_missing_library_take_the_torch_path(monkeypatch) -> None:
     x = torch.randn(2, 4, 3, 3)
+    rs = RSign(4).double()  # float32 input, float64 threshold: the sum is float64
+    y = rs(x)
+    assert y.dtype == torch.float64 and "Kernel" not in type(y.grad_fn).__name__
     assert not _kernels.usable(x.double())
     assert not _kernels.usable(x[:, :, :, :2])  # not contiguous in any layout
     assert not _kernels.usable(x.view(2, 4, 9))

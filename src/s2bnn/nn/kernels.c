@@ -158,7 +158,7 @@ typedef struct {
 
 /* Scratch of one thread: tiled parameters, slot sums and two run buffers, `len` floats each. */
 typedef struct {
-    int64_t len; /* floats per buffer: R * C (channels-last) or min(inner, RUN) (NCHW) */
+    int64_t len; /* floats per buffer: whole periods (tiled) or min(inner, RUN) (planes) */
     float *mem;
     float *p[3], *s[3], *a, *b;
 } Scratch;
@@ -218,20 +218,23 @@ S2T_CLONES static int work(const Job *J, int64_t begin, int64_t end, double *tot
             }
         }
     } else {
-        if (!scratch_init(&w, RUN)) return -1;
+        /* min(inner, RUN) slots: a tiny map of very many channels sets up no more than it
+         * computes. */
+        const int64_t span = inner < RUN ? inner : RUN;
+        if (!scratch_init(&w, span)) return -1;
         for (int64_t plane = begin; plane < end; plane++) {
             int c = (int)(plane % C);
             for (int k = 0; k < np; k++)
-                for (int64_t j = 0; j < RUN; j++) w.p[k][j] = J->param[k][c];
-            for (int64_t q = 0; q < inner; q += RUN) {
-                int64_t n = inner - q < RUN ? inner - q : RUN;
+                for (int64_t j = 0; j < span; j++) w.p[k][j] = J->param[k][c];
+            for (int64_t q = 0; q < inner; q += span) {
+                int64_t n = inner - q < span ? inner - q : span;
                 op_run(J, &w, plane * inner + q, n);
             }
             for (int k = 0; k < ns; k++) {
                 double acc = 0.0;
-                for (int64_t j = 0; j < RUN; j++) acc += w.s[k][j];
+                for (int64_t j = 0; j < span; j++) acc += w.s[k][j];
                 tot[k * C + c] += acc;
-                memset(w.s[k], 0, RUN * sizeof(float));
+                memset(w.s[k], 0, (size_t)span * sizeof(float));
             }
         }
     }

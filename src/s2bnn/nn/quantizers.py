@@ -125,6 +125,12 @@ class Quantizer(nn.Module):
         return f"binary={self.binary}"
 
 
+def _sign_dtype(x: Tensor, shift: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return torch.result_type(x, shift)
+
+
 class _ShiftedReActSignKernelFn(torch.autograd.Function):
     """``react_sign(x + shift)`` (per-channel shift) on the compiled CPU kernels, one pass each
     way. The +-1 output is bfloat16 under CPU bf16 autocast (the convolution after it would cast
@@ -133,11 +139,7 @@ class _ShiftedReActSignKernelFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, shift: Tensor) -> Tensor:
         ctx.save_for_backward(x, shift)
-        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-            out = torch.bfloat16
-        else:
-            out = torch.result_type(x, shift)
-        return _kernels.rsign_forward(x, shift, out)
+        return _kernels.rsign_forward(x, shift, _sign_dtype(x, shift))
 
     @staticmethod
     @once_differentiable
@@ -158,7 +160,8 @@ class ReActSign(Quantizer):
     def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
         if shift is None:
             return _ReActSignFn.apply(x)
-        if x.dim() == 4 and _kernels.usable(x):
+        if (x.dim() == 4 and _kernels.usable(x)
+                and _sign_dtype(x, shift) in (torch.float32, torch.bfloat16)):
             return _ShiftedReActSignKernelFn.apply(x, shift)
         return _ReActSignFn.apply(x + shift.view(1, -1, 1, 1))
 
