@@ -30,12 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from s2bnn import _cbuild  # noqa: E402
 from s2bnn.deploy import _build, pack  # noqa: E402
 from s2bnn.models import build_model  # noqa: E402
 
 
 def build_variant(name: str, defines: list[str], out_dir: Path):
-    cc = _build.find_compiler()
+    cc = _cbuild.find_compiler()
     out = out_dir / f"ab_{name}.so"
     cmd = [cc, *_build.FLAGS, *defines, "-o", str(out), str(_build.SOURCE)]
     subprocess.run(cmd, check=True)

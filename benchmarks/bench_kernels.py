@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from s2bnn.methods.base import mlp_head
 from s2bnn.models import build_model
 from s2bnn.nn import RPReLU, RSign, _kernels
 from s2bnn.runtime import tune_malloc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import interleaved  # noqa: E402
 
 Call = Callable[[], None]
 
@@ -93,20 +97,6 @@ def student_step(name: str, batch: int, size: int, bf16: bool, on: bool) -> Call
     return step
 
 
-def interleaved(calls: dict[str, Call], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``rounds`` times, one call of each per round."""
-    for call in calls.values():  # warm-up: oneDNN primitives, allocator, library build
-        call()
-        call()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
 def report(title: str, times: dict[str, list[float]], pairs: list[tuple[str, str, str]],
            unit_count: int | None = None) -> None:
     print(f"\n{title}")
@@ -159,7 +149,7 @@ def main() -> None:
             calls[f"{label} {kind.__name__} kernels"] = layer_pass(mine, bf16, on=True)
             pairs.append((f"{label}: {case}", f"{label} {kind.__name__} torch",
                           f"{label} {kind.__name__} kernels"))
-    times = interleaved(calls, rounds)
+    times = interleaved(calls, rounds, warmup=2)
     report("Layers, forward + backward of all of them (one call = every layer once)", times,
            pairs)
 
@@ -168,7 +158,7 @@ def main() -> None:
         calls[f"{label} torch"] = student_step(args.model, args.batch, args.size, bf16, False)
         calls[f"{label} kernels"] = student_step(args.model, args.batch, args.size, bf16, True)
         pairs.append((f"student step, {label}", f"{label} torch", f"{label} kernels"))
-    times = interleaved(calls, rounds)
+    times = interleaved(calls, rounds, warmup=2)
     report("Training step of the S2-BNN student (no teacher, no data loading)", times, pairs,
            unit_count=args.batch)
 

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +46,9 @@ from s2bnn.teachers import Teacher
 
 # The naive reference quantizers are test code (tests/reference_ops.py), not part of s2bnn.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_ops import use_reference_ops  # noqa: E402
+from run_all import interleaved  # noqa: E402
 
 TAU = 0.2
 Step = Callable[[], None]
@@ -158,14 +159,7 @@ def main() -> None:
         teacher_only["4"] = timed_teacher(teacher_bf16)
 
     every = {**variants, **{f"teacher {k}": v for k, v in teacher_only.items()}}
-    for step in every.values():  # warm-up: first-call allocations and oneDNN primitive caches
-        step()
-    times: dict[str, list[float]] = {name: [] for name in every}
-    for _ in range(rounds):
-        for name, step in every.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved(every, rounds)
 
     base = times["1 straightforward"]
     print(

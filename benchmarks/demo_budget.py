@@ -110,8 +110,8 @@ ROWS: dict[str, dict[str, object]] = {
     "folder-4k-r11": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
     "folder-4k-r11-seed1": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    # Round 12: RSign and RPReLU on compiled CPU kernels (1.5x the student's steps a second under
-    # bf16, benchmarks/bench_kernels.py); the recipes are unchanged.
+    # Round 12: RSign and RPReLU on compiled CPU kernels (the student's step 1.36-1.53x as fast
+    # under bf16 in four runs of benchmarks/bench_kernels.py); the recipes are unchanged.
     "folder-4k-r12": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
     "folder-4k-r12-seed1": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},

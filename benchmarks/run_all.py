@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +32,23 @@ BENCHES: list[tuple[str, list[str], str]] = [
      "Data loader alone: images/s per augmentation preset"),
     ("bench_eval.py", [], "Fast linear-probe sweep and the raw-pixel baseline"),
 ]
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each variant over ``rounds`` rounds of one call each (after
+    ``warmup`` untimed calls of each): a machine whose speed drifts affects every variant alike.
+    """
+    for call in calls.values():  # first-call allocations, oneDNN primitives, library builds
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def probe_features(train: tuple, test: tuple) -> dict[str, float | int]:

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 from s2bnn import _cbuild
-from s2bnn._cbuild import find_compiler  # noqa: F401  (benchmarks/ab_kernels.py)
 
 __all__ = ["kernels", "ISA_LEVELS", "available_isas", "default_isa", "build", "BconvArgs"]
 
@@ -76,7 +75,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
-_once = _cbuild.OnceLoaded(lambda: build(), lambda path: _load(path))
+_once = _cbuild.OnceLoaded(build, _load)
 
 
 def kernels() -> ctypes.CDLL | None:

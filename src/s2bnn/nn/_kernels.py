@@ -67,7 +67,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
-_once = _cbuild.OnceLoaded(lambda: _build(), lambda path: _load(path))
+_once = _cbuild.OnceLoaded(_build, _load)
 
 
 def library() -> ctypes.CDLL | None:
