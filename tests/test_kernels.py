@@ -266,3 +266,13 @@ def test_a_compiler_without_target_clones_gets_the_plain_build(monkeypatch, tmp_
     y = torch.empty_like(x)
     assert lib.s2t_rsign_fwd(x.data_ptr(), 0, y.data_ptr(), 0, 3, 5, 16, beta.data_ptr()) == 0
     assert torch.equal(y, torch.where(x + beta.view(1, -1, 1, 1) < 0, -1.0, 1.0))
+
+
+def test_an_unknown_switch_value_is_named_once_and_leaves_the_kernels_on(monkeypatch,
+                                                                         capsys) -> None:
+    assert not _kernels._env_switch("OFF") and not _kernels._env_switch(" 0 ")
+    assert _kernels._env_switch("yes") and _kernels._env_switch("1")
+    monkeypatch.setattr(_kernels, "_warned", set())
+    assert _kernels._env_switch("maybe") and _kernels._env_switch("maybe")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "S2BNN_TRAIN_KERNELS='maybe'" in err[0] and "set it to 0" in err[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,22 @@ def enabled() -> bool:
     ``S2BNN_TRAIN_KERNELS=0`` turns them off."""
     if _switch is not None:
         return _switch and library() is not None
-    return os.environ.get(ENV, "1").strip() not in ("0", "false", "no") and library() is not None
+    return _env_switch(os.environ.get(ENV, "1")) and library() is not None
+
+
+_ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
+_warned: set[str] = set()
+
+
+def _env_switch(value: str) -> bool:
+    """``S2BNN_TRAIN_KERNELS`` as a bool; any other value says so once on stderr and counts as
+    on (the layer cannot stop a run that has started, and the kernels compute the same)."""
+    v = value.strip().lower()
+    if v not in _ON + _OFF and v not in _warned:
+        _warned.add(v)
+        print(f"s2bnn: {ENV}={value!r} is not one of 0/1, true/false, yes/no, on/off: the "
+              "training kernels stay on; set it to 0 to turn them off", file=sys.stderr)
+    return v not in _OFF
 
 
 @contextlib.contextmanager
