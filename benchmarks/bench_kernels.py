@@ -1,18 +1,26 @@
-"""The compiled RSign / RPReLU training kernels against PyTorch's ops, on the demo's student.
+"""The training fast paths against PyTorch's ops, on the demo's student: the compiled RSign /
+RPReLU kernels, the GEMM weight gradient of small-map bf16 convolutions, fused Adam.
 
     python benchmarks/bench_kernels.py [--quick] [--rounds 9] [--threads 2] [--batch 128]
                                        [--size 28] [--model reactnet_compact]
 
-Two tables, each a baseline and the change measured in the same run, interleaved (one call of
+Four tables, each a baseline and the change measured in the same run, interleaved (one call of
 each variant per round) so that a machine whose speed drifts affects both alike; a speed-up is
 the median of the per-round ratios.
 
 1. Layers: every RSign (with ReActSign) and RPReLU of the model, forward and backward at the
    input shapes and dtypes they meet in a training step (shapes recorded by hooks on one
    forward pass), as PyTorch's ops (:mod:`s2bnn.nn._kernels` switched off) and as the kernels.
-2. Steps: the S2-BNN student's training step (backbone, MLP head, soft cross-entropy against
-   fixed unit-vector targets, Adam), under bf16 autocast where the CPU has bf16 and in float32,
-   kernels off and on.
+2. Convolutions (bf16 only): every binary convolution of the model, forward and backward at
+   the shapes it meets (its RSign on the kernel both ways), oneDNN's weight gradient against
+   :mod:`s2bnn.nn._conv`'s GEMM where it takes the layer (``gemm``; the others run oneDNN's
+   both ways, a check on the noise).
+3. Optimiser: Adam's step over the student's and head's parameters, torch's default
+   implementation against ``fused=True`` (what :func:`s2bnn.engine.optim.build_optimizer`
+   picks).
+4. Steps: the S2-BNN student's training step (backbone, MLP head, soft cross-entropy against
+   fixed unit-vector targets, the engine's Adam), under bf16 autocast where the CPU has bf16 and
+   in float32, fast paths off and on.
 """
 
 from __future__ import annotations
@@ -21,16 +29,17 @@ import argparse
 import contextlib
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from s2bnn.engine.optim import build_optimizer
 from s2bnn.losses import soft_cross_entropy
 from s2bnn.methods.base import mlp_head
 from s2bnn.models import build_model
-from s2bnn.nn import RPReLU, RSign, _kernels
+from s2bnn.nn import QuantConv2d, RPReLU, RSign, _conv, _kernels
 from s2bnn.runtime import tune_malloc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,16 +52,17 @@ def _autocast(bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def layer_inputs(model: torch.nn.Module, x: torch.Tensor, bf16: bool
+def layer_inputs(model: torch.nn.Module, x: torch.Tensor, bf16: bool,
+                 kinds: tuple[type, ...] = (RSign, RPReLU)
                  ) -> list[tuple[torch.nn.Module, torch.Tensor]]:
-    """(layer, a copy of its input) for every RSign and RPReLU, from one forward pass."""
+    """(layer, a copy of its input) for every layer of ``kinds``, from one forward pass."""
     seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
 
     def hook(mod: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
         seen.append((mod, inp[0].detach().clone()))
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, (RSign, RPReLU))]
+               if isinstance(m, kinds)]
     with torch.no_grad(), _autocast(bf16):
         model(x)
     for h in handles:
@@ -63,7 +73,8 @@ def layer_inputs(model: torch.nn.Module, x: torch.Tensor, bf16: bool
 def layer_pass(items: list[tuple[torch.nn.Module, torch.Tensor]], bf16: bool, on: bool) -> Call:
     """Forward and backward of every recorded layer on its recorded input."""
     inputs = [(m, t.requires_grad_()) for m, t in items]
-    grads = [torch.randn_like(t) for _, t in inputs]
+    with torch.no_grad(), _autocast(bf16):  # output-shaped (a convolution changes the shape)
+        grads = [torch.randn_like(m(t), dtype=torch.float32) for m, t in inputs]
 
     def run() -> None:
         with _kernels.switched(on):
@@ -82,7 +93,7 @@ def student_step(name: str, batch: int, size: int, bf16: bool, on: bool) -> Call
     torch.manual_seed(0)
     net = build_model(name, num_classes=0, in_chans=1)
     head = mlp_head(net.feature_dim, None, 128)
-    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], 3e-3)
+    opt = build_optimizer(torch.nn.ModuleList([net, head]), "adam", 3e-3)
     x = torch.randn(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
     target = F.normalize(torch.randn(batch, 128), dim=1)
 
@@ -97,11 +108,55 @@ def student_step(name: str, batch: int, size: int, bf16: bool, on: bool) -> Call
     return step
 
 
+@contextlib.contextmanager
+def gemm_grad(on: bool) -> Iterator[None]:
+    """The GEMM weight gradient on or off, the RSign / RPReLU kernels on either way."""
+    before = _conv.MAX_GEMM_MAP
+    _conv.MAX_GEMM_MAP = before if on else 0
+    try:
+        with _kernels.switched(True):
+            yield
+    finally:
+        _conv.MAX_GEMM_MAP = before
+
+
+def conv_pass(items: list[tuple[torch.nn.Module, torch.Tensor]], on: bool) -> Call:
+    """:func:`layer_pass` of convolutions under bf16, their weight gradient by GEMM or not."""
+    run = layer_pass(items, True, on=True)
+
+    def call() -> None:
+        with gemm_grad(on):
+            run()
+
+    return call
+
+
+def conv_case(conv: QuantConv2d, x: torch.Tensor) -> str:
+    """``k3 192->192 s2 4x4 -> 2x2 (gemm)``: a convolution, its maps and its path when on."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), _kernels.switched(True):
+        path = "gemm" if _conv.takes_gemm_grad(conv, x, conv.weight) else "oneDNN"
+        out = conv(x).shape[-2:]
+    k, s = conv.kernel_size[0], conv.stride[0]
+    return (f"k{k} {conv.in_channels}->{conv.out_channels} s{s} {x.shape[-2]}x{x.shape[-1]} "
+            f"-> {out[0]}x{out[1]} ({path})")
+
+
+def adam_step(model: torch.nn.Module, fused: bool) -> Call:
+    """Adam's step over ``model``'s parameters with fixed gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, 3e-3, fused=fused or None)
+    return opt.step
+
+
 def report(title: str, times: dict[str, list[float]], pairs: list[tuple[str, str, str]],
-           unit_count: int | None = None) -> None:
+           unit_count: int | None = None, names: tuple[str, str] = ("torch", "kernels")
+           ) -> None:
     print(f"\n{title}")
-    head = f"{'case':<50} {'torch ms':>9} {'kernels ms':>11} {'speed-up':>9}"
-    print(head + (f" {'img/s torch':>12} {'img/s kernels':>14}" if unit_count else ""))
+    a, b = names
+    head = f"{'case':<50} {a + ' ms':>9} {b + ' ms':>11} {'speed-up':>9}"
+    print(head + (f" {'img/s ' + a:>12} {'img/s ' + b:>14}" if unit_count else ""))
     for label, base, new in pairs:
         b, n = statistics.median(times[base]), statistics.median(times[new])
         ratio = statistics.median(x / y for x, y in zip(times[base], times[new]))
@@ -153,14 +208,35 @@ def main() -> None:
     report("Layers, forward + backward of all of them (one call = every layer once)", times,
            pairs)
 
+    if bf16_ok:
+        calls, pairs = {}, []
+        for i, (conv, t) in enumerate(layer_inputs(model, x, True, (QuantConv2d,))):
+            case = conv_case(conv, t)
+            calls[f"{i} off"] = conv_pass([(conv, t)], on=False)
+            calls[f"{i} on"] = conv_pass([(conv, t)], on=True)
+            pairs.append((case, f"{i} off", f"{i} on"))
+        times = interleaved(calls, rounds, warmup=2)
+        report("Binary convolutions under bf16 autocast, forward + backward, oneDNN's weight "
+               "gradient against the GEMM", times, pairs, names=("oneDNN", "GEMM"))
+
+    torch.manual_seed(0)
+    heads = torch.nn.ModuleList([build_model(args.model, num_classes=0, in_chans=1),
+                                 mlp_head(model.feature_dim, None, 128)])
+    n_par = sum(1 for _ in heads.parameters())
+    times = interleaved({"default": adam_step(heads, False), "fused": adam_step(heads, True)},
+                        rounds, warmup=2)
+    report("Adam's step (torch's default implementation against fused=True)", times,
+           [(f"{n_par} tensors, {sum(p.numel() for p in heads.parameters()) / 1e6:.2f} M "
+             "values", "default", "fused")], names=("default", "fused"))
+
     calls, pairs = {}, []
     for label, bf16 in precisions:
         calls[f"{label} torch"] = student_step(args.model, args.batch, args.size, bf16, False)
         calls[f"{label} kernels"] = student_step(args.model, args.batch, args.size, bf16, True)
         pairs.append((f"student step, {label}", f"{label} torch", f"{label} kernels"))
     times = interleaved(calls, rounds, warmup=2)
-    report("Training step of the S2-BNN student (no teacher, no data loading)", times, pairs,
-           unit_count=args.batch)
+    report("Training step of the S2-BNN student (no teacher, no data loading; fused Adam both "
+           "ways)", times, pairs, unit_count=args.batch, names=("torch", "fast"))
 
 
 if __name__ == "__main__":

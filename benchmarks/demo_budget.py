@@ -118,6 +118,21 @@ ROWS: dict[str, dict[str, object]] = {
     "fmnist-60k-r12": {"overrides": ["max_teachers=1", "precision=bf16"]},
     "folder-4k-r12-seed2": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    # Round 13: the round-12 demo again, on an Intel Xeon with AMX (bf16 matrix tiles), where
+    # bf16 convolutions run on AMX: what the same 10 minutes buy the students there.
+    "folder-4k-r13": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r13-seed1": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
+    "folder-4k-r13-seed2": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    # Round 13 with the binary convolutions' weight gradient as one GEMM on small maps and fused
+    # Adam (the student's step 1.17x as fast on this machine, benchmarks/bench_kernels.py).
+    "folder-4k-r13-gemm": {"folder": (4000, 1000),
+                           "overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r13-gemm-seed1": {"folder": (4000, 1000),
+                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
+    "folder-4k-r13-gemm-seed2": {"folder": (4000, 1000),
+                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
 }
 
 

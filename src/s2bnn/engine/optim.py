@@ -123,6 +123,14 @@ class LARS(Optimizer):
         return loss
 
 
+def _fusable(groups: list[dict]) -> bool | None:
+    """True where torch's fused Adam takes every parameter (floating point, on CPU or CUDA),
+    else None (torch's default implementation)."""
+    params = [p for g in groups for p in g["params"]]
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok and params else None
+
+
 def build_optimizer(
     model: nn.Module,
     name: str,
@@ -141,7 +149,11 @@ def build_optimizer(
     if name == "adam":
         if len(betas) != 2:
             raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {list(betas)}")
-        return torch.optim.Adam(groups, lr=lr, betas=(float(betas[0]), float(betas[1])))
+        # One fused kernel for every parameter instead of a handful of torch ops per tensor:
+        # 1.2 ms against 3.5 ms a step for the demo student's 91 tensors on 2 CPU cores (round
+        # 13), about 3 % of its step; the same Adam update.
+        return torch.optim.Adam(groups, lr=lr, betas=(float(betas[0]), float(betas[1])),
+                                fused=_fusable(groups))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "lars":

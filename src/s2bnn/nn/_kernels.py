@@ -26,8 +26,8 @@ from torch import Tensor
 
 from s2bnn import _cbuild
 
-__all__ = ["library", "usable", "enabled", "switched", "rsign_forward", "rsign_backward",
-           "rprelu_forward", "rprelu_backward", "ENV"]
+__all__ = ["library", "usable", "enabled", "switched", "switched_on", "rsign_forward",
+           "rsign_backward", "rprelu_forward", "rprelu_backward", "ENV"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
@@ -79,9 +79,13 @@ def library() -> ctypes.CDLL | None:
 def enabled() -> bool:
     """Whether the kernels may run: the library loads, and neither :func:`switched` (off) nor
     ``S2BNN_TRAIN_KERNELS=0`` turns them off."""
-    if _switch is not None:
-        return _switch and library() is not None
-    return _env_switch(os.environ.get(ENV, "1")) and library() is not None
+    return switched_on() and library() is not None
+
+
+def switched_on() -> bool:
+    """Whether :func:`switched` or else ``S2BNN_TRAIN_KERNELS`` lets the training fast paths
+    run (the compiled kernels here, the GEMM weight gradient of :mod:`s2bnn.nn._conv`)."""
+    return _switch if _switch is not None else _env_switch(os.environ.get(ENV, "1"))
 
 
 _ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from s2bnn.nn import _kernels
+from s2bnn.nn import _conv, _kernels
 from s2bnn.nn.quantizers import ReActSign, get_quantizer, is_binary
 
 __all__ = ["QuantConv2d", "QuantLinear", "RSign", "RPReLU"]
@@ -74,6 +74,8 @@ class QuantConv2d(_Quantized, nn.Conv2d):
             # with torch 2.14.1 on AVX512-BF16; tests/test_quantizers.py reproduces it).
             kh, kw = self.kernel_size[0] // 2, self.kernel_size[1] // 2
             return F.conv2d(xq, wq[:, :, kh:kh + 1, kw:kw + 1], self.bias, 1, 0, 1, self.groups)
+        if _conv.takes_gemm_grad(self, xq, wq):
+            return _conv.conv2d_gemm_grad(self, xq, wq)
         return self._conv_forward(xq, wq, self.bias)
 
 
