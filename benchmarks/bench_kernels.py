@@ -3,6 +3,7 @@ RPReLU kernels, the GEMM weight gradient of small-map bf16 convolutions, fused A
 
     python benchmarks/bench_kernels.py [--quick] [--rounds 9] [--threads 2] [--batch 128]
                                        [--size 28] [--model reactnet_compact]
+                                       [--teacher resnet_small]
 
 Four tables, each a baseline and the change measured in the same run, interleaved (one call of
 each variant per round) so that a machine whose speed drifts affects both alike; a speed-up is
@@ -20,7 +21,8 @@ the median of the per-round ratios.
    picks).
 4. Steps: the S2-BNN student's training step (backbone, MLP head, soft cross-entropy against
    fixed unit-vector targets, the engine's Adam), under bf16 autocast where the CPU has bf16 and
-   in float32, fast paths off and on.
+   in float32, fast paths off and on; the same step of the demo's teacher network
+   (``--teacher``), whose small late maps take the GEMM weight gradient too.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def layer_pass(items: list[tuple[torch.nn.Module, torch.Tensor]], bf16: bool, on
 
 
 def student_step(name: str, batch: int, size: int, bf16: bool, on: bool) -> Call:
-    """One S2-BNN student training step (fixed input and targets), kernels on or off."""
+    """One S2-BNN student training step of network ``name`` (fixed input and targets), the
+    fast paths on or off."""
     torch.manual_seed(0)
     net = build_model(name, num_classes=0, in_chans=1)
     head = mlp_head(net.feature_dim, None, 128)
@@ -129,6 +132,16 @@ def conv_pass(items: list[tuple[torch.nn.Module, torch.Tensor]], on: bool) -> Ca
             run()
 
     return call
+
+
+def gemm_off(call: Call) -> Call:
+    """``call`` with the GEMM weight gradient off (the other fast paths as they are)."""
+
+    def run() -> None:
+        with gemm_grad(False):
+            call()
+
+    return run
 
 
 def conv_case(conv: QuantConv2d, x: torch.Tensor) -> str:
@@ -174,6 +187,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--model", default="reactnet_compact")
+    parser.add_argument("--teacher", default="resnet_small",
+                        help="a real network timed in the same step (the demo's teacher)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tuned = tune_malloc()
@@ -231,12 +246,20 @@ def main() -> None:
 
     calls, pairs = {}, []
     for label, bf16 in precisions:
-        calls[f"{label} torch"] = student_step(args.model, args.batch, args.size, bf16, False)
-        calls[f"{label} kernels"] = student_step(args.model, args.batch, args.size, bf16, True)
-        pairs.append((f"student step, {label}", f"{label} torch", f"{label} kernels"))
+        for role, net in (("student", args.model), ("teacher", args.teacher)):
+            calls[f"{role} {label} torch"] = student_step(net, args.batch, args.size, bf16, False)
+            calls[f"{role} {label} fast"] = student_step(net, args.batch, args.size, bf16, True)
+            pairs.append((f"{role} ({net}) step, {label}", f"{role} {label} torch",
+                          f"{role} {label} fast"))
+            if bf16:  # what the GEMM weight gradient adds to the other fast paths
+                calls[f"{role} {label} no gemm"] = gemm_off(
+                    student_step(net, args.batch, args.size, bf16, True))
+                pairs.append(("  the same, GEMM weight gradient off -> on",
+                              f"{role} {label} no gemm", f"{role} {label} fast"))
     times = interleaved(calls, rounds, warmup=2)
-    report("Training step of the S2-BNN student (no teacher, no data loading; fused Adam both "
-           "ways)", times, pairs, unit_count=args.batch, names=("torch", "fast"))
+    report("Training step of the S2-BNN student, and of the teacher network in the same step "
+           "(no teacher forward, no data loading; fused Adam both ways)", times, pairs,
+           unit_count=args.batch, names=("torch", "fast"))
 
 
 if __name__ == "__main__":

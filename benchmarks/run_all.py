@@ -25,8 +25,9 @@ BENCHES: list[tuple[str, list[str], str]] = [
     ("bench_models.py", [], "Backbones: training step and forward images/s (28x28x1, batch 256)"),
     ("bench_step.py", ["--profile"], "S2-BNN step, ReActNet-A + ResNet-50 teacher, 128 px, "
                                      "batch 16: this library's step vs a straightforward one"),
-    ("bench_kernels.py", [], "Compiled RSign / RPReLU training kernels against PyTorch's ops, "
-                             "on the demo's student (reactnet_compact, 28 px, batch 128)"),
+    ("bench_kernels.py", [], "Training fast paths (compiled RSign / RPReLU kernels, GEMM weight "
+                             "gradient, fused Adam) against PyTorch's ops, on the demo's student "
+                             "(reactnet_compact, 28 px, batch 128)"),
     ("bench_methods.py", [], "Strategies 1-3 on the Fashion-MNIST recipe: images/s per step"),
     ("bench_loader.py", ["--datasets", "fashion-mnist", "--workers", "0", "1"],
      "Data loader alone: images/s per augmentation preset"),

@@ -28,12 +28,12 @@ import torch.nn as nn
 
 from s2bnn.errors import ModelError
 from s2bnn.models.resnet_binary import activation_scale
-from s2bnn.nn import QuantConv2d, QuantLinear, RPReLU, RSign
+from s2bnn.nn import Conv2d, QuantConv2d, QuantLinear, RPReLU, RSign
 from s2bnn.nn.quantizers import HardTanh, Identity, Quantizer, ScaledSign, is_binary
 
 __all__ = ["lower_model"]
 
-_LEAVES = (QuantConv2d, QuantLinear, RSign, RPReLU, Quantizer)
+_LEAVES = (Conv2d, QuantConv2d, QuantLinear, RSign, RPReLU, Quantizer)
 
 
 class _Tracer(fx.Tracer):

@@ -18,6 +18,7 @@ from torch import Tensor
 from s2bnn.errors import ModelError
 from s2bnn.models.common import PooledBackbone, attach_input_check
 from s2bnn.models.registry import register_model
+from s2bnn.nn import Conv2d
 
 __all__ = ["ResNetSmall", "resnet_small", "torchvision_model"]
 
@@ -78,9 +79,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, downsample: nn.Module | None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -115,7 +116,7 @@ class ResNetSmall(PooledBackbone):
             )
         base = max(1, round(24 * width_mult))
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, base, 3, stem_stride, 1, bias=False),
+            Conv2d(in_chans, base, 3, stem_stride, 1, bias=False),
             nn.BatchNorm2d(base),
             nn.ReLU(inplace=True),
         )
@@ -128,7 +129,7 @@ class ResNetSmall(PooledBackbone):
                 down = None
                 if stride != 1 or cin != cout:
                     down = nn.Sequential(
-                        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                        Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
                     )
                 blocks.append(BasicBlock(cin, cout, stride, down))
                 cin = cout

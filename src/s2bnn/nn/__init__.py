@@ -1,6 +1,6 @@
 """Quantizers and quantized layers for binary networks."""
 
-from s2bnn.nn.layers import QuantConv2d, QuantLinear, RPReLU, RSign
+from s2bnn.nn.layers import Conv2d, QuantConv2d, QuantLinear, RPReLU, RSign
 from s2bnn.nn.quantizers import (
     QUANTIZERS,
     HardTanh,
@@ -18,6 +18,7 @@ from s2bnn.nn.quantizers import (
 
 __all__ = [
     "QUANTIZERS",
+    "Conv2d",
     "HardTanh",
     "Identity",
     "QuantConv2d",

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from s2bnn.nn import _conv, _kernels
 from s2bnn.nn.quantizers import ReActSign, get_quantizer, is_binary
 
-__all__ = ["QuantConv2d", "QuantLinear", "RSign", "RPReLU"]
+__all__ = ["Conv2d", "QuantConv2d", "QuantLinear", "RSign", "RPReLU"]
 
 
 
@@ -77,6 +77,16 @@ class QuantConv2d(_Quantized, nn.Conv2d):
         if _conv.takes_gemm_grad(self, xq, wq):
             return _conv.conv2d_gemm_grad(self, xq, wq)
         return self._conv_forward(xq, wq, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and results) that trains through the GEMM weight
+    gradient of :mod:`s2bnn.nn._conv` where that is faster: a real network's small late maps."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _conv.takes_gemm_grad(self, x, self.weight):
+            return _conv.conv2d_gemm_grad(self, x, self.weight)
+        return super().forward(x)
 
 
 def _centre_only(conv: nn.Conv2d, x: Tensor) -> bool:
