@@ -125,13 +125,22 @@ ROWS: dict[str, dict[str, object]] = {
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
     "folder-4k-r13-seed2": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
-    # Round 13 with the binary convolutions' weight gradient as one GEMM on small maps and fused
-    # Adam (the student's step 1.17x as fast on this machine, benchmarks/bench_kernels.py).
+    # Round 13, commit af8a9fc: the binary convolutions' weight gradient as one GEMM on small
+    # maps, and fused Adam (benchmarks/bench_kernels.py).
     "folder-4k-r13-gemm": {"folder": (4000, 1000),
                            "overrides": ["max_teachers=1", "precision=bf16"]},
     "folder-4k-r13-gemm-seed1": {"folder": (4000, 1000),
                                  "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
     "folder-4k-r13-gemm-seed2": {"folder": (4000, 1000),
+                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    # Round 13, commit 7cf612a: the teacher network (resnet_small) takes the GEMM weight
+    # gradient too (its step 1.07x as fast under bf16).
+    "fmnist-60k-r13": {"overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r13-conv": {"folder": (4000, 1000),
+                           "overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r13-conv-seed1": {"folder": (4000, 1000),
+                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
+    "folder-4k-r13-conv-seed2": {"folder": (4000, 1000),
                                  "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
 }
 
