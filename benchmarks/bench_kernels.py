@@ -16,6 +16,8 @@ the median of the per-round ratios.
    the shapes it meets (its RSign on the kernel both ways), oneDNN's weight gradient against
    :mod:`s2bnn.nn._conv`'s GEMM where it takes the layer (``gemm``; the others run oneDNN's
    both ways, a check on the noise).
+   Then the weight gradient alone, both ways for every convolution: where the GEMM's map
+   threshold (``_conv.MAX_GEMM_MAP``) should lie on this machine.
 3. Optimiser: Adam's step over the student's and head's parameters, torch's default
    implementation against ``fused=True`` (what :func:`s2bnn.engine.optim.build_optimizer`
    picks).
@@ -144,6 +146,23 @@ def gemm_off(call: Call) -> Call:
     return run
 
 
+def weight_grad_calls(conv: QuantConv2d, x: torch.Tensor) -> tuple[Call, Call]:
+    """oneDNN's bf16 weight gradient of ``conv`` at input ``x``'s shape, and the GEMM's."""
+    xb = torch.randn_like(x).sign().to(torch.bfloat16)  # a binary input, as the conv gets it
+    w = conv.weight.detach().to(torch.bfloat16)
+    s, p = tuple(conv.stride), tuple(conv.padding)
+    g = torch.randn_like(F.conv2d(xb, w, None, s, p))
+
+    def onednn() -> None:
+        torch.ops.aten.convolution_backward(g, xb, w, None, list(s), list(p), [1, 1], False,
+                                            [0, 0], 1, [False, True, False])
+
+    def gemm() -> None:
+        _conv.weight_grad(g, xb, tuple(conv.kernel_size), s, p)
+
+    return onednn, gemm
+
+
 def conv_case(conv: QuantConv2d, x: torch.Tensor) -> str:
     """``k3 192->192 s2 4x4 -> 2x2 (gemm)``: a convolution, its maps and its path when on."""
     with torch.autocast("cpu", dtype=torch.bfloat16), _kernels.switched(True):
@@ -233,6 +252,15 @@ def main() -> None:
         times = interleaved(calls, rounds, warmup=2)
         report("Binary convolutions under bf16 autocast, forward + backward, oneDNN's weight "
                "gradient against the GEMM", times, pairs, names=("oneDNN", "GEMM"))
+
+        calls, pairs = {}, []
+        for i, (conv, t) in enumerate(layer_inputs(model, x, True, (QuantConv2d,))):
+            calls[f"{i} oneDNN"], calls[f"{i} GEMM"] = weight_grad_calls(conv, t)
+            pairs.append((conv_case(conv, t).rsplit(" (", 1)[0], f"{i} oneDNN", f"{i} GEMM"))
+        times = interleaved(calls, rounds, warmup=2)
+        report(f"The weight gradient alone, bf16, both ways for every convolution (the GEMM "
+               f"takes output maps of at most {_conv.MAX_GEMM_MAP} pixels)", times, pairs,
+               names=("oneDNN", "GEMM"))
 
     torch.manual_seed(0)
     heads = torch.nn.ModuleList([build_model(args.model, num_classes=0, in_chans=1),

@@ -91,6 +91,8 @@ def test_large_maps_float32_frozen_grouped_or_biased_convolutions_keep_onednn() 
     with _kernels.switched(True):
         assert not _conv.takes_gemm_grad(conv, small, conv.weight)  # float32, no autocast
         assert _conv.takes_gemm_grad(conv, small.bfloat16(), conv.weight.bfloat16())
+        # a bf16 input into a float32 weight without autocast is torch's error to raise
+        assert not _conv.takes_gemm_grad(conv, small.bfloat16(), conv.weight)
     with _kernels.switched(False), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _conv.takes_gemm_grad(conv, small, conv.weight)
 
@@ -128,3 +130,21 @@ def test_the_small_resnet_trains_its_late_stages_through_the_gemm(monkeypatch) -
     for name, g in grads[0].items():
         ref = grads[1][name]
         torch.testing.assert_close(g, ref, rtol=0.05, atol=0.02 * ref.abs().max().item())
+
+
+def test_a_double_backward_through_the_gemm_path_matches_torch_s() -> None:
+    # the backward is torch ops, so autograd differentiates it (gradient penalties work)
+    torch.manual_seed(0)
+    conv = QuantConv2d(8, 8, 3, 1, 1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    out = []
+    for on in (True, False):
+        xr = x.clone().requires_grad_()
+        with _kernels.switched(on), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xr)
+            gx, gw = torch.autograd.grad(y.float().square().sum(), (xr, conv.weight),
+                                         create_graph=True)
+            out.append(torch.autograd.grad(gx.float().square().sum() + gw.float().sum(),
+                                           conv.weight))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0.05,
+                               atol=0.02 * out[1][0].abs().max().item())

@@ -1,13 +1,14 @@
 """bf16 CPU convolutions whose weight gradient is one matrix product (a training fast path).
 
 oneDNN's bf16 weight gradient is slow on the small maps with many channels that end a network
-at 28-32 px: on a 2-core Xeon with AMX a 3x3, 192-channel convolution of a 4x4 map took 4.5 ms
-for its weight gradient against 1.0 ms for its forward, and a 1x1 one from 192 to 384 channels on
-a 2x2 map 2.0 ms against 0.2 ms (``benchmarks/bench_kernels.py`` measures every layer of the demo
-student both ways). The weight gradient is ``grad^T @ im2col(x)``: one GEMM of the
-``[N*Ho*Wo, Co]`` output gradient against the ``[N*Ho*Wo, kh*kw*Ci]`` patches, which a
-channels-last input gives as views (1x1) or as ``kh*kw`` strided slices put side by side. The
-forward and the input gradient stay oneDNN's.
+at 28-32 px: on a 2-core Xeon with AMX, for the demo student's convolutions with 4x4 and 2x2
+output maps the GEMM below took 1.6-12x less time (a 1x1 convolution from 192 to 384 channels on
+a 2x2 map: 0.21 ms against 2.50 ms), and for 3x3 ones with 7x7 and 14x14 maps 1.4-5x more
+(``benchmarks/bench_kernels.py`` times both for every layer; docs/BENCHMARKS.md).
+
+The weight gradient is ``grad^T @ im2col(x)``: one GEMM of the ``[N*Ho*Wo, Co]`` output gradient
+against the ``[N*Ho*Wo, kh*kw*Ci]`` patches, which a channels-last input gives as views (1x1) or
+as ``kh*kw`` strided slices put side by side. The forward and the input gradient stay oneDNN's.
 
 :func:`takes_gemm_grad` says where the path applies; it honours the training-kernels switch
 (``S2BNN_TRAIN_KERNELS=0`` or :func:`s2bnn.nn._kernels.switched`) like the compiled kernels.
@@ -25,29 +26,34 @@ from s2bnn.nn import _kernels
 
 __all__ = ["takes_gemm_grad", "conv2d_gemm_grad", "weight_grad"]
 
-# The GEMM takes output maps of at most this many pixels. oneDNN's gradient is slow where the map
-# is small and fine where it is large: the GEMM won 2.5-20x on 4x4 and 2x2 output maps (96-384
-# channels, 1x1 and 3x3) and tied or lost on 7x7 and 14x14 ones, where its reduction over
-# N*Ho*Wo rows runs longer than oneDNN's gradient (round 13, batch 128).
+# The GEMM takes output maps of at most this many pixels: where the map is larger its reduction
+# over N*Ho*Wo rows runs longer than oneDNN's gradient (see the module docstring; batch 128).
 MAX_GEMM_MAP = 16
 # Patches larger than this (elements) are left to oneDNN: nine copies of a large activation
 # would cost the memory traffic they save time in.
 MAX_PATCH_ELEMENTS = 1 << 24
 
 
-def _bf16_cpu(x: Tensor) -> bool:
-    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (
-        x.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+def _bf16_cpu(x: Tensor, w: Tensor) -> bool:
+    """Whether the convolution of ``x`` with ``w`` runs in bf16 on the CPU: both bf16, or bf16
+    autocast over float32/bf16 tensors."""
+    if x.device.type != "cpu" or w.device.type != "cpu":
+        return False
+    if x.dtype == w.dtype == torch.bfloat16:
+        return True
+    return ({x.dtype, w.dtype} <= {torch.float32, torch.bfloat16}
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def takes_gemm_grad(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
     """Whether ``conv`` on ``x`` (its quantized input) with ``weight`` should train through
     :func:`conv2d_gemm_grad`: a bf16 (or bf16-autocast) CPU convolution whose weight needs a
-    gradient, without groups, dilation, bias or non-zero padding, outside compile and tracing,
-    with the switch on, of a shape where the GEMM wins (see the module constants)."""
+    gradient, without groups, dilation or bias, zero-padded by numbers (not ``'same'``),
+    outside compile and tracing, with the switch on, of a shape where the GEMM wins (see the
+    module constants)."""
     if not (torch.is_grad_enabled() and weight.requires_grad and x.dim() == 4
-            and _bf16_cpu(x) and conv.groups == 1 and conv.dilation == (1, 1)
+            and _bf16_cpu(x, weight) and conv.groups == 1 and conv.dilation == (1, 1)
             and conv.bias is None and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)):
         return False
