@@ -296,6 +296,25 @@ NOTES: list[str] = [
     "stage, which stopped on time after 602 of its 620 capped steps. Over the three seeds the "
     "margin is 14.7, 12.4 and 13.6 (mean 13.6). The +15 margin on 4,000 Fashion-MNIST images "
     "stays missed (12.1-14.7 on nine demo runs).",
+    "- Round 13 (rows `-r13`, machine C, an Intel Xeon with AMX). The round-12 demo first "
+    "(folder-4k-r13): S2-BNN 82.7 after 2,825 steps, margin 14.8. Then the weight gradient of "
+    "bf16 convolutions with output maps of at most 16 pixels as one GEMM over im2col patches "
+    "(src/s2bnn/nn/_conv.py; oneDNN's took 1.6-12x as long on those maps) and torch's fused Adam"
+    " (rows `-r13-gemm`, commit af8a9fc): S2-BNN 83.2 / 80.7 / 82.1 on seeds 0 / 1 / 2, margins"
+    " 15.3, 12.8 and 14.2, MoCo v2 76.9 / 76.6 / 78.0. Then the same for the teacher network "
+    "(rows `-r13-conv`, commit 7cf612a): 82.0 / 81.0 / 81.6, margins 14.1, 13.1 and 13.7, MoCo v2"
+    " 78.3 / 76.3 / 76.5; on Fashion-MNIST (fmnist-60k-r13) the teacher trained 1,457 steps "
+    "(1,272 in round 12) to 84.4 and the S2-BNN student 1,874 (1,748) to 83.15, 0.05 below raw "
+    "pixels (83.2; the student scored 82.4 in round 12), MoCo v2 77.7. The student's stage is 1.11x and the "
+    "teacher's 1.05x as fast as round 12's in a same-time A/B (benchmarks/ab_commits.py "
+    "--base b2cd06b, docs/BENCHMARKS.md), yet the later rows got fewer student steps "
+    "(2,263-2,452) than folder-4k-r13 (2,825): the machine slowed by about a fifth between them "
+    "(the teacher stage, unchanged but for Adam, trained at 1,258 img/s in folder-4k-r13 and at "
+    "975-1,011 in the `-r13-gemm` rows). Demo rows taken at different times do not measure "
+    "speed here. Over this round's seven runs on the folder the margin is 12.8-15.3 (mean 14.0): "
+    "the first run above +15 (folder-4k-r13-gemm) is one of seven, and seed 1 stays 1-2 points "
+    "below seeds 0 and 2 as in every round, so the +15 margin is still not met reliably (12.1-15.3"
+    " over sixteen demo runs).",
 ]
 
 
