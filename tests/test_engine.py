@@ -381,6 +381,27 @@ def test_build_optimizer_names() -> None:
         build_optimizer(nn.Linear(3, 2).requires_grad_(False), "adam", 1e-3)
 
 
+def test_adam_is_fused_on_the_cpu_and_steps_like_the_default_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    ref = nn.Linear(5, 3)
+    ref.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, "adam", 1e-2, weight_decay=1e-3)
+    assert opt.defaults["fused"] is True
+    plain = torch.optim.Adam([{"params": [p for n, p in ref.named_parameters() if n == g]}
+                              for g in ("weight", "bias")], lr=1e-2)
+    plain.param_groups[0]["weight_decay"] = opt.param_groups[0]["weight_decay"]
+    plain.param_groups[1]["weight_decay"] = opt.param_groups[1]["weight_decay"]
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, plain)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_grad_clip_and_sgd_warmup_run(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path / "r", epochs=1, optim={"name": "lars", "lr": 0.1, "grad_clip": 0.5,
                                                     "warmup_epochs": 0.5, "schedule": "cosine",
