@@ -14,7 +14,6 @@ images/s of each run (its first three log rows left out: warm-up) and the per-ro
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -22,15 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from s2bnn.report.collect import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def images_per_second(metrics: Path) -> float:
     """Mean ``img_per_s`` of a run's ``metrics.csv``, its first three rows left out."""
-    rows = list(csv.DictReader(metrics.open()))[3:]
-    if not rows:
+    rates = [r["img_per_s"] for r in read_metrics(metrics)[3:] if r.get("img_per_s")]
+    if not rates:
         raise SystemExit(f"{metrics}: too few logged steps; raise the stage's steps")
-    return statistics.fmean(float(r["img_per_s"]) for r in rows)
+    return statistics.fmean(rates)
 
 
 def run_stage(src: Path, config: Path, steps: int, out: Path) -> float:

@@ -125,22 +125,11 @@ def gemm_grad(on: bool) -> Iterator[None]:
         _conv.MAX_GEMM_MAP = before
 
 
-def conv_pass(items: list[tuple[torch.nn.Module, torch.Tensor]], on: bool) -> Call:
-    """:func:`layer_pass` of convolutions under bf16, their weight gradient by GEMM or not."""
-    run = layer_pass(items, True, on=True)
-
-    def call() -> None:
-        with gemm_grad(on):
-            run()
-
-    return call
-
-
-def gemm_off(call: Call) -> Call:
-    """``call`` with the GEMM weight gradient off (the other fast paths as they are)."""
+def with_gemm(call: Call, on: bool) -> Call:
+    """``call`` with the GEMM weight gradient on or off, the other fast paths on."""
 
     def run() -> None:
-        with gemm_grad(False):
+        with gemm_grad(on):
             call()
 
     return run
@@ -246,8 +235,8 @@ def main() -> None:
         calls, pairs = {}, []
         for i, (conv, t) in enumerate(layer_inputs(model, x, True, (QuantConv2d,))):
             case = conv_case(conv, t)
-            calls[f"{i} off"] = conv_pass([(conv, t)], on=False)
-            calls[f"{i} on"] = conv_pass([(conv, t)], on=True)
+            calls[f"{i} off"] = with_gemm(layer_pass([(conv, t)], True, on=True), False)
+            calls[f"{i} on"] = with_gemm(layer_pass([(conv, t)], True, on=True), True)
             pairs.append((case, f"{i} off", f"{i} on"))
         times = interleaved(calls, rounds, warmup=2)
         report("Binary convolutions under bf16 autocast, forward + backward, oneDNN's weight "
@@ -280,8 +269,8 @@ def main() -> None:
             pairs.append((f"{role} ({net}) step, {label}", f"{role} {label} torch",
                           f"{role} {label} fast"))
             if bf16:  # what the GEMM weight gradient adds to the other fast paths
-                calls[f"{role} {label} no gemm"] = gemm_off(
-                    student_step(net, args.batch, args.size, bf16, True))
+                calls[f"{role} {label} no gemm"] = with_gemm(
+                    student_step(net, args.batch, args.size, bf16, True), False)
                 pairs.append(("  the same, GEMM weight gradient off -> on",
                               f"{role} {label} no gemm", f"{role} {label} fast"))
     times = interleaved(calls, rounds, warmup=2)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from s2bnn.nn import _kernels
 
-__all__ = ["takes_gemm_grad", "conv2d_gemm_grad", "weight_grad"]
+__all__ = ["bf16_on_cpu", "takes_gemm_grad", "conv2d_gemm_grad", "weight_grad"]
 
 # The GEMM takes output maps of at most this many pixels: where the map is larger its reduction
 # over N*Ho*Wo rows runs longer than oneDNN's gradient (see the module docstring; batch 128).
@@ -34,7 +34,7 @@ MAX_GEMM_MAP = 16
 MAX_PATCH_ELEMENTS = 1 << 24
 
 
-def _bf16_cpu(x: Tensor, w: Tensor) -> bool:
+def bf16_on_cpu(x: Tensor, w: Tensor) -> bool:
     """Whether the convolution of ``x`` with ``w`` runs in bf16 on the CPU: both bf16, or bf16
     autocast over float32/bf16 tensors."""
     if x.device.type != "cpu" or w.device.type != "cpu":
@@ -53,7 +53,7 @@ def takes_gemm_grad(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
     outside compile and tracing, with the switch on, of a shape where the GEMM wins (see the
     module constants)."""
     if not (torch.is_grad_enabled() and weight.requires_grad and x.dim() == 4
-            and _bf16_cpu(x, weight) and conv.groups == 1 and conv.dilation == (1, 1)
+            and bf16_on_cpu(x, weight) and conv.groups == 1 and conv.dilation == (1, 1)
             and conv.bias is None and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)):
         return False

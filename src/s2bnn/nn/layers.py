@@ -67,7 +67,7 @@ class QuantConv2d(_Quantized, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         xq, wq = self.input_quantizer(x), self.weight_quantizer(self.weight)
-        if _centre_only(self, xq):
+        if _centre_only(self, xq, wq):
             # On a 1x1 map with 'same' zero padding only the kernel's centre meets data, so this
             # is the same convolution. It avoids oneDNN's bf16 weight gradient for that shape on
             # CPUs, which returns NaN/Inf at random in the taps that meet only padding (seen
@@ -89,14 +89,13 @@ class Conv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def _centre_only(conv: nn.Conv2d, x: Tensor) -> bool:
-    """Whether ``conv`` on ``x`` is a bf16 CPU convolution of a 1x1 map in which only the
-    kernel's centre tap meets the input (odd kernel, padding k // 2 of zeros, no dilation)."""
-    if x.device.type != "cpu" or x.shape[-2:] != (1, 1) or conv.padding_mode != "zeros":
+def _centre_only(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
+    """Whether ``conv`` on ``x`` with ``weight`` is a bf16 CPU convolution of a 1x1 map in which
+    only the kernel's centre tap meets the input (odd kernel, padding k // 2 of zeros, no
+    dilation)."""
+    if not _conv.bf16_on_cpu(x, weight) or x.shape[-2:] != (1, 1) or conv.padding_mode != "zeros":
         return False
-    bf16 = x.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return bf16 and conv.dilation == (1, 1) and all(
+    return conv.dilation == (1, 1) and all(
         k % 2 == 1 and p == k // 2 for k, p in zip(conv.kernel_size, conv.padding))
 
 
