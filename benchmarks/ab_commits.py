@@ -53,7 +53,14 @@ def main() -> None:
                     help="stage:steps, each a run dir under RUN/runs")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    stages = [(s.split(":")[0], int(s.split(":")[1])) for s in args.stages]
+    try:
+        stages = [(name, int(steps)) for name, steps in (s.split(":") for s in args.stages)]
+    except ValueError:
+        raise SystemExit(f"--stages takes stage:steps pairs (e.g. s2bnn:240), got "
+                         f"{' '.join(args.stages)}") from None
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", f"{args.base}^{{commit}}"],
+                      capture_output=True, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"--base {args.base}: not a commit of this repository")
     for name, _ in stages:
         if not (Path(args.run) / "runs" / name / "config.yaml").is_file():
             raise SystemExit(f"no {args.run}/runs/{name}/config.yaml: run the demo row first")
