@@ -23,7 +23,7 @@ from s2bnn.eval.linear_protocol import (
     linear_probe_protocol,
     snapshot_state,
 )
-from s2bnn.eval.linear_sweep import fast_linear_sweep
+from s2bnn.eval.linear_sweep import denormals_as_zero, denormals_flushed, fast_linear_sweep
 from s2bnn.eval.loading import export_backbone, load_backbone
 from s2bnn.models import list_models, register_model
 
@@ -237,6 +237,44 @@ def test_fast_sweep_refit_and_single_optimiser():
     assert res["linear_top1"] == res["sgd"]["top1"] >= 99.0
     assert res["linear_top5"] is None  # 3 classes: no top-5
 
+
+
+@pytest.mark.parametrize("start", [False, True])
+def test_denormals_as_zero_sets_and_restores_the_mode(start):
+    torch.set_flush_denormal(start)
+    try:
+        assert denormals_flushed() is start
+        with denormals_as_zero():
+            assert denormals_flushed()
+        assert denormals_flushed() is start  # a caller's own setting survives
+        with denormals_as_zero(False):
+            assert denormals_flushed() is start
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_fast_sweep_trains_its_heads_with_denormals_flushed(monkeypatch):
+    import s2bnn.eval.linear_sweep as sweep
+
+    seen = []
+    train_heads = sweep._train_heads
+
+    def spy(*args, **kwargs):
+        seen.append(denormals_flushed())
+        return train_heads(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "_train_heads", spy)
+    # LRs up to 30 drive logits hundreds apart: exp() of the gap lands among the denormals.
+    x, y = blobs(400, 16, 5, seed=0, spread=2.0)
+    xt, yt = blobs(200, 16, 5, seed=1, spread=2.0)
+    flushed = fast_linear_sweep(x, y, xt, yt, epochs=5, folds=1)
+    assert seen and all(seen) and not denormals_flushed()
+    seen.clear()
+    plain = fast_linear_sweep(x, y, xt, yt, epochs=5, folds=1, flush_denormals=False)
+    assert seen and not any(seen)
+    for key in ("linear_top1", "linear_top1_sgd", "linear_top1_adam"):
+        assert flushed[key] == plain[key]
+    assert flushed["sgd"]["val_top1"] == plain["sgd"]["val_top1"]
 
 # --------------------------------------------------------------------------- features and protocol
 def test_extract_features_uses_eval_mode_and_restores_mode():
