@@ -77,7 +77,8 @@ def _data() -> list[list[torch.Tensor]]:
 
 def _cfg(name: str, **kw: object) -> MethodConfig:
     teacher = kw.pop("teacher", TeacherConfig())
-    return MethodConfig(name=name, proj_dim=DIM, queue_size=N_IMAGES, teacher=teacher,
+    kw.setdefault("proj_dim", DIM)
+    return MethodConfig(name=name, queue_size=N_IMAGES, teacher=teacher,
                         **kw)  # type: ignore[arg-type]
 
 
@@ -127,6 +128,9 @@ CASES = {
     "s2bnn_teachers": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(
         run, extra_paths=[str(run / "second")] if run else [])),
     "s2bnn_linear_head": lambda run: _cfg("s2bnn", teacher=_teacher_cfg(run), proj_hidden_dim=0),
+    # The demo's target: the teacher's pooled features (TinyNet width 8: 16-d), batch-centred.
+    "s2bnn_centred_features": lambda run: _cfg("s2bnn", proj_dim=16, teacher=_teacher_cfg(
+        run, head="none", center=True)),
     "seed": lambda run: _cfg("seed", teacher=_teacher_cfg(run)),
     "dino": lambda run: _cfg("dino", dino_out_dim=64, ema_momentum=0.99,
                              dino_center_momentum=0.99),
@@ -150,6 +154,20 @@ def test_distillation_raises_student_teacher_cosine(registry: None, teacher_run:
     before = method(views)[1]["cosine"].item()
     _epoch_losses(method, epochs=4)
     assert method(views)[1]["cosine"].item() > before
+
+
+def test_centred_teacher_targets_reach_the_loss(registry: None, teacher_run: Path) -> None:
+    method = _build(CASES["s2bnn_centred_features"](teacher_run))
+    teacher = method.teacher
+    assert teacher.center and teacher.embed_dim == 16
+    x = _data()[0][0]
+    with torch.no_grad():
+        feats = teacher.backbone(x).float()
+    # Pooled ReLU features are all positive; the target is them minus the batch's mean.
+    assert (feats >= 0).all()
+    torch.testing.assert_close(teacher(x), F.normalize(feats - feats.mean(0), dim=1))
+    plain = _build(_cfg("s2bnn", proj_dim=16, teacher=_teacher_cfg(teacher_run, head="none")))
+    torch.testing.assert_close(plain.teacher(x), F.normalize(feats, dim=1))
 
 
 def test_method_types_and_submodules(registry: None, teacher_run: Path) -> None:
@@ -255,9 +273,9 @@ def test_methods_without_a_frozen_teacher_checkpoint_everything(
 
 def test_views_needed() -> None:
     assert [views_needed(CASES[c](None)) for c in sorted(CASES)] == [
-        # dino mocov2 mocov2_symmetric s2bnn s2bnn_contrastive s2bnn_linear_head s2bnn_online
-        # s2bnn_teachers seed
-        2, 2, 2, 1, 2, 1, 2, 1, 1]
+        # dino mocov2 mocov2_symmetric s2bnn s2bnn_centred_features s2bnn_contrastive
+        # s2bnn_linear_head s2bnn_online s2bnn_teachers seed
+        2, 2, 2, 1, 1, 2, 1, 2, 1, 1]
 
 
 def test_queue_is_updated_after_the_step(registry: None, teacher_run: Path) -> None:

@@ -54,7 +54,13 @@ def test_fashion_mnist_recipe_loads(name: str) -> None:
         # Students distil from exactly the run dir the teacher recipe writes.
         assert cfg.method.teacher.path == teacher.output_dir
         assert cfg.method.teacher.arch == teacher.model.name
-        assert cfg.method.proj_dim == teacher.method.proj_dim
+        if cfg.method.teacher.head == "none":  # the target: the teacher's pooled features
+            from s2bnn.models import build_model
+
+            width = build_model(teacher.model.name, num_classes=0, in_chans=1).feature_dim
+            assert cfg.method.proj_dim == width
+        else:
+            assert cfg.method.proj_dim == teacher.method.proj_dim
 
 
 # --------------------------------------------------------------------------- the reference

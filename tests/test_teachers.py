@@ -18,7 +18,7 @@ from s2bnn.checkpoint import save_checkpoint, save_safetensors
 from s2bnn.errors import CheckpointError, ConfigError
 from s2bnn.models import list_models
 from s2bnn.models.registry import _REGISTRY
-from s2bnn.teachers import PROJECTION_HEAD_PREFIX, Teacher, load_teacher
+from s2bnn.teachers import PROJECTION_HEAD_PREFIX, Teacher, center_batch, load_teacher
 
 
 def _tv_builder(fn: Any, feat: int) -> Any:
@@ -402,3 +402,26 @@ def test_swav_wide_resnet_key_layout() -> None:
     assert sd["conv1.weight"].shape == (32, 3, 7, 7)  # 64 * 2 * 0.25
     assert sd["layer4.0.conv3.weight"].shape == (1024, 256, 1, 1)
     assert net.feature_dim == 1024 and "fc.weight" not in sd
+
+
+def test_center_batch_subtracts_the_batch_mean_and_leaves_one_image_alone() -> None:
+    z = torch.rand(6, 5) + 1.0  # all positive, like pooled ReLU features
+    c = center_batch(z)
+    torch.testing.assert_close(c.mean(0), torch.zeros(5))
+    torch.testing.assert_close(c[0] - c[1], z[0] - z[1])  # differences between views kept
+    assert torch.equal(center_batch(z[:1]), z[:1])  # nothing to centre on: unchanged
+
+
+def test_load_teacher_centres_on_request(registry: None, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = TinyNet(in_chans=1).eval()
+    path = tmp_path / "tiny.pth"
+    torch.save(net.state_dict(), path)
+    x = _images(4, chans=1, size=16)
+    centred = load_teacher(path, "tiny_test_net", head="none", center=True, in_chans=1)
+    plain = load_teacher(path, "tiny_test_net", head="none", in_chans=1)
+    with torch.no_grad():
+        feats = net(x)
+    torch.testing.assert_close(centred(x), F.normalize(feats - feats.mean(0), dim=1))
+    torch.testing.assert_close(plain(x), F.normalize(feats, dim=1))
+    assert not plain.center

@@ -56,7 +56,7 @@ from s2bnn.models.common import model_in_chans
 
 __all__ = [
     "PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "PRECISION_CHOICES", "FORMAT_CHOICES", "Teacher",
-    "TeacherEnsemble", "load_teacher", "detect_format",
+    "TeacherEnsemble", "load_teacher", "detect_format", "center_batch",
 ]
 
 # Key prefix of the student's projection head in every method's state_dict (see module docstring).
@@ -88,11 +88,13 @@ class Teacher(nn.Module):
     ``precision``: ``auto`` runs in the caller's autocast state (the engine's ``precision``),
     ``fp32`` / ``bf16`` always in that precision. A frozen teacher only supplies targets, so
     bf16 is a cheap speed-up where the device computes it natively (CPUs with AVX512-BF16/AMX,
-    recent GPUs); the embeddings come back as float32 either way.
+    recent GPUs); the embeddings come back as float32 either way. ``center``: subtract the
+    batch's mean output before normalising (see :func:`center_batch`).
     """
 
     def __init__(
-        self, backbone: nn.Module, head: nn.Module, arch: str, precision: str = "auto"
+        self, backbone: nn.Module, head: nn.Module, arch: str, precision: str = "auto",
+        center: bool = False,
     ) -> None:
         super().__init__()
         if precision not in PRECISION_CHOICES:
@@ -103,6 +105,7 @@ class Teacher(nn.Module):
         self.head = head
         self.arch = arch
         self.precision = precision
+        self.center = center
         self.in_chans = model_in_chans(backbone)
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
         self.embed_dim = linears[-1].out_features if linears else int(backbone.feature_dim)
@@ -124,7 +127,17 @@ class Teacher(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self._autocast(x):
             z = self.head(self.backbone(x))
-        return F.normalize(z.float(), dim=1)
+        z = z.float()
+        return F.normalize(center_batch(z) if self.center else z, dim=1)
+
+
+def center_batch(z: torch.Tensor) -> torch.Tensor:
+    """``z`` minus its mean over the batch (dim 0); a batch of one is returned as it is.
+
+    Pooled ReLU features all point into the positive orthant: L2-normalised, their softmax at
+    the paper's tau is nearly flat. Centred, each dimension says how much more of a feature
+    this view has than the batch does, a target as sharp as a projection head's output."""
+    return z - z.mean(0, keepdim=True) if z.shape[0] > 1 else z
 
 
 class TeacherEnsemble(nn.Module):
@@ -409,7 +422,7 @@ def _build_head(sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
 
 def load_teacher(
     path: str | Path, arch: str, *, head: str = "auto", precision: str = "auto",
-    fmt: str = "auto", **model_kwargs: Any,
+    fmt: str = "auto", center: bool = False, **model_kwargs: Any,
 ) -> Teacher:
     """Load a frozen teacher mapping images to L2-normalised embeddings.
 
@@ -419,6 +432,7 @@ def load_teacher(
     ``mlp``/``linear`` require that kind of head in the checkpoint, ``none`` ignores any head.
     ``precision`` is the teacher's forward precision (see :class:`Teacher`). ``fmt`` is the
     expected layout (:data:`FORMAT_CHOICES`; ``auto``: any), checked against :func:`detect_format`.
+    ``center``: the embeddings are centred on each batch's mean before normalising.
     Raises :class:`CheckpointError` for a missing file, another architecture, or missing,
     unexpected or mis-shaped keys.
     """
@@ -440,7 +454,7 @@ def load_teacher(
                 f"{path} holds no projection head but method.teacher.head={head}; use head=auto or "
                 "head=none to distil from the pooled backbone features"
             )
-        return Teacher(backbone, nn.Identity(), arch, precision)
+        return Teacher(backbone, nn.Identity(), arch, precision, center)
     head_module = _build_head(head_sd, path)
     linears = [m for m in head_module.modules() if isinstance(m, nn.Linear)]
     if head == "mlp" and len(linears) < 2 or head == "linear" and len(linears) != 1:
@@ -454,4 +468,4 @@ def load_teacher(
             f"{path}: projection head takes {linears[0].in_features}-d input but the '{arch}' "
             f"backbone gives {feat}-d features; another architecture?"
         )
-    return Teacher(backbone, head_module, arch, precision)
+    return Teacher(backbone, head_module, arch, precision, center)

@@ -138,7 +138,7 @@ def _one_teacher(tcfg: TeacherConfig, path: str, in_chans: int, proj_dim: int) -
         )
     teacher = load_teacher(
         path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, fmt=tcfg.format,
-        **dict(tcfg.kwargs),
+        center=tcfg.center, **dict(tcfg.kwargs),
     )
     t_chans = getattr(teacher, "in_chans", None)
     if t_chans is not None and t_chans != in_chans:
