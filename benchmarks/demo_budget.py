@@ -150,7 +150,7 @@ ROWS: dict[str, dict[str, object]] = {
     "folder-4k-r14-seed2": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
     "fmnist-60k-r14": {"overrides": ["max_teachers=1", "precision=bf16"]},
-    # Round 14, commit {r15}: the S2-BNN student distils the teacher's pooled backbone features,
+    # Round 14, commit f430671: the S2-BNN student distils the teacher's pooled backbone features,
     # centred on each batch (method.teacher.head=none, center=true), instead of its 128-d head
     # output.
     "folder-4k-r15": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
