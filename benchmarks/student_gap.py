@@ -209,6 +209,12 @@ NOTES: list[str] = [
     "a fresh machine (compile): the same 1,600 steps took 211.5 s against 186.1 s eager, so over "
     "a stage of a few minutes the first compile costs more than the faster steps return; the "
     "demo does not compile (`compile=true` remains for long runs).",
+    "- **Round 14, the backbone features centred.** t_feat lost because the pooled features, "
+    "all positive after ReLU, give a nearly flat softmax at tau 0.2. Centred on each batch "
+    "(`method.teacher.center=true`, `s2bnn.teachers.center_batch`) they are a sharp target: "
+    "retrained for the demo's own steps from the teachers of three round-14 demos, the "
+    "students scored +1.8, +2.5 and +0.8 over the head output's (docs/CENTRED_TARGET.md, "
+    "benchmarks/centred_target.py). The demo distils them since round 14.",
 ]
 
 

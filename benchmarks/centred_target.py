@@ -1,0 +1,166 @@
+"""What the S2-BNN student distils: the teacher's head output or its centred backbone features.
+
+    python benchmarks/demo_budget.py --only folder-4k-r14 folder-4k-r14-seed1 folder-4k-r14-seed2
+    python benchmarks/centred_target.py [--rows folder-4k-r14 ...] [--variants centred features]
+    python benchmarks/centred_target.py --report          # rewrite the doc from the JSON
+
+Each demo_budget row named by ``--rows`` (its run dir under runs/demo_budget, made by the first
+command) holds a teacher and the S2-BNN student the demo distilled from it, with the paper's
+target: the teacher's 128-d L2-normalised projection-head output. For every variant this
+retrains that student from the same stage config (same seed, data, recipe) for exactly the
+steps the demo gave it, changing only the target:
+
+- ``centred``: the teacher's pooled backbone features minus their batch mean, L2-normalised
+  (``method.teacher.head=none``, ``method.teacher.center=true``; what the demo distils since
+  round 14);
+- ``features``: the same features uncentred (``head=none`` only), the control: all positive
+  after ReLU, their softmax at tau 0.2 is nearly flat.
+
+Every student is scored with the demo's probe (weighted kNN and the linear LR sweep on the
+folder's labelled split) on the same features path (the packed 1-bit runtime). Results
+accumulate in docs/results/centred_target.json; a row already there is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from run_all import machine, write_markdown  # noqa: E402
+
+DEMOS = ROOT / "runs" / "demo_budget"
+JSON = ROOT / "docs" / "results" / "centred_target.json"
+DOC = ROOT / "docs" / "CENTRED_TARGET.md"
+ROWS = ["folder-4k-r14", "folder-4k-r14-seed1", "folder-4k-r14-seed2"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "centred": ("pooled backbone features, batch-centred",
+                ["method.teacher.head=none", "method.teacher.center=true"]),
+    "features": ("pooled backbone features, uncentred",
+                 ["method.teacher.head=none", "method.teacher.center=false"]),
+}
+NOTES: list[str] = []
+
+
+def _row_dirs(row: str) -> tuple[Path, Path, dict[str, Any]]:
+    """The demo row's dir, its S2-BNN run dir and its results.json (one line if absent)."""
+    out = DEMOS / row
+    results = out / "results.json"
+    if not results.is_file():
+        raise SystemExit(f"{results} not found: run python benchmarks/demo_budget.py --only {row} "
+                         "first (its teacher and student are this benchmark's inputs)")
+    return out, out / "runs" / "s2bnn", json.loads(results.read_text())
+
+
+def _probe(data: str, run_dir: Path) -> dict[str, float]:
+    """The demo's probe of ``run_dir``'s backbone on ``data`` (its labelled splits)."""
+    from s2bnn.demo import eval_datasets, evaluate_run, packed_forward_for
+
+    ds = eval_datasets(data, None, 10000, None, 1, 28)
+    row, _ = evaluate_run(run_dir.name, run_dir, ds, image_size=28, in_chans=1, knn_k=200,
+                          device="auto", fast_forward=packed_forward_for(ds["test"], "auto"))
+    return {"linear_top1": round(float(row["linear_top1"]), 2),
+            "knn_top1": round(float(row["knn_top1"]), 2)}
+
+
+def _train(config: Path, out: Path, steps: int, overrides: list[str]) -> float:
+    from s2bnn.demo import feature_width
+
+    teacher_arch = yaml.safe_load(config.read_text())["method"]["teacher"]["arch"]
+    cmd = [sys.executable, "-m", "s2bnn", "train", str(config), f"output_dir={out}",
+           "force=true", "resume=never", "time_budget=null", f"steps={steps}",
+           "progress=false", f"method.proj_dim={feature_width(teacher_arch)}", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"training {out} failed:\n{proc.stderr[-2000:]}")
+    return round(time.perf_counter() - t0, 1)
+
+
+def run(rows: list[str], variants: list[str], work: Path) -> dict[str, Any]:
+    done: dict[str, Any] = json.loads(JSON.read_text()) if JSON.is_file() else {}
+    for row in rows:
+        out, student, results = _row_dirs(row)
+        target = yaml.safe_load((student / "config.yaml").read_text())["method"]["teacher"]
+        if target.get("head") == "none":
+            raise SystemExit(f"{row}'s student already distils the backbone features; name a "
+                             "demo_budget row from before round 14 (e.g. folder-4k-r14)")
+        data = results["config"]["data"]
+        steps = int(results["stages"]["s2bnn"]["steps"])
+        runs = {r["name"]: r for r in results["runs"]}
+        entry = done.setdefault(row, {"seed": results["config"]["seed"], "steps": steps,
+                                      "teacher": runs["teacher"]["linear_top1"],
+                                      "untrained": round(runs["random_init"]["linear_top1"], 2),
+                                      "variants": {}})
+        if "paper" not in entry["variants"]:
+            print(f"== {row}: the demo's own student (the paper's target)", flush=True)
+            entry["variants"]["paper"] = {**_probe(data, student), "train_s": None}
+        for name in variants:
+            if name in entry["variants"]:
+                continue
+            print(f"== {row}: {name}, {steps} steps", flush=True)
+            run_dir = work / f"{row}-{name}"
+            seconds = _train(student / "config.yaml", run_dir, steps, VARIANTS[name][1])
+            entry["variants"][name] = {**_probe(data, run_dir), "train_s": seconds}
+        entry["machine"] = machine()
+        JSON.parent.mkdir(parents=True, exist_ok=True)
+        JSON.write_text(json.dumps(done, indent=2) + "\n")
+    return done
+
+
+def report(done: dict[str, Any]) -> None:
+    machines = sorted({e["machine"] for e in done.values() if "machine" in e})
+    lines = [
+        "# The S2-BNN target: the teacher's head output or its centred backbone features",
+        "",
+        "Made by `python benchmarks/centred_target.py` (its docstring says how). "
+        + " ".join(f"Machine: {m}." for m in machines),
+        "",
+        "Each row retrains the demo's S2-BNN student of a demo_budget row (docs/DEMO_BUDGET.md)",
+        "from the same config and teacher for the steps the demo gave it, changing only the",
+        "target. Linear / kNN top-1 % with the demo's probe on the folder's 1,000 validation",
+        "images; `paper` is the demo's own student (the 128-d head output, the paper's target).",
+        "",
+        "| row | seed | steps | teacher | untrained | target | linear | kNN | Δ linear "
+        "| margin over untrained | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, e in done.items():
+        base = e["variants"].get("paper", {}).get("linear_top1")
+        for name, v in e["variants"].items():
+            what = "head output, 128-d (paper)" if name == "paper" else VARIANTS[name][0]
+            delta = "—" if name == "paper" or base is None else f"{v['linear_top1'] - base:+.1f}"
+            lines.append(
+                f"| {row} | {e['seed']} | {e['steps']} | {e['teacher']} | {e['untrained']} | "
+                f"{what} | {v['linear_top1']} | {v['knn_top1']} | {delta} | "
+                f"{v['linear_top1'] - e['untrained']:.1f} | {v['train_s'] or ''} |")
+    lines.append("")
+    write_markdown(DOC, lines, NOTES)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=ROWS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["centred"])
+    parser.add_argument("--work", default=str(DEMOS / "centred_target"))
+    parser.add_argument("--report", action="store_true", help="only rewrite the doc")
+    args = parser.parse_args()
+    if args.report:
+        if not JSON.is_file():
+            raise SystemExit(f"{JSON} not found: run the benchmark first")
+        report(json.loads(JSON.read_text()))
+        return
+    report(run(args.rows, args.variants, Path(args.work)))
+
+
+if __name__ == "__main__":
+    main()
