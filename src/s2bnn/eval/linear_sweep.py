@@ -402,7 +402,7 @@ def denormals_as_zero(on: bool = True) -> Iterator[None]:
 
     Why: heads with large learning rates reach logits hundreds apart, and ``exp`` of the gap
     lands in the denormal range, where every multiply takes microcode's slow path. On a
-    4,000 x 784 raw-pixel probe that made the sweep 6.8x slower with the same result
+    4,000 x 784 raw-pixel probe that made the sweep 6.3-6.8x slower with the same result
     (benchmarks/bench_eval.py). Values below 1.2e-38 cannot move a probe's accuracy. The mode
     is the calling thread's: torch's worker threads keep theirs (the sweep runs on one).
     """
