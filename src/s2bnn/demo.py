@@ -150,8 +150,8 @@ S2BNN_RECIPE: dict[str, Any] = {
     # The target is not the paper's: the teacher's pooled backbone features, centred on the
     # batch, instead of its 128-d head output. The head output probes 1.6-2.1 points below the
     # backbone on small data and the student learns no more than it holds; uncentred, the
-    # features scored -1.1 (a flat softmax), centred +1.8 / +2.5 on two seeds at the demo's
-    # steps (docs/STUDENT_GAP.md, round 14). method.proj_dim is resnet_small's feature width;
+    # features scored -1.1 (a flat softmax), centred +1.8 / +2.5 / +0.8 on three seeds at the
+    # demo's steps (docs/CENTRED_TARGET.md, round 14). method.proj_dim is resnet_small's width;
     # stage_configs sets that of DemoConfig.teacher_model.
     "method": {"name": "s2bnn", "temperature": 0.2, "distill_weight": 1.0,
                "contrastive_weight": 0.0, "proj_dim": 192,

@@ -136,7 +136,7 @@ def center_batch(z: torch.Tensor) -> torch.Tensor:
 
     Pooled ReLU features all point into the positive orthant: L2-normalised, their softmax at
     the paper's tau is nearly flat. Centred, each dimension says how much more of a feature
-    this view has than the batch does, a target as sharp as a projection head's output."""
+    this view has than the batch does, and the softmax over them is a sharper target."""
     return z - z.mean(0, keepdim=True) if z.shape[0] > 1 else z
 
 
