@@ -48,7 +48,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "features": ("pooled backbone features, uncentred",
                  ["method.teacher.head=none", "method.teacher.center=false"]),
 }
-NOTES: list[str] = []
+NOTES: list[str] = [
+    "- Round 14. The centred features taught a better student on all three seeds: +1.8, +2.5, "
+    "+0.8 linear over the head output at the same steps (seed 1, whose student had scored "
+    "79.8-82.2 in every demo, gained most). The uncentred control (`--variants features`) was "
+    "not run here; at 1,600 steps from earlier teachers it scored 80.3 against 81.4 "
+    "(docs/STUDENT_GAP.md, t_feat). The demo distils the centred features since this round "
+    "(docs/DEMO_BUDGET.md, rows `-r15`: 82.9, 82.2 and 81.8 with the steps those demos got).",
+    "- `train s` includes start-up, and the machine's speed drifts by a fifth within an hour "
+    "here: it says what a row cost, not how fast a target trains.",
+]
 
 
 def _row_dirs(row: str) -> tuple[Path, Path, dict[str, Any]]:
