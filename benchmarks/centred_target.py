@@ -70,11 +70,17 @@ def _row_dirs(row: str) -> tuple[Path, Path, dict[str, Any]]:
     return out, out / "runs" / "s2bnn", json.loads(results.read_text())
 
 
-def _probe(data: str, run_dir: Path) -> dict[str, float]:
-    """The demo's probe of ``run_dir``'s backbone on ``data`` (its labelled splits)."""
-    from s2bnn.demo import eval_datasets, evaluate_run, packed_forward_for
+def _eval_splits(data: str) -> dict[str, Any]:
+    """``data``'s labelled splits as the demo's probe reads them, decoded once per row."""
+    from s2bnn.demo import eval_datasets
 
-    ds = eval_datasets(data, None, 10000, None, 1, 28)
+    return eval_datasets(data, None, 10000, None, 1, 28)
+
+
+def _probe(ds: dict[str, Any], run_dir: Path) -> dict[str, float]:
+    """The demo's probe of ``run_dir``'s backbone on the splits ``ds``."""
+    from s2bnn.demo import evaluate_run, packed_forward_for
+
     row, _ = evaluate_run(run_dir.name, run_dir, ds, image_size=28, in_chans=1, knn_k=200,
                           device="auto", fast_forward=packed_forward_for(ds["test"], "auto"))
     return {"linear_top1": round(float(row["linear_top1"]), 2),
@@ -103,7 +109,7 @@ def run(rows: list[str], variants: list[str], work: Path) -> dict[str, Any]:
         if target.get("head") == "none":
             raise SystemExit(f"{row}'s student already distils the backbone features; name a "
                              "demo_budget row from before round 14 (e.g. folder-4k-r14)")
-        data = results["config"]["data"]
+        ds = _eval_splits(results["config"]["data"])
         steps = int(results["stages"]["s2bnn"]["steps"])
         runs = {r["name"]: r for r in results["runs"]}
         entry = done.setdefault(row, {"seed": results["config"]["seed"], "steps": steps,
@@ -112,14 +118,14 @@ def run(rows: list[str], variants: list[str], work: Path) -> dict[str, Any]:
                                       "variants": {}})
         if "paper" not in entry["variants"]:
             print(f"== {row}: the demo's own student (the paper's target)", flush=True)
-            entry["variants"]["paper"] = {**_probe(data, student), "train_s": None}
+            entry["variants"]["paper"] = {**_probe(ds, student), "train_s": None}
         for name in variants:
             if name in entry["variants"]:
                 continue
             print(f"== {row}: {name}, {steps} steps", flush=True)
             run_dir = work / f"{row}-{name}"
             seconds = _train(student / "config.yaml", run_dir, steps, VARIANTS[name][1])
-            entry["variants"][name] = {**_probe(data, run_dir), "train_s": seconds}
+            entry["variants"][name] = {**_probe(ds, run_dir), "train_s": seconds}
         entry["machine"] = machine()
         JSON.parent.mkdir(parents=True, exist_ok=True)
         JSON.write_text(json.dumps(done, indent=2) + "\n")
