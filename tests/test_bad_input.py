@@ -115,6 +115,8 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
     ("wrong type", _train("epochs=three"), ("config key 'epochs'",)),
     ("wrong nested type", _train("optim.lr=fast"), ("config key 'optim.lr'",)),
     ("bad choice", _train("resume=maybe"), ("'resume'", "never, auto")),
+    ("non-boolean teacher centring", _train(*S2BNN, "method.teacher.center=maybe"),
+     ("config key 'method.teacher.center'", "not a valid bool")),
     ("unparseable time budget", _train("time_budget=soon"), ("config key 'time_budget'",)),
     ("non-positive time budget", _train("time_budget=-5"), ("config key 'time_budget'", "> 0")),
     ("non-positive steps", _train("steps=0"), ("config key 'steps'", "> 0")),
