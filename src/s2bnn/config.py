@@ -120,6 +120,7 @@ class TeacherConfig:
     # in the paper). Pooled backbone features (head: none) are all positive after ReLU, so their
     # softmax at tau 0.2 is nearly flat; centred, they are a sharp target that carries more than
     # the 128-d head output (docs/CENTRED_TARGET.md, round 14). A batch of one is left as it is.
+    # Refused with kind: online.
     center: bool = False
     # The file's layout. auto: detected (s2bnn, MoCo v2, SwAV, DINO, SimSiam, torchvision,
     # safetensors); any other value is checked against the detected one, so e.g. a SwAV file

@@ -92,6 +92,11 @@ class S2BNN(Method):
             # The contrastive term and the online teacher work on one proj_dim embedding.
             raise ConfigError("method.teacher.extra_paths (several offline teachers) needs "
                               "method.contrastive_weight 0 and method.teacher.kind=offline")
+        if cfg.teacher.center and cfg.teacher.kind == "online":
+            # The online teacher's head output is what its own contrastive loss shapes; centring
+            # the target it gives the student is untested, so it is refused, not ignored.
+            raise ConfigError("method.teacher.center applies to an offline teacher; set "
+                              "method.teacher.center=false with method.teacher.kind=online")
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> S2BNN:
