@@ -215,6 +215,10 @@ NOTES: list[str] = [
     "retrained for the demo's own steps from the teachers of three round-14 demos, the "
     "students scored +1.8, +2.5 and +0.8 over the head output's (docs/CENTRED_TARGET.md, "
     "benchmarks/centred_target.py). The demo distils them since round 14.",
+    "- **Round 15, with the centred target the student is still short of steps.** Twice the "
+    "steps its demo gave it lifted it +2.0 and +1.0 on two seeds (margins 15.9 and 15.4); "
+    "teachers trained longer or with a 256-d head did not help it on average "
+    "(docs/STUDENT_LEVERS.md, benchmarks/student_levers.py).",
 ]
 
 
