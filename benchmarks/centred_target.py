@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run_all import machine, write_markdown  # noqa: E402
+from run_all import machine, retrain, write_markdown  # noqa: E402
 
 DEMOS = ROOT / "runs" / "demo_budget"
 JSON = ROOT / "docs" / "results" / "centred_target.json"
@@ -91,14 +89,8 @@ def _train(config: Path, out: Path, steps: int, overrides: list[str]) -> float:
     from s2bnn.demo import feature_width
 
     teacher_arch = yaml.safe_load(config.read_text())["method"]["teacher"]["arch"]
-    cmd = [sys.executable, "-m", "s2bnn", "train", str(config), f"output_dir={out}",
-           "force=true", "resume=never", "time_budget=null", f"steps={steps}",
-           "progress=false", f"method.proj_dim={feature_width(teacher_arch)}", *overrides]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"training {out} failed:\n{proc.stderr[-2000:]}")
-    return round(time.perf_counter() - t0, 1)
+    return retrain(config, out, [f"steps={steps}", f"method.proj_dim={feature_width(teacher_arch)}",
+                                 *overrides])
 
 
 def run(rows: list[str], variants: list[str], work: Path) -> dict[str, Any]:

@@ -71,6 +71,20 @@ def write_markdown(path: Path, lines: list[str], notes: list[str]) -> None:
     print(f"wrote {path}")
 
 
+def retrain(config: Path, out: Path, overrides: list[str]) -> float:
+    """``s2bnn train config`` into a fresh ``out`` with a fixed size instead of the time budget
+    a demo stage ran under (``overrides`` size it: ``steps=N`` or ``epochs=N``); wall seconds,
+    start-up included. A failed run stops the study with the end of its stderr."""
+    cmd = [sys.executable, "-m", "s2bnn", "train", str(config), f"output_dir={out}",
+           "force=true", "resume=never", "time_budget=null", "time_budget_max_epochs=null",
+           "progress=false", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"training {out} failed:\n{proc.stderr[-2000:]}")
+    return round(time.perf_counter() - t0, 1)
+
+
 def machine() -> str:
     """The CPU (with the vector extensions that decide its speed here), cores, GPU, versions."""
     cpu, flags = platform.machine(), set()

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from centred_target import _eval_splits, _probe  # noqa: E402
-from run_all import machine, write_markdown  # noqa: E402
+from run_all import machine, retrain, write_markdown  # noqa: E402
 
 DEMOS = ROOT / "runs" / "demo_budget"
 JSON = ROOT / "docs" / "results" / "student_levers.json"
@@ -85,18 +83,6 @@ NOTES: list[str] = [
 ]
 
 
-def _train(config: Path, out: Path, size: list[str], overrides: list[str]) -> float:
-    """Train ``config`` into ``out`` for ``size`` (``steps=N`` / ``epochs=N``), wall seconds."""
-    cmd = [sys.executable, "-m", "s2bnn", "train", str(config), f"output_dir={out}",
-           "force=true", "resume=never", "time_budget=null", "time_budget_max_epochs=null",
-           "progress=false", *size, *overrides]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"training {out} failed:\n{proc.stderr[-2000:]}")
-    return round(time.perf_counter() - t0, 1)
-
-
 def _variant(name: str, row: str, runs: Path, steps: int, ds: dict[str, Any],
              work: Path) -> dict[str, Any]:
     _, teacher_overrides, overrides = VARIANTS[name]
@@ -104,14 +90,14 @@ def _variant(name: str, row: str, runs: Path, steps: int, ds: dict[str, Any],
     seconds = 0.0
     if teacher_overrides is not None:
         teacher = work / f"{row}-{name}-teacher"
-        seconds += _train(runs / "teacher" / "config.yaml", teacher, ["steps=null"],
-                          teacher_overrides)
+        seconds += retrain(runs / "teacher" / "config.yaml", teacher,
+                           ["steps=null", *teacher_overrides])
         out["teacher"] = _probe(ds, teacher)
         overrides = [*overrides, f"method.teacher.path={teacher}"]
     student = work / f"{row}-{name}"
     steps *= STEP_FACTOR.get(name, 1)
-    seconds += _train(runs / "s2bnn" / "config.yaml", student, [f"steps={steps}", "epochs=null"],
-                      overrides)
+    seconds += retrain(runs / "s2bnn" / "config.yaml", student,
+                       [f"steps={steps}", "epochs=null", *overrides])
     return {**out, **_probe(ds, student), "train_s": round(seconds, 1)}
 
 
