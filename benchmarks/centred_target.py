@@ -23,7 +23,6 @@ accumulate in docs/results/centred_target.json; a row already there is reused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run_all import machine, retrain, write_markdown  # noqa: E402
+from run_all import machine, retrain, retrain_study_main, write_markdown  # noqa: E402
 
 DEMOS = ROOT / "runs" / "demo_budget"
 JSON = ROOT / "docs" / "results" / "centred_target.json"
@@ -155,18 +154,8 @@ def report(done: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=ROWS)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["centred"])
-    parser.add_argument("--work", default=str(DEMOS / "centred_target"))
-    parser.add_argument("--report", action="store_true", help="only rewrite the doc")
-    args = parser.parse_args()
-    if args.report:
-        if not JSON.is_file():
-            raise SystemExit(f"{JSON} not found: run the benchmark first")
-        report(json.loads(JSON.read_text()))
-        return
-    report(run(args.rows, args.variants, Path(args.work)))
+    retrain_study_main(__doc__, ROWS, list(VARIANTS), ["centred"],
+                       DEMOS / "centred_target", JSON, run, report)
 
 
 if __name__ == "__main__":

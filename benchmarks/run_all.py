@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,6 +84,27 @@ def retrain(config: Path, out: Path, overrides: list[str]) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"training {out} failed:\n{proc.stderr[-2000:]}")
     return round(time.perf_counter() - t0, 1)
+
+
+def retrain_study_main(doc: str, rows: list[str], variants: list[str], default: list[str],
+                       work: Path, results: Path, run: Callable[..., Any],
+                       report: Callable[[Any], None]) -> None:
+    """The command line of a study that retrains demo_budget rows' stages (``--rows``,
+    ``--variants``, ``--work``; ``--report`` only rewrites the doc from ``results``)."""
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=rows)
+    parser.add_argument("--variants", nargs="+", choices=variants, default=default)
+    parser.add_argument("--work", default=str(work))
+    parser.add_argument("--report", action="store_true", help="only rewrite the doc")
+    args = parser.parse_args()
+    if args.report:
+        if not results.is_file():
+            raise SystemExit(f"{results} not found: run the benchmark first")
+        report(json.loads(results.read_text()))
+        return
+    report(run(args.rows, args.variants, Path(args.work)))
 
 
 def machine() -> str:

@@ -1,8 +1,11 @@
 """What lifts the demo's S2-BNN student (centred target) at the steps the demo gave it.
 
     python benchmarks/demo_budget.py --only folder-4k-r15 folder-4k-r15-seed1 folder-4k-r15-seed2
-    python benchmarks/student_levers.py [--rows folder-4k-r15 ...] [--variants t40 tau01 ...]
+    python benchmarks/student_levers.py [--rows folder-4k-r15 ...] [--variants same steps2x ...]
     python benchmarks/student_levers.py --report          # rewrite the doc from the JSON
+
+docs/STUDENT_LEVERS.md (round 15) ran ``--variants same tproj256`` on the three rows, ``t40 tau01``
+on folder-4k-r15 and ``steps2x`` on folder-4k-r15-seed1 and folder-4k-r15-seed2.
 
 Each demo_budget row named by ``--rows`` (its run dir under runs/demo_budget, made by the first
 command) holds a teacher and the S2-BNN student the demo distilled from it with the centred
@@ -34,7 +37,6 @@ accumulate in docs/results/student_levers.json; a variant already there is reuse
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -44,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from centred_target import _eval_splits, _probe  # noqa: E402
-from run_all import machine, retrain, write_markdown  # noqa: E402
+from run_all import machine, retrain, retrain_study_main, write_markdown  # noqa: E402
 
 DEMOS = ROOT / "runs" / "demo_budget"
 JSON = ROOT / "docs" / "results" / "student_levers.json"
@@ -176,18 +178,8 @@ def report(done: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=ROWS)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["t40"])
-    parser.add_argument("--work", default=str(DEMOS / "student_levers"))
-    parser.add_argument("--report", action="store_true", help="only rewrite the doc")
-    args = parser.parse_args()
-    if args.report:
-        if not JSON.is_file():
-            raise SystemExit(f"{JSON} not found: run the benchmark first")
-        report(json.loads(JSON.read_text()))
-        return
-    report(run(args.rows, args.variants, Path(args.work)))
+    retrain_study_main(__doc__, ROWS, list(VARIANTS), ["same", "steps2x"],
+                       DEMOS / "student_levers", JSON, run, report)
 
 
 if __name__ == "__main__":
