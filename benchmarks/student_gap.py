@@ -218,7 +218,8 @@ NOTES: list[str] = [
     "- **Round 15, with the centred target the student is still short of steps.** Twice the "
     "steps its demo gave it lifted it +2.0 and +1.0 on two seeds (margins 15.9 and 15.4); "
     "teachers trained longer or with a 256-d head did not help it on average "
-    "(docs/STUDENT_LEVERS.md, benchmarks/student_levers.py).",
+    "(docs/STUDENT_LEVERS.md, benchmarks/student_levers.py). Twice the learning rate (6e-3) "
+    "at the demo's steps: +1.0, +0.4, +0.6 on three seeds, the next candidate.",
 ]
 
 
