@@ -4,8 +4,9 @@
     python benchmarks/student_levers.py [--rows folder-4k-r15 ...] [--variants same steps2x ...]
     python benchmarks/student_levers.py --report          # rewrite the doc from the JSON
 
-docs/STUDENT_LEVERS.md (round 15) ran ``--variants same tproj256`` on the three rows, ``t40 tau01``
-on folder-4k-r15 and ``steps2x`` on folder-4k-r15-seed1 and folder-4k-r15-seed2.
+docs/STUDENT_LEVERS.md (round 15) ran ``--variants same tproj256 lr6e-3`` on the three rows,
+``t40 tau01`` on folder-4k-r15, ``steps2x`` on folder-4k-r15-seed1 and folder-4k-r15-seed2, and
+``lr6e-3`` on fmnist-60k-r15.
 
 Each demo_budget row named by ``--rows`` (its run dir under runs/demo_budget, made by the first
 command) holds a teacher and the S2-BNN student the demo distilled from it with the centred
