@@ -33,7 +33,15 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run_all import machine, retrain, retrain_study_main, write_markdown  # noqa: E402
+from run_all import (  # noqa: E402
+    demo_eval_splits,
+    demo_probe,
+    demo_row,
+    machine,
+    retrain,
+    retrain_study_main,
+    write_markdown,
+)
 
 DEMOS = ROOT / "runs" / "demo_budget"
 JSON = ROOT / "docs" / "results" / "centred_target.json"
@@ -57,33 +65,6 @@ NOTES: list[str] = [
 ]
 
 
-def _row_dirs(row: str) -> tuple[Path, Path, dict[str, Any]]:
-    """The demo row's dir, its S2-BNN run dir and its results.json (one line if absent)."""
-    out = DEMOS / row
-    results = out / "results.json"
-    if not results.is_file():
-        raise SystemExit(f"{results} not found: run python benchmarks/demo_budget.py --only {row} "
-                         "first (its teacher and student are this benchmark's inputs)")
-    return out, out / "runs" / "s2bnn", json.loads(results.read_text())
-
-
-def _eval_splits(data: str) -> dict[str, Any]:
-    """``data``'s labelled splits as the demo's probe reads them, decoded once per row."""
-    from s2bnn.demo import eval_datasets
-
-    return eval_datasets(data, None, 10000, None, 1, 28)
-
-
-def _probe(ds: dict[str, Any], run_dir: Path) -> dict[str, float]:
-    """The demo's probe of ``run_dir``'s backbone on the splits ``ds``."""
-    from s2bnn.demo import evaluate_run, packed_forward_for
-
-    row, _ = evaluate_run(run_dir.name, run_dir, ds, image_size=28, in_chans=1, knn_k=200,
-                          device="auto", fast_forward=packed_forward_for(ds["test"], "auto"))
-    return {"linear_top1": round(float(row["linear_top1"]), 2),
-            "knn_top1": round(float(row["knn_top1"]), 2)}
-
-
 def _train(config: Path, out: Path, steps: int, overrides: list[str]) -> float:
     from s2bnn.demo import feature_width
 
@@ -95,12 +76,13 @@ def _train(config: Path, out: Path, steps: int, overrides: list[str]) -> float:
 def run(rows: list[str], variants: list[str], work: Path) -> dict[str, Any]:
     done: dict[str, Any] = json.loads(JSON.read_text()) if JSON.is_file() else {}
     for row in rows:
-        out, student, results = _row_dirs(row)
+        out, results = demo_row(DEMOS, row)
+        student = out / "runs" / "s2bnn"
         target = yaml.safe_load((student / "config.yaml").read_text())["method"]["teacher"]
         if target.get("head") == "none":
             raise SystemExit(f"{row}'s student already distils the backbone features; name a "
                              "demo_budget row from before round 14 (e.g. folder-4k-r14)")
-        ds = _eval_splits(results["config"]["data"])
+        ds = demo_eval_splits(results["config"]["data"])
         steps = int(results["stages"]["s2bnn"]["steps"])
         runs = {r["name"]: r for r in results["runs"]}
         entry = done.setdefault(row, {"seed": results["config"]["seed"], "steps": steps,
@@ -109,14 +91,14 @@ def run(rows: list[str], variants: list[str], work: Path) -> dict[str, Any]:
                                       "variants": {}})
         if "paper" not in entry["variants"]:
             print(f"== {row}: the demo's own student (the paper's target)", flush=True)
-            entry["variants"]["paper"] = {**_probe(ds, student), "train_s": None}
+            entry["variants"]["paper"] = {**demo_probe(ds, student), "train_s": None}
         for name in variants:
             if name in entry["variants"]:
                 continue
             print(f"== {row}: {name}, {steps} steps", flush=True)
             run_dir = work / f"{row}-{name}"
             seconds = _train(student / "config.yaml", run_dir, steps, VARIANTS[name][1])
-            entry["variants"][name] = {**_probe(ds, run_dir), "train_s": seconds}
+            entry["variants"][name] = {**demo_probe(ds, run_dir), "train_s": seconds}
         entry["machine"] = machine()
         JSON.parent.mkdir(parents=True, exist_ok=True)
         JSON.write_text(json.dumps(done, indent=2) + "\n")

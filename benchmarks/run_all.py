@@ -72,6 +72,35 @@ def write_markdown(path: Path, lines: list[str], notes: list[str]) -> None:
     print(f"wrote {path}")
 
 
+def demo_row(demos: Path, row: str) -> tuple[Path, dict[str, Any]]:
+    """A demo_budget row's dir under ``demos`` and its results.json (one line if absent): the
+    inputs of the studies that retrain its stages."""
+    import json
+
+    results = demos / row / "results.json"
+    if not results.is_file():
+        raise SystemExit(f"{results} not found: run python benchmarks/demo_budget.py --only {row} "
+                         "first (its teacher and student are this benchmark's inputs)")
+    return demos / row, json.loads(results.read_text())
+
+
+def demo_eval_splits(data: str) -> dict[str, Any]:
+    """``data``'s labelled splits as the demo's probe reads them (decode once per row)."""
+    from s2bnn.demo import eval_datasets
+
+    return eval_datasets(data, None, 10000, None, 1, 28)
+
+
+def demo_probe(ds: dict[str, Any], run_dir: Path) -> dict[str, float]:
+    """The demo's probe of ``run_dir``'s backbone on the splits ``ds``."""
+    from s2bnn.demo import evaluate_run, packed_forward_for
+
+    row, _ = evaluate_run(run_dir.name, run_dir, ds, image_size=28, in_chans=1, knn_k=200,
+                          device="auto", fast_forward=packed_forward_for(ds["test"], "auto"))
+    return {"linear_top1": round(float(row["linear_top1"]), 2),
+            "knn_top1": round(float(row["knn_top1"]), 2)}
+
+
 def retrain(config: Path, out: Path, overrides: list[str]) -> float:
     """``s2bnn train config`` into a fresh ``out`` with a fixed size instead of the time budget
     a demo stage ran under (``overrides`` size it: ``steps=N`` or ``epochs=N``); wall seconds,

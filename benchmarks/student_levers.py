@@ -48,8 +48,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from centred_target import _eval_splits, _probe  # noqa: E402
-from run_all import machine, retrain, retrain_study_main, write_markdown  # noqa: E402
+from run_all import (  # noqa: E402
+    demo_eval_splits,
+    demo_probe,
+    demo_row,
+    machine,
+    retrain,
+    retrain_study_main,
+    write_markdown,
+)
 
 DEMOS = ROOT / "runs" / "demo_budget"
 JSON = ROOT / "docs" / "results" / "student_levers.json"
@@ -105,24 +112,20 @@ def _variant(name: str, row: str, runs: Path, steps: int, ds: dict[str, Any],
         teacher = work / f"{row}-{name}-teacher"
         seconds += retrain(runs / "teacher" / "config.yaml", teacher,
                            ["steps=null", *teacher_overrides])
-        out["teacher"] = _probe(ds, teacher)
+        out["teacher"] = demo_probe(ds, teacher)
         overrides = [*overrides, f"method.teacher.path={teacher}"]
     student = work / f"{row}-{name}"
     steps *= STEP_FACTOR.get(name, 1)
     seconds += retrain(runs / "s2bnn" / "config.yaml", student,
                        [f"steps={steps}", "epochs=null", *overrides])
-    return {**out, **_probe(ds, student), "train_s": round(seconds, 1)}
+    return {**out, **demo_probe(ds, student), "train_s": round(seconds, 1)}
 
 
 def run(rows: list[str], variants: list[str], work: Path) -> dict[str, Any]:
     done: dict[str, Any] = json.loads(JSON.read_text()) if JSON.is_file() else {}
     for row in rows:
-        out = DEMOS / row
-        if not (out / "results.json").is_file():
-            raise SystemExit(f"{out / 'results.json'} not found: run python "
-                             f"benchmarks/demo_budget.py --only {row} first")
-        results = json.loads((out / "results.json").read_text())
-        ds = _eval_splits(results["config"]["data"])
+        out, results = demo_row(DEMOS, row)
+        ds = demo_eval_splits(results["config"]["data"])
         steps = int(results["stages"]["s2bnn"]["steps"])
         scores = {r["name"]: r for r in results["runs"]}
         entry = done.setdefault(row, {
