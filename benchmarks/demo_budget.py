@@ -159,6 +159,13 @@ ROWS: dict[str, dict[str, object]] = {
     "folder-4k-r15-seed2": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
     "fmnist-60k-r15": {"overrides": ["max_teachers=1", "precision=bf16"]},
+    # Round 16: the S2-BNN student's Adam lr 6e-3 instead of 3e-3 (docs/STUDENT_LEVERS.md).
+    "folder-4k-r16": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r16-seed1": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
+    "folder-4k-r16-seed2": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    "fmnist-60k-r16": {"overrides": ["max_teachers=1", "precision=bf16"]},
 }
 
 
