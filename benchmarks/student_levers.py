@@ -89,8 +89,9 @@ NOTES: list[str] = [
     "twice the steps gave. On Fashion-MNIST (fmnist-60k-r15, 1,759 steps, no control run) it "
     "scored 82.98 against the demo's 82.9. Not yet in the recipe: two earlier changes (the "
     "teacher's crops, a linear head) won at fixed steps and lost in the demo, though those "
-    "rows ran at 1,600 steps, not at the demo's own steps as here. Next: demo rows with "
-    "S2BNN_RECIPE's lr at 6e-3, on the folder's three seeds and on Fashion-MNIST.",
+    "rows ran at 1,600 steps, not at the demo's own steps as here. Round 16's demo rows "
+    "with lr 6e-3 (`-r16`, docs/DEMO_BUDGET.md) did not confirm it: 82.9 / 81.5 / 81.9 on the "
+    "folder's seeds (mean margin 14.2 against 14.4 at 3e-3), so the recipe keeps 3e-3.",
     "- A different teacher moves the student more than the teacher's own probe says: the "
     "teacher's linear top-1 did not predict its student (seed 0: teacher 82.2, student 83.2; "
     "seed 2: teacher 83.2, student 81.8). Retrained with a 256-d MoCo head (its backbone "
