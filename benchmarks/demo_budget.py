@@ -167,6 +167,13 @@ ROWS: dict[str, dict[str, object]] = {
     "folder-4k-r16-seed2": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
     "fmnist-60k-r16": {"overrides": ["max_teachers=1", "precision=bf16"]},
+    # Round 16, commit 4fde8d5: the `-r15` rows' recipe again (lr 3e-3), to measure how far a
+    # demo run moves from another of the same recipe, seed and machine.
+    "folder-4k-r17": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
+    "folder-4k-r17-seed1": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
+    "folder-4k-r17-seed2": {"folder": (4000, 1000),
+                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
 }
 
 
