@@ -143,7 +143,7 @@ TEACHER_RECIPE: dict[str, Any] = {
               "warmup_epochs": 0.1},
 }
 S2BNN_RECIPE: dict[str, Any] = {
-    "batch_size": 128,
+    "batch_size": 64,
     "data": {"augment": {"preset": "s2bnn_lite", "num_views": 1}},
     "model": {"name": "reactnet_small", "binary_act": True, "binary_weight": True},
     # The paper's MLP head: a linear one (proj_hidden_dim 0) scored +0.7 / +1.3 at fixed steps
