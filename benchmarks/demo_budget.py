@@ -183,7 +183,8 @@ ROWS: dict[str, dict[str, object]] = {
     "folder-4k-r18-seed2": {"folder": (4000, 1000),
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
     "fmnist-60k-r18": {"overrides": ["max_teachers=1", "precision=bf16"]},
-    # Round 17: the shipped recipe with two teachers (max_teachers=2). Round 9 (`-t2`) rejected
+    # Round 17, commit ab2eadd: the shipped recipe with two teachers (max_teachers=2; not kept).
+    # Round 9 (`-t2`) rejected
     # them when the student trained 1,500-1,900 steps; since round 12 it trains 2-3x as many
     # and stops near its one teacher (`-r17`: 82.9 after both 124 and 156 epochs).
     "folder-4k-r19-t2": {"folder": (4000, 1000), "overrides": ["max_teachers=2", "precision=bf16"]},
@@ -426,6 +427,14 @@ NOTES: list[str] = [
     "these rounds. The rule set beforehand (keep it if the folder's margins rise and "
     "Fashion-MNIST holds) rejects it; the student's batch stays 128. Over the twelve demo runs "
     "with the centred target the margin was 13.5-15.4 (mean 14.5), three of them at 15 or more.",
+    "- Round 17, rows `-r19-t2` (commit ab2eadd): the shipped recipe with two teachers "
+    "(`max_teachers=2`), retried because the student now trains 2-3x the steps it had when "
+    "round 9 rejected them and stops near its one teacher. The second teacher (seed+1, 620 "
+    "steps in 63-67 s) left the students 90-98 epochs: S2-BNN 82.7 / 82.3 / 82.2 (margins "
+    "14.77 / 14.37 / 14.27, mean 14.47), MoCo v2 76.6 / 77.2 / 79.2. Against `-r15`'s one-"
+    "teacher students at about the same epochs (100 / 95 / 86: 82.9 / 82.2 / 81.8) that is "
+    "-0.2 / +0.1 / +0.4, a wash; the rule set before the rows (keep two teachers if the mean "
+    "margin passes `-r17`'s 15.07) rejects it, and the demo keeps one.",
 ]
 
 
