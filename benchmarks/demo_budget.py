@@ -48,6 +48,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from run_all import machine  # noqa: E402
 
+
+def folder_seeds(name: str, teachers: int = 1) -> dict[str, dict[str, object]]:
+    """Rows ``name``, ``name-seed1`` and ``name-seed2``: the 4,000-image folder's demo in bf16
+    with ``teachers`` teachers, at every stage's seed 0, 1 and 2."""
+    base = [f"max_teachers={teachers}", "precision=bf16"]
+    return {f"{name}{suffix}": {"folder": (4000, 1000), "overrides": [*base, *seed]}
+            for suffix, seed in (("", []), ("-seed1", ["seed=1"]), ("-seed2", ["seed=2"]))}
+
 ROWS: dict[str, dict[str, object]] = {
     "folder-2k": {"folder": (2000, 1000), "overrides": ["max_teachers=1"]},
     "fmnist-10k": {"overrides": ["max_teachers=1", "limit=10000"]},
@@ -120,78 +128,40 @@ ROWS: dict[str, dict[str, object]] = {
                             "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
     # Round 13: the round-12 demo again, on an Intel Xeon with AMX (bf16 matrix tiles), where
     # bf16 convolutions run on AMX: what the same 10 minutes buy the students there.
-    "folder-4k-r13": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r13-seed1": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r13-seed2": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r13"),
     # Round 13, commit af8a9fc: the binary convolutions' weight gradient as one GEMM on small
     # maps, and fused Adam (benchmarks/bench_kernels.py).
-    "folder-4k-r13-gemm": {"folder": (4000, 1000),
-                           "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r13-gemm-seed1": {"folder": (4000, 1000),
-                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r13-gemm-seed2": {"folder": (4000, 1000),
-                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r13-gemm"),
     # Round 13, commit 7cf612a: the teacher network (resnet_small) takes the GEMM weight
     # gradient too (its step 1.07x as fast under bf16).
     "fmnist-60k-r13": {"overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r13-conv": {"folder": (4000, 1000),
-                           "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r13-conv-seed1": {"folder": (4000, 1000),
-                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r13-conv-seed2": {"folder": (4000, 1000),
-                                 "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r13-conv"),
     # Round 14, commit eaf1be7: the linear probe flushes denormal floats while its heads train,
     # so the demo's evaluation takes a fraction of its former time and the students get the rest.
-    "folder-4k-r14": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r14-seed1": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r14-seed2": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r14"),
     "fmnist-60k-r14": {"overrides": ["max_teachers=1", "precision=bf16"]},
     # Round 14, commit f430671: the S2-BNN student distils the teacher's pooled backbone features,
     # centred on each batch (method.teacher.head=none, center=true), instead of its 128-d head
     # output.
-    "folder-4k-r15": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r15-seed1": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r15-seed2": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r15"),
     "fmnist-60k-r15": {"overrides": ["max_teachers=1", "precision=bf16"]},
     # Round 16, commit d81ac26 (reverted after these rows): the S2-BNN student's Adam lr 6e-3
     # instead of 3e-3 (docs/STUDENT_LEVERS.md).
-    "folder-4k-r16": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r16-seed1": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r16-seed2": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r16"),
     "fmnist-60k-r16": {"overrides": ["max_teachers=1", "precision=bf16"]},
     # Round 16, commit 4fde8d5: the `-r15` rows' recipe again (lr 3e-3), to measure how far a
     # demo run moves from another of the same recipe, seed and machine.
-    "folder-4k-r17": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r17-seed1": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r17-seed2": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r17"),
     # Round 16, commit 63661fe (reverted after these rows): the S2-BNN student's batch 64
     # instead of 128 (1.75x the steps at 88 % of the images a second in a hand timing): the
     # `-r17` rows gained with the steps a faster machine gave them.
-    "folder-4k-r18": {"folder": (4000, 1000), "overrides": ["max_teachers=1", "precision=bf16"]},
-    "folder-4k-r18-seed1": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=1"]},
-    "folder-4k-r18-seed2": {"folder": (4000, 1000),
-                            "overrides": ["max_teachers=1", "precision=bf16", "seed=2"]},
+    **folder_seeds("folder-4k-r18"),
     "fmnist-60k-r18": {"overrides": ["max_teachers=1", "precision=bf16"]},
     # Round 17, commit ab2eadd: the shipped recipe with two teachers (max_teachers=2; not kept).
-    # Round 9 (`-t2`) rejected
-    # them when the student trained 1,500-1,900 steps; since round 12 it trains 2-3x as many
-    # and stops near its one teacher (`-r17`: 82.9 after both 124 and 156 epochs).
-    "folder-4k-r19-t2": {"folder": (4000, 1000), "overrides": ["max_teachers=2", "precision=bf16"]},
-    "folder-4k-r19-t2-seed1": {"folder": (4000, 1000),
-                               "overrides": ["max_teachers=2", "precision=bf16", "seed=1"]},
-    "folder-4k-r19-t2-seed2": {"folder": (4000, 1000),
-                               "overrides": ["max_teachers=2", "precision=bf16", "seed=2"]},
+    # Round 9 (`-t2`) rejected them when the student trained 1,500-1,900 steps; since round 12
+    # it trains 2-3x as many and stops near its one teacher (`-r17`: 82.9 after both 124 and
+    # 156 epochs).
+    **folder_seeds("folder-4k-r19-t2", teachers=2),
 }
 
 
