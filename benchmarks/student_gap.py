@@ -219,7 +219,8 @@ NOTES: list[str] = [
     "steps its demo gave it lifted it +2.0 and +1.0 on two seeds (margins 15.9 and 15.4); "
     "teachers trained longer or with a 256-d head did not help it on average "
     "(docs/STUDENT_LEVERS.md, benchmarks/student_levers.py). Twice the learning rate (6e-3) "
-    "at the demo's steps: +1.0, +0.4, +0.6 on three seeds, the next candidate.",
+    "at the demo's steps: +1.0, +0.4, +0.6 on three seeds, which the demo itself did not "
+    "confirm (rows `-r16` of docs/DEMO_BUDGET.md: mean margin 14.2 against 14.4 at 3e-3).",
 ]
 
 
