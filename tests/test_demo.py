@@ -73,6 +73,14 @@ def test_demo_end_to_end_on_tiny_imagefolder(tmp_path, capsys):
     assert results["stages"]["teacher"]["steps"] == results["stages"]["s2bnn"]["steps"] == 3
     assert results["stages"]["mocov2"]["steps"] == 36 // 16  # one epoch of 36 images
     assert "teacher: 3 steps" in printed
+    # On a CPU with 2+ threads the two students train side by side, one process each.
+    import torch
+
+    side = results["stages"]["s2bnn"].get("side_by_side")
+    assert bool(side) == (torch.get_num_threads() >= 2)
+    if side:
+        assert side == {"with": ["mocov2"], "threads": torch.get_num_threads() // 2}
+        assert "side by side with s2bnn" in printed and "side by side with mocov2" in printed
     # 3 steps are far too few: the summary and the report say so, with the fix.
     assert any("only 3 optimiser steps" in w and "budget=" in w for w in results["warnings"])
     assert "WARNING: the teacher stage trained only 3 optimiser steps" in printed
@@ -156,13 +164,16 @@ def test_stages_keep_their_recipe_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_sized_by_its_budget_ends_within_it(tmp_path, capsys):
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_demo_sized_by_its_budget_ends_within_it(tmp_path, capsys, side_by_side):
     """No stage sized by hand: the budget is divided between the stages, each trains the steps
-    that fit its part, and the whole demo ends within the budget."""
+    that fit its part, and the whole demo ends within the budget, with the students one after
+    the other or side by side."""
     data = _tree(tmp_path / "data")
     sized = [a for a in TINY if not a.startswith(("teacher_", "s2bnn_", "mocov2_"))]
     assert main(["demo", "--data", str(data), "--out", str(tmp_path / "o"), *sized,
-                 "budget=40s", "teacher_max_epochs=null"]) == 0
+                 "budget=40s", "teacher_max_epochs=null",
+                 f"side_by_side={str(side_by_side).lower()}"]) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     stages = results["stages"]
     assert set(stages) == {"teacher", "s2bnn", "mocov2"}
@@ -170,8 +181,75 @@ def test_demo_sized_by_its_budget_ends_within_it(tmp_path, capsys):
     for got in stages.values():
         assert got["steps"] >= 1 and got["budget_seconds"] > 0
         assert got["seconds"] <= 1.25 * got["budget_seconds"] + 2
-    assert stages["teacher"]["budget_seconds"] > stages["mocov2"]["budget_seconds"]
+    if side_by_side:  # each student trains for all the time the teacher left, at once
+        assert stages["s2bnn"]["budget_seconds"] == stages["mocov2"]["budget_seconds"]
+        assert stages["mocov2"]["budget_seconds"] > stages["teacher"]["budget_seconds"]
+        assert stages["s2bnn"]["side_by_side"]["with"] == ["mocov2"]
+    else:
+        assert stages["teacher"]["budget_seconds"] > stages["mocov2"]["budget_seconds"]
+        assert "side_by_side" not in stages["s2bnn"]
     assert results["wall_seconds"] <= 1.1 * 40 + 3
+
+
+def test_side_by_side_threads(monkeypatch):
+    import torch
+
+    import s2bnn.devices
+    from s2bnn.demo import side_by_side_threads
+
+    auto, on, off = (DemoConfig(data="synthetic", side_by_side=v) for v in (None, True, False))
+    for threads, halves in ((2, 1), (16, 8), (3, 1)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert side_by_side_threads(auto) == side_by_side_threads(on) == halves
+        assert side_by_side_threads(off) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert side_by_side_threads(auto) == 0 and side_by_side_threads(on) == 1
+    # On a GPU the students share one device: auto keeps them one after the other.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    monkeypatch.setattr(s2bnn.devices, "resolve_device", lambda pref: torch.device("cuda", 0))
+    assert side_by_side_threads(auto) == 0 and side_by_side_threads(on) == 8
+
+
+@pytest.mark.slow
+def test_side_by_side_stage_errors_reach_the_parent(tmp_path):
+    """A user error in one side-by-side stage stops both and is raised as itself; a stage that
+    dies without a word is a TrainingError; a good pair returns each stage's run dir."""
+    from s2bnn.demo import train_side_by_side
+    from s2bnn.errors import DataError, TrainingError
+
+    def cfg(name: str, data: str) -> object:
+        return config_from_dict({"output_dir": str(tmp_path / name), "steps": 2,
+                                 "batch_size": 8, "progress": False, "model": {
+                                     "name": "resnet_small"}, "method": {"name": "mocov2",
+                                     "queue_size": 16}, "data": {"name": data}})
+
+    got = train_side_by_side({"a": cfg("a", "synthetic:1:16:32:2"),
+                              "b": cfg("b", "synthetic:1:16:32:2")}, threads=1, progress=False)
+    assert {n: p.name for n, (p, _) in got.items()} == {"a": "a", "b": "b"}
+    assert all(sec > 0 for _, sec in got.values())
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="nowhere"):
+        train_side_by_side({"a": cfg("c", "synthetic:1:16:32:2"), "b": cfg("d", missing)},
+                           threads=1, progress=False)
+
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    def kill_one() -> None:  # as the kernel's OOM killer would
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "f" / "metrics.csv").is_file():
+            time.sleep(0.2)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+    long = {n: config_from_dict({**config_to_dict(cfg(n, "synthetic:1:16:32:2")),
+                                 "steps": 100000}) for n in ("e", "f")}
+    threading.Thread(target=kill_one, daemon=True).start()
+    with pytest.raises(TrainingError, match="exit code -9"):
+        train_side_by_side(long, threads=1, progress=False)
+    assert not multiprocessing.active_children()  # the other one was stopped too
 
 
 def test_budgeted_teacher_is_capped_in_epochs(tmp_path):

@@ -21,8 +21,10 @@ fixed proportions (:data:`STAGE_SHARES`), and the stage trains as many steps as 
 (``time_budget`` of the engine, re-planned as it trains: ``time_budget_replan``). A
 2,000-image folder then gets many epochs and a large set a fraction of one; the teacher stops
 after ``teacher_max_epochs`` epochs, and a stage that ran long or short is made up for by the
-ones after it. A stage can instead be given a fixed size (``teacher_steps=``,
-``s2bnn_epochs=``, ...).
+ones after it. On a CPU the two students then train side by side (``side_by_side``), each in
+its own process on half the threads and for all the time the teacher left: small networks use
+one thread better than two, so each gets more steps than its half of the time alone would give.
+A stage can instead be given a fixed size (``teacher_steps=``, ``s2bnn_epochs=``, ...).
 
 The stages' training configs mirror ``configs/fashion_mnist/{teacher_mocov2,s2bnn,
 mocov2_bnn_plus}.yaml`` (a test keeps them in step); :class:`DemoConfig` only sets sizes. A
@@ -37,6 +39,7 @@ import copy
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,13 +48,13 @@ from typing import Any, Optional
 from s2bnn.budget import BudgetError, format_duration, parse_duration, split_budget
 from s2bnn.checkpoint import atomic_write_bytes
 from s2bnn.config import Config, config_from_dict, config_to_dict, load_config
-from s2bnn.errors import ConfigError, DataError, RunDirError
+from s2bnn.errors import ConfigError, DataError, RunDirError, TrainingError, UserError
 
 __all__ = [
     "DemoConfig", "stage_configs", "run_demo", "RESULT_NAMES", "eval_datasets", "evaluate_run",
     "result_row", "train_stage", "finished_with_same_config", "STAGE_SHARES", "weak_results",
     "deep_merge", "stage_seconds", "teacher_epoch_cap", "teachers_that_fit", "teacher_dir",
-    "packed_forward", "packed_forward_for",
+    "packed_forward", "packed_forward_for", "side_by_side_threads", "train_side_by_side",
 ]
 
 RESULT_NAMES = ("pixels", "teacher", "random_init", "mocov2", "s2bnn")
@@ -116,6 +119,12 @@ class DemoConfig:
     random_seeds: int = 3  # untrained-student baseline: one evaluation per seed
     knn_k: int = 200
     progress: bool = True
+    # Train the two students at the same time, each in its own process on half the CPU threads,
+    # both for all the time the teacher leaves (None: on when the stages run on a CPU with 2 or
+    # more threads). At batch 128 and 28 px one thread gives a binary student 0.65 of what two
+    # give (ops this small do not split well), so side by side each student trains about 1.3x
+    # the steps of its half of the time alone; the two still get equal wall time and threads.
+    side_by_side: Optional[bool] = None
 
 
 # The three recipes the demo runs, as data. They match configs/fashion_mnist/*.yaml except for
@@ -355,6 +364,119 @@ def train_stage(cfg: Config, any_budget: bool = False) -> tuple[Path, float]:
     return Path(run_dir), time.perf_counter() - start
 
 
+def side_by_side_threads(plan: DemoConfig) -> int:
+    """CPU threads for each student when the two train side by side; 0: one after the other.
+
+    ``plan.side_by_side`` None (auto) runs them side by side on a CPU with at least two
+    threads; True does so anywhere (on a GPU both processes share it)."""
+    import torch
+
+    from s2bnn.devices import resolve_device
+
+    threads = torch.get_num_threads()
+    if plan.side_by_side is False:
+        return 0
+    if plan.side_by_side is None and (threads < 2 or resolve_device(plan.device).type != "cpu"):
+        return 0
+    return max(1, threads // 2)
+
+
+def _stage_in_child(name: str, cfg_dict: dict[str, Any], threads: int, any_budget: bool,
+                    launched: float, queue: Any) -> None:
+    """A side-by-side student's process: train it on ``threads`` threads, report to ``queue``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        if cfg_dict.get("time_budget") is not None:
+            # The budget counts from the trainer's start; this process's start-up comes off it.
+            late = max(0.0, time.time() - launched)
+            cfg_dict["time_budget"] = f"{max(1.0, float(cfg_dict['time_budget']) - late):.1f}"
+        run_dir, seconds = train_stage(config_from_dict(cfg_dict), any_budget)
+        queue.put((name, "ok", str(run_dir), seconds))
+    except UserError as err:
+        queue.put((name, "user", type(err).__name__, str(err)))
+    except BaseException as err:  # a bug (or Ctrl-C): the parent shows its traceback
+        import traceback
+
+        queue.put((name, "bug", type(err).__name__, traceback.format_exc()))
+
+
+def _last_step(run_dir: Path) -> int | None:
+    """The last step in a run dir's ``metrics.csv`` (None before its first log line)."""
+    try:
+        lines = (run_dir / "metrics.csv").read_text().strip().splitlines()
+        return int(lines[-1].split(",")[1]) if len(lines) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def train_side_by_side(cfgs: dict[str, Config], threads: int, any_budget: bool = False,
+                       progress: bool = True) -> dict[str, tuple[Path, float]]:
+    """Train the stages ``cfgs`` at the same time, each in its own process on ``threads`` CPU
+    threads (:func:`train_stage` there); returns {name: (run dir, seconds)}.
+
+    A stage's time budget counts from the launch. A user error in either stage stops both and
+    is raised here as the same error class (both resume on the next run); a stage's process
+    that died without a word raises :class:`TrainingError`.
+    """
+    import multiprocessing as mp
+    from queue import Empty
+
+    from tqdm import tqdm
+
+    import s2bnn.errors as errors
+
+    ctx = mp.get_context("spawn")  # fork would copy this process's thread pools mid-use
+    queue = ctx.Queue()
+    launched = time.time()
+    procs = {name: ctx.Process(
+        target=_stage_in_child, daemon=False,  # a daemon could not start loader workers
+        args=(name, {**config_to_dict(cfg), "progress": False}, threads, any_budget, launched,
+              queue)) for name, cfg in cfgs.items()}
+    budgets = [float(c.time_budget) for c in cfgs.values() if c.time_budget is not None]
+    bar = tqdm(total=round(max(budgets)) if budgets else None, unit="s", file=sys.stderr,
+               desc=f"{' + '.join(cfgs)} side by side", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    done: dict[str, tuple[Any, ...]] = {}
+    try:
+        for proc in procs.values():
+            proc.start()
+        while len(done) < len(procs):
+            try:
+                msg = queue.get(timeout=1.0)
+                done[msg[0]] = msg
+                if msg[1] != "ok":
+                    break
+            except Empty:  # nobody finished this second
+                dead = [n for n, p in procs.items() if n not in done and not p.is_alive()]
+                if dead and queue.empty():
+                    time.sleep(0.5)  # a message may still be in the pipe
+                    if queue.empty():
+                        name = dead[0]
+                        raise TrainingError(
+                            f"the {name} stage's process ended with exit code "
+                            f"{procs[name].exitcode} before finishing (out of memory?); run the "
+                            "same command again to resume it") from None
+            bar.n = min(round(time.time() - launched), bar.total or 10**9)
+            bar.set_postfix({n: _last_step(Path(c.output_dir)) for n, c in cfgs.items()},
+                            refresh=True)
+    finally:
+        bar.close()
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    for name, msg in done.items():
+        if msg[1] == "user":
+            cls = getattr(errors, msg[2], None)
+            raise (cls if isinstance(cls, type) and issubclass(cls, UserError)
+                   else UserError)(msg[3])
+        if msg[1] == "bug":
+            raise RuntimeError(f"the {name} stage failed in its process:\n{msg[3]}")
+    return {name: (Path(msg[2]), float(msg[3])) for name, msg in done.items()}
+
+
 def stage_summary(run_dir: Path, seconds: float, budget_s: float | None,
                   max_epochs: int | None = None) -> dict[str, Any]:
     """What a trained stage got: optimiser steps, epochs, seconds (and its budget); with
@@ -432,6 +554,10 @@ def _describe_stage(name: str, got: dict[str, Any]) -> str:
     text += f" in {format_duration(got['seconds'])}"
     if got.get("budget_seconds") is not None:
         text += f" (its budget {format_duration(got['budget_seconds'])})"
+    side = got.get("side_by_side")
+    if side:
+        text += (f", side by side with {', '.join(side['with'])} on {side['threads']} CPU "
+                 f"thread{'s' if side['threads'] > 1 else ''}")
     more = got.get("more_teachers") or []
     if got.get("epoch_cap") is not None:
         text += f"; stopped at {_epochs(got['epoch_cap'])} (teacher_max_epochs)"
@@ -710,29 +836,50 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
         "mocov2": f"MoCo v2: the same binary {plan.student_model} without a teacher "
                   "(strategy 1)",
     }
-    for i, name in enumerate(STAGES):
+    threads = side_by_side_threads(plan)
+    groups = [("teacher",), ("s2bnn", "mocov2")] if threads else [(n,) for n in STAGES]
+    for group in groups:
+        i = STAGES.index(group[0])
         todo = {n: STAGE_SHARES[n] for n in STAGES[i:] if not stage_size(plan, n)}
         left = budget - (time.perf_counter() - t0) - eval_reserve - REPORT_SECONDS
         seconds = stage_seconds(left, todo, budget, first=i == 0)
-        if name in seconds and seconds[name] <= 0:
-            raise ConfigError(
-                f"demo key 'budget': {format_duration(budget)} is used up before the {name} "
-                f"stage (the evaluation on this data needs about {format_duration(eval_reserve)});"
-                " raise budget or lower eval_train_limit")
-        cfg = stage_configs(plan, out, force=force, seconds=seconds, num_train=num_train,
-                            teachers=teachers)[name]
-        share = f", {format_duration(seconds[name])} of the budget" if name in seconds else ""
-        _header(2 + i, total, texts[name] + share)
+        if len(group) > 1:  # side by side, each student trains for all the time that is left
+            seconds = {n: max(left, MIN_STAGE_FRACTION * budget) for n in seconds}
+        for name in group:
+            if name in seconds and seconds[name] <= 0:
+                raise ConfigError(
+                    f"demo key 'budget': {format_duration(budget)} is used up before the {name}"
+                    f" stage (the evaluation on this data needs about "
+                    f"{format_duration(eval_reserve)}); raise budget or lower eval_train_limit")
+        cfgs = {name: stage_configs(plan, out, force=force, seconds=seconds,
+                                    num_train=num_train, teachers=teachers)[name]
+                for name in group}
+        for name in group:
+            share = f", {format_duration(seconds[name])} of the budget" if name in seconds else ""
+            if len(group) > 1:
+                share += (f" (side by side with the other student, on {threads} of "
+                          f"{threads * 2} CPU threads)")
+            _header(2 + STAGES.index(name), total, texts[name] + share)
         # A rerun with --force trains again (e.g. with a larger budget); a demo resumed after a
         # crash keeps the stages it had finished.
-        dirs[name], timings[name] = train_stage(cfg, any_budget=not force)
-        stages[name] = stage_summary(dirs[name], timings[name], seconds.get(name),
-                                     cfg.time_budget_max_epochs if cfg.time_budget else None)
-        if name == "teacher":
-            teachers = _more_teachers(plan, out, force, num_train, seconds.get(name),
-                                      stages[name])
-            timings[name] += sum(t["seconds"] for t in stages[name].get("more_teachers", []))
-        print(_describe_stage(name, stages[name]), flush=True)
+        if len(group) > 1:
+            got = train_side_by_side(cfgs, threads, any_budget=not force,
+                                     progress=plan.progress)
+        else:
+            got = {group[0]: train_stage(cfgs[group[0]], any_budget=not force)}
+        for name, cfg in cfgs.items():
+            dirs[name], timings[name] = got[name]
+            stages[name] = stage_summary(dirs[name], timings[name], seconds.get(name),
+                                         cfg.time_budget_max_epochs if cfg.time_budget else None)
+            if len(group) > 1:
+                stages[name]["side_by_side"] = {"with": [n for n in group if n != name],
+                                                "threads": threads}
+            if name == "teacher":
+                teachers = _more_teachers(plan, out, force, num_train, seconds.get(name),
+                                          stages[name])
+                timings[name] += sum(t["seconds"]
+                                     for t in stages[name].get("more_teachers", []))
+            print(_describe_stage(name, stages[name]), flush=True)
 
     _header(5, total, "evaluation of the trained networks: weighted kNN and linear probes")
     t_eval = time.perf_counter()
@@ -757,7 +904,8 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
                 "(s2bnn.deploy), the arithmetic a deployed network runs"] if packed else []),
              *[f"WARNING: {w}" for w in warnings],
              f"wall time {wall:.0f} s of a {budget:.0f} s budget (" + ", ".join(
-                 f"{k} {v:.0f} s" for k, v in timings.items()) + ")"]
+                 f"{k} {v:.0f} s" for k, v in timings.items())
+             + ("; the students side by side" if threads else "") + ")"]
     report = write_report([report_runs[n] for n in order], out, title="s2bnn demo",
                           dataset=info["name"], notes=notes,
                           class_names=getattr(ds["test"], "classes", None))
