@@ -7,7 +7,8 @@ Fashion-MNIST images) for a fixed number of steps, three ways in one run: each a
 of torch's threads (as the demo runs them one after the other), and both at once, each in its
 own process on half the threads (``s2bnn.demo.train_side_by_side``, as the demo runs them on a
 CPU). Each stage's speed is the median ``img_per_s`` of its ``metrics.csv`` (start-up
-excluded). Side by side for the time two alone would take, a student gets
+excluded). The allocator is tuned as the CLI tunes it (``s2bnn.runtime``). Side by side
+for the time two alone would take, a student gets
 ``2 * side / alone`` times the steps: the gain column. Random-init teacher (speed does not
 depend on its weights). Writes docs/results/side_by_side.json and prints a table.
 """
@@ -38,6 +39,9 @@ def main() -> None:
     import torch
 
     from s2bnn.config import config_from_dict, config_to_dict
+    from s2bnn.runtime import tune_malloc
+
+    tune_malloc()  # as the CLI does; the side-by-side processes follow it
     from s2bnn.demo import DemoConfig, stage_configs, train_side_by_side, train_stage
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -110,7 +110,8 @@ NOTES: list[str] = [
     "- Round 18. Forty epochs lifted every seed's teacher: +0.2 / +2.1 / +0.6 / +1.1 / +0.9 "
     "linear (mean 83.18 against 82.20 after the demo's 20), kNN +0.4 / +1.6 / +2.7 / +0.6 / "
     "+2.6, for about 70 s more (135-140 s against 63-68 s). Three of the five 20-epoch "
-    "teachers were below raw pixels (82.3), none of the 40-epoch ones is. On 2,000 images (docs/SMALL_FOLDER.md, one CPU seed) 37 epochs "
+    "teachers were below raw pixels (82.3), none of the 40-epoch ones is. On 2,000 images "
+    "(docs/SMALL_FOLDER.md, one CPU seed) 37 epochs "
     "had scored like 19; on three GPU seeds +0.9 on average (docs/SMALL_FOLDER_SEEDS.md). The "
     "60-epoch column was cut short to free the machine for the demo rows it suggested "
     "(`-r22-cap40` in docs/DEMO_BUDGET.md).",

@@ -538,3 +538,20 @@ def test_packed_forward_for_guards_on_the_first_64_images_of_the_test_set():
     torch.testing.assert_close(forward.keywords["sample"], images[:64])
     few = packed_forward_for([(img, 0) for img in images[:5]])
     torch.testing.assert_close(few.keywords["sample"], images[:5])
+
+
+def test_side_by_side_children_follow_the_parents_allocator_tuning():
+    """The CLI tunes glibc's allocator (cheap element-wise ops cost ~3x without it); the
+    processes of side-by-side students are told whether it did, from malloc_tuned()."""
+    import subprocess
+    import sys
+
+    code = ("from s2bnn import runtime\n"
+            "assert not runtime.malloc_tuned()\n"
+            "ok = runtime.tune_malloc()\n"
+            "assert runtime.malloc_tuned() == ok\n"
+            "print(ok)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    if sys.platform.startswith("linux"):
+        assert out.stdout.strip() == "True"

@@ -382,10 +382,15 @@ def side_by_side_threads(plan: DemoConfig) -> int:
 
 
 def _stage_in_child(name: str, cfg_dict: dict[str, Any], threads: int, any_budget: bool,
-                    launched: float, queue: Any) -> None:
-    """A side-by-side student's process: train it on ``threads`` threads, report to ``queue``."""
+                    launched: float, tune: bool, queue: Any) -> None:
+    """A side-by-side student's process: train it on ``threads`` threads, report to ``queue``;
+    ``tune``: the parent tuned its allocator (:func:`s2bnn.runtime.tune_malloc`), so does this."""
     import torch
 
+    from s2bnn.runtime import tune_malloc
+
+    if tune:
+        tune_malloc()
     torch.set_num_threads(threads)
     try:
         if cfg_dict.get("time_budget") is not None:
@@ -426,6 +431,7 @@ def train_side_by_side(cfgs: dict[str, Config], threads: int, any_budget: bool =
     from tqdm import tqdm
 
     import s2bnn.errors as errors
+    from s2bnn.runtime import malloc_tuned
 
     ctx = mp.get_context("spawn")  # fork would copy this process's thread pools mid-use
     queue = ctx.Queue()
@@ -433,7 +439,7 @@ def train_side_by_side(cfgs: dict[str, Config], threads: int, any_budget: bool =
     procs = {name: ctx.Process(
         target=_stage_in_child, daemon=False,  # a daemon could not start loader workers
         args=(name, {**config_to_dict(cfg), "progress": False}, threads, any_budget, launched,
-              queue)) for name, cfg in cfgs.items()}
+              malloc_tuned(), queue)) for name, cfg in cfgs.items()}
     budgets = [float(c.time_budget) for c in cfgs.values() if c.time_budget is not None]
     bar = tqdm(total=round(max(budgets)) if budgets else None, unit="s", file=sys.stderr,
                desc=f"{' + '.join(cfgs)} side by side", disable=not progress,

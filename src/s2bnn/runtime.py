@@ -9,7 +9,9 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_malloc"]
+__all__ = ["tune_malloc", "malloc_tuned"]
+
+_tuned = False  # set by a successful tune_malloc() in this process
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -35,4 +37,12 @@ def tune_malloc() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # the largest value glibc accepts
     ok &= mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     ok &= mallopt(_M_TOP_PAD, 64 << 20)
+    global _tuned
+    _tuned = _tuned or bool(ok)
     return bool(ok)
+
+
+def malloc_tuned() -> bool:
+    """Whether this process opted into :func:`tune_malloc` (processes it starts to do its work,
+    such as the demo's side-by-side students, follow it)."""
+    return _tuned
