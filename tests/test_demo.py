@@ -261,7 +261,7 @@ def test_budgeted_teacher_is_capped_in_epochs(tmp_path):
     assert teacher_epoch_cap(20, 500, 128) == -(-MIN_STEPS // 3)
     assert teacher_epoch_cap(None, 500, 128) is None and teacher_epoch_cap(20, None, 128) == 20
     cfgs = stage_configs(DemoConfig(data="synthetic"), tmp_path, num_train=2000)
-    assert cfgs["teacher"].time_budget_max_epochs == 20
+    assert cfgs["teacher"].time_budget_max_epochs == DemoConfig().teacher_max_epochs == 40
     assert cfgs["s2bnn"].time_budget_max_epochs is cfgs["mocov2"].time_budget_max_epochs is None
     fixed = stage_configs(DemoConfig(data="synthetic", teacher_steps=5), tmp_path, num_train=2000)
     assert fixed["teacher"].time_budget_max_epochs is None  # a fixed size is not capped

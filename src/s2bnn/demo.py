@@ -99,10 +99,13 @@ class DemoConfig:
     mocov2_steps: Optional[int] = None
     mocov2_epochs: Optional[int] = None
     # The teacher's budget share buys at most this many epochs; the time it leaves goes to the
-    # students. On a 2,000-image folder the teacher was as good after 19 epochs as after 37
-    # (linear 79.3 / 79.4) while the S2-BNN student gained from twice its steps (78.7 -> 79.4;
-    # benchmarks/small_folder.py). Larger sets get far fewer epochs than this. None: no cap.
-    teacher_max_epochs: Optional[int] = 20
+    # students. 20 until round 18, when the student was short of steps (on 2,000 images the
+    # teacher scored alike after 19 and 37 epochs: benchmarks/small_folder.py). With the
+    # students side by side they have steps to spare and end within a point of their teacher;
+    # on 4,000 images 40 epochs lifted the teachers of five seeds by +0.2..+2.1 (mean +1.0,
+    # docs/TEACHER_EPOCHS.md) and their students in the demo (rows -r22-cap40 of
+    # docs/DEMO_BUDGET.md). Larger sets get far fewer epochs than this. None: no cap.
+    teacher_max_epochs: Optional[int] = 40
     # A teacher stopped by that cap leaves most of its share unused on a small set. With
     # max_teachers > 1 that time trains more teachers (seeds seed+1, seed+2, ...), each given
     # the first one's time, as many as fit (at most this many in all), and the S2-BNN student
@@ -863,8 +866,8 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
         for name in group:
             share = f", {format_duration(seconds[name])} of the budget" if name in seconds else ""
             if len(group) > 1:
-                share += (f" (side by side with the other student, on {threads} of "
-                          f"{threads * 2} CPU threads)")
+                share += (f" (side by side with the other student, on {threads} CPU "
+                          f"thread{'s' if threads > 1 else ''} each)")
             _header(2 + STAGES.index(name), total, texts[name] + share)
         # A rerun with --force trains again (e.g. with a larger budget); a demo resumed after a
         # crash keeps the stages it had finished.
