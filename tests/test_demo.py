@@ -392,7 +392,7 @@ def test_stage_configs_with_several_teachers(tmp_path):
         for key in ("seed", "time_budget", "output_dir"):
             first.pop(key)
         assert extra == first  # the same recipe, the same epoch cap
-    assert cfgs["teacher_2"].time_budget_max_epochs == 20
+    assert cfgs["teacher_2"].time_budget_max_epochs == DemoConfig().teacher_max_epochs
 
 
 def test_a_resumed_demo_keeps_its_teacher_count(tmp_path, monkeypatch):
