@@ -30,9 +30,9 @@ from run_all import machine  # noqa: E402
 
 def speed(run_dir: Path) -> float:
     """Median images/s of a run's logged steps, its first log line (warm-up) left out."""
-    lines = (run_dir / "metrics.csv").read_text().strip().splitlines()
-    col = lines[0].split(",").index("img_per_s")
-    return statistics.median(float(r.split(",")[col]) for r in lines[2:])
+    from s2bnn.report import read_metrics
+
+    return statistics.median(r["img_per_s"] for r in read_metrics(run_dir / "metrics.csv")[1:])
 
 
 def main() -> None:
@@ -42,7 +42,13 @@ def main() -> None:
     from s2bnn.runtime import tune_malloc
 
     tune_malloc()  # as the CLI does; the side-by-side processes follow it
-    from s2bnn.demo import DemoConfig, stage_configs, train_side_by_side, train_stage
+    from s2bnn.demo import (
+        DemoConfig,
+        side_by_side_threads,
+        stage_configs,
+        train_side_by_side,
+        train_stage,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -50,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    half = max(1, threads // 2)
+    half = side_by_side_threads(DemoConfig(side_by_side=True))  # what the demo gives each
     rows: dict[str, dict[str, list[float]]] = {"s2bnn": {}, "mocov2": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):

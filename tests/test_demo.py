@@ -312,6 +312,7 @@ def test_demo_teacher_stopped_by_its_cap_leaves_its_time_to_the_students(tmp_pat
     (["budget=-3"], "demo key 'budget'"),
     (["teacher_steps=5", "teacher_epochs=1"], "'teacher_steps' and 'teacher_epochs'"),
     (["s2bnn_steps=0"], "'s2bnn_steps' must be > 0"),
+    (["side_by_side=maybe"], "config key 'side_by_side'"),
     (["budget=1s", "eval_train_limit=null"], "used up before the teacher stage"),
 ])
 def test_bad_demo_budget_is_one_line_and_writes_nothing_old(tmp_path, capsys, over, needle):

@@ -399,7 +399,8 @@ def _stage_in_child(name: str, cfg_dict: dict[str, Any], threads: int, any_budge
         if cfg_dict.get("time_budget") is not None:
             # The budget counts from the trainer's start; this process's start-up comes off it.
             late = max(0.0, time.time() - launched)
-            cfg_dict["time_budget"] = f"{max(1.0, float(cfg_dict['time_budget']) - late):.1f}"
+            budget = parse_duration(cfg_dict["time_budget"])
+            cfg_dict["time_budget"] = f"{max(1.0, budget - late):.1f}"
         run_dir, seconds = train_stage(config_from_dict(cfg_dict), any_budget)
         queue.put((name, "ok", str(run_dir), seconds))
     except UserError as err:
@@ -412,11 +413,10 @@ def _stage_in_child(name: str, cfg_dict: dict[str, Any], threads: int, any_budge
 
 def _last_step(run_dir: Path) -> int | None:
     """The last step in a run dir's ``metrics.csv`` (None before its first log line)."""
-    try:
-        lines = (run_dir / "metrics.csv").read_text().strip().splitlines()
-        return int(lines[-1].split(",")[1]) if len(lines) > 1 else None
-    except (OSError, ValueError, IndexError):
-        return None
+    from s2bnn.report import read_metrics
+
+    step = (read_metrics(run_dir / "metrics.csv") or [{}])[-1].get("step")
+    return int(step) if step is not None else None
 
 
 def train_side_by_side(cfgs: dict[str, Config], threads: int, any_budget: bool = False,
@@ -443,7 +443,7 @@ def train_side_by_side(cfgs: dict[str, Config], threads: int, any_budget: bool =
         target=_stage_in_child, daemon=False,  # a daemon could not start loader workers
         args=(name, {**config_to_dict(cfg), "progress": False}, threads, any_budget, launched,
               malloc_tuned(), queue)) for name, cfg in cfgs.items()}
-    budgets = [float(c.time_budget) for c in cfgs.values() if c.time_budget is not None]
+    budgets = [parse_duration(c.time_budget) for c in cfgs.values() if c.time_budget is not None]
     bar = tqdm(total=round(max(budgets)) if budgets else None, unit="s", file=sys.stderr,
                desc=f"{' + '.join(cfgs)} side by side", disable=not progress,
                dynamic_ncols=True, leave=False)
