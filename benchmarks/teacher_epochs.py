@@ -115,6 +115,16 @@ NOTES: list[str] = [
     "had scored like 19; on three GPU seeds +0.9 on average (docs/SMALL_FOLDER_SEEDS.md). The "
     "60-epoch column was cut short to free the machine for the demo rows it suggested "
     "(`-r22-cap40` in docs/DEMO_BUDGET.md).",
+    "- Round 19, the 60-epoch column (`--epochs 60`). Sixty epochs scored 84.2 / 83.3 / 85.0 / "
+    "83.7 / 83.8 (mean 84.00), against 40 epochs +1.8 / -1.3 / +1.2 / +0.9 / +1.5 (mean +0.82): "
+    "four seeds of five gained, the two weakest 40-epoch teachers (seeds 3 and 4) among them, "
+    "for about 45 s more (182-186 s against 135-140 s). One seed lost 1.3, about the probe's "
+    "binomial standard error on 1,000 images (1.2 points), so the gain is a trend over seeds, "
+    "not a per-seed certainty. In the demo (`teacher_max_epochs=60`, rows `-r23-cap60` of "
+    "docs/DEMO_BUDGET.md) the same teachers came back, but their students scored 82.7 / 82.8 / "
+    "83.9 / 83.7 / 82.0 against 83.3 / 83.5 / 84.1 / 82.7 / 82.4 from the 40-epoch teachers "
+    "(mean margin over the untrained student 15.09 against 15.27): at these levels a better "
+    "teacher probe does not make a better student, and the demo's cap stays 40.",
 ]
 
 

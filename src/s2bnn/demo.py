@@ -104,7 +104,9 @@ class DemoConfig:
     # students side by side they have steps to spare and end within a point of their teacher;
     # on 4,000 images 40 epochs lifted the teachers of five seeds by +0.2..+2.1 (mean +1.0,
     # docs/TEACHER_EPOCHS.md) and their students in the demo (rows -r22-cap40 of
-    # docs/DEMO_BUDGET.md). Larger sets get far fewer epochs than this. None: no cap.
+    # docs/DEMO_BUDGET.md). Sixty lifted the teachers again (mean +0.8) but not their students
+    # (rows -r23-cap60: mean margin 15.09 against 15.27). Larger sets get far fewer epochs than
+    # this. None: no cap.
     teacher_max_epochs: Optional[int] = 40
     # A teacher stopped by that cap leaves most of its share unused on a small set. With
     # max_teachers > 1 that time trains more teachers (seeds seed+1, seed+2, ...), each given
