@@ -252,6 +252,55 @@ def test_side_by_side_stage_errors_reach_the_parent(tmp_path):
     assert not multiprocessing.active_children()  # the other one was stopped too
 
 
+_STOPPED_STAGE_SCRIPT = """
+import os, signal, threading, time
+from pathlib import Path
+from s2bnn.config import config_from_dict
+from s2bnn.demo import train_side_by_side
+from s2bnn.errors import TrainingError
+
+OUT = Path({out!r})
+
+
+def cfg(name):
+    return config_from_dict({{"output_dir": str(OUT / name), "steps": 100000, "batch_size": 8,
+                             "progress": False, "model": {{"name": "resnet_small"}},
+                             "method": {{"name": "mocov2", "queue_size": 16}},
+                             "data": {{"name": "synthetic:1:16:32:2"}}}})
+
+
+def kill_one():  # once both train (each past its first epoch's start), kill one of them
+    import multiprocessing
+    deadline = time.time() + 90
+    while time.time() < deadline and not all((OUT / n / "metrics.csv").is_file() for n in "ab"):
+        time.sleep(0.2)
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    threading.Thread(target=kill_one, daemon=True).start()
+    try:
+        train_side_by_side({{"a": cfg("a"), "b": cfg("b")}}, threads=1, progress=False)
+    except TrainingError:
+        print("stopped")
+"""
+
+
+def test_side_by_side_stages_leave_no_semaphores_behind(tmp_path):
+    """A side-by-side stage killed, and the other one stopped by the parent, leave no named
+    semaphores: the parent's resource tracker prints no 'leaked semaphore' warning at exit
+    (each stage's training made tqdm bars, whose default lock is such a semaphore)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_STOPPED_STAGE_SCRIPT.format(out=str(tmp_path / "runs")))
+    got = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert got.stdout.strip() == "stopped", got.stderr[-2000:]
+    assert "leaked" not in got.stderr, got.stderr[-2000:]
+
+
 def test_budgeted_teacher_is_capped_in_epochs(tmp_path):
     from s2bnn.demo import MIN_STEPS, _describe_stage, teacher_epoch_cap
 

@@ -66,6 +66,7 @@ STAGE_SHARES: dict[str, float] = {"teacher": 0.40, "s2bnn": 0.31, "mocov2": 0.29
 MIN_STEPS = 300
 MIN_STAGE_FRACTION = 0.04  # of the budget: the least a later stage gets after overruns
 REPORT_SECONDS = 8.0  # plots and files at the end, kept out of the training time
+CHILD_EXIT_SECONDS = 30.0  # a side-by-side stage's process may take this long to exit
 MAX_TEACHERS = 1  # DemoConfig.max_teachers (1: one teacher)
 
 
@@ -390,10 +391,17 @@ def _stage_in_child(name: str, cfg_dict: dict[str, Any], threads: int, any_budge
                     launched: float, tune: bool, queue: Any) -> None:
     """A side-by-side student's process: train it on ``threads`` threads, report to ``queue``;
     ``tune``: the parent tuned its allocator (:func:`s2bnn.runtime.tune_malloc`), so does this."""
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     from s2bnn.runtime import tune_malloc
 
+    # tqdm's default lock is a named multiprocessing semaphore; a child stopped by the parent
+    # (the other stage failed) cannot unlink it, and the resource tracker then reports it leaked
+    # at shutdown. This process shares no bars with another, so a thread lock does.
+    tqdm.set_lock(threading.RLock())
     if tune:
         tune_malloc()
     torch.set_num_threads(threads)
@@ -474,7 +482,10 @@ def train_side_by_side(cfgs: dict[str, Config], threads: int, any_budget: bool =
                             refresh=True)
     finally:
         bar.close()
-        for proc in procs.values():
+        for name, proc in procs.items():
+            if done.get(name, ("", ""))[1] == "ok":
+                # It reported and is exiting: killed mid-exit it could leave named semaphores.
+                proc.join(timeout=CHILD_EXIT_SECONDS)
             if proc.is_alive():
                 proc.terminate()
             proc.join()
