@@ -865,7 +865,8 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
         todo = {n: STAGE_SHARES[n] for n in STAGES[i:] if not stage_size(plan, n)}
         left = budget - (time.perf_counter() - t0) - eval_reserve - REPORT_SECONDS
         seconds = stage_seconds(left, todo, budget, first=i == 0)
-        if len(group) > 1:  # side by side, each student trains for all the time that is left
+        together = len(group) > 1
+        if together:  # side by side, each student trains for all the time that is left
             seconds = {n: max(left, MIN_STAGE_FRACTION * budget) for n in seconds}
         for name in group:
             if name in seconds and seconds[name] <= 0:
@@ -878,13 +879,13 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
                 for name in group}
         for name in group:
             share = f", {format_duration(seconds[name])} of the budget" if name in seconds else ""
-            if len(group) > 1:
+            if together:
                 share += (f" (side by side with the other student, on {threads} CPU "
                           f"thread{'s' if threads > 1 else ''} each)")
             _header(2 + STAGES.index(name), total, texts[name] + share)
         # A rerun with --force trains again (e.g. with a larger budget); a demo resumed after a
         # crash keeps the stages it had finished.
-        if len(group) > 1:
+        if together:
             got = train_side_by_side(cfgs, threads, any_budget=not force,
                                      progress=plan.progress)
         else:
@@ -893,7 +894,7 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
             dirs[name], timings[name] = got[name]
             stages[name] = stage_summary(dirs[name], timings[name], seconds.get(name),
                                          cfg.time_budget_max_epochs if cfg.time_budget else None)
-            if len(group) > 1:
+            if together:
                 stages[name]["side_by_side"] = {"with": [n for n in group if n != name],
                                                 "threads": threads}
             if name == "teacher":
