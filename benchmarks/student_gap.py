@@ -107,7 +107,7 @@ def teacher_tau(tau: float) -> Iterator[None]:
         return saved(student, teacher * (temperature / tau), temperature)
 
     saved = losses.soft_cross_entropy
-    losses.soft_cross_entropy = loss  # multi_teacher_soft_cross_entropy looks it up per call
+    losses.soft_cross_entropy = loss  # block_soft_cross_entropy looks it up per call
     try:
         yield
     finally:

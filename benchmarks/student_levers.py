@@ -8,7 +8,8 @@ docs/STUDENT_LEVERS.md (round 15) ran ``--variants same tproj256 lr6e-3`` on the
 ``t40 tau01`` on folder-4k-r15, ``steps2x`` on folder-4k-r15-seed1 and folder-4k-r15-seed2, and
 ``lr6e-3`` on fmnist-60k-r15. Round 19 ran ``--variants sseed100 sseed200`` on
 folder-4k-r22-cap40-seed3 and folder-4k-r22-cap40-seed4 (the two seeds that missed the folder
-goal with the shipped recipe).
+goal with the shipped recipe). Round 20 ran ``--variants stages2`` on folder-4k-r22-cap40-seed3,
+folder-4k-r22-cap40-seed4 and folder-4k-r22-cap40.
 
 Each demo_budget row named by ``--rows`` (its run dir under runs/demo_budget, made by the first
 command) holds a teacher and the S2-BNN student the demo distilled from it with the centred
@@ -35,6 +36,9 @@ stage config (seed, data, recipe) for exactly the steps the demo gave it:
   instead of 0.2 (last screened for the head-output target, round 2 of docs/TEACHER_STUDY.md).
 - ``sseed100`` / ``sseed200``: the same teacher, the student trained with seed 100 / 200
   (its init, data order and augmentation) instead of the row's: the spread of the student alone.
+- ``stages2``: the target is the teacher's last two stages side by side
+  (``method.teacher.stages=2``) instead of its pooled features alone; they probe 1.3 points
+  higher on average (docs/TEACHER_STAGES.md).
 
 The teacher and every student are scored with the demo's probe (weighted kNN and the linear LR
 sweep on the folder's labelled split) on the same features path as the demo (the packed 1-bit
@@ -84,6 +88,11 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     # student alone moves, against which a per-seed miss of a few tenths can be read.
     "sseed100": ("student seed 100 (same teacher; demo: the row's seed)", None, ["seed=100"]),
     "sseed200": ("student seed 200 (same teacher; demo: the row's seed)", None, ["seed=200"]),
+    # The teacher's last two stages side by side probe 1.3-1.7 points above its pooled features
+    # (docs/TEACHER_STAGES.md): a richer target from the same teacher at no teacher time.
+    # 288 = 96 + 192, resnet_small's last two widths.
+    "stages2": ("target: the teacher's last two stages (demo: the last one)", None,
+                ["method.teacher.stages=2", "method.proj_dim=288"]),
 }
 STEP_FACTOR = {"steps2x": 2}  # the student's steps, times the demo's
 NOTES: list[str] = [
@@ -116,6 +125,14 @@ NOTES: list[str] = [
     "alone moves by 0.7-1.1 points, and three of these six students meet the goal of 15: the "
     "two misses of the shipped recipe are within the student's own seed spread, around a mean "
     "that sits just above the goal (15.27 over five teacher seeds), not a fault of those seeds.",
+    "- Round 20, a richer target from the same teacher (`stages2`: its last two stages side by "
+    "side, which probe 1.3 points above its pooled features on average, docs/TEACHER_STAGES.md), "
+    "at the demo's steps. Seed 3's teacher taught a student of 84.6 (its three students with "
+    "the old target: 82.7 / 83.1 / 83.4), seed 4's 82.9 (82.4 / 82.2 / 83.3), seed 0's 85.0 "
+    "(demo 83.3): +1.9, +0.5 and +1.7 over the demo's student, +1.5 and +0.3 over the mean of "
+    "the three old-target students of seeds 3 and 4; margins 16.67, 14.97, 17.07. Seeds 1 and 2 "
+    "were not run: the screen was stopped for the demo rows `-r24-stages2` "
+    "(docs/DEMO_BUDGET.md), which decide.",
 ]
 
 

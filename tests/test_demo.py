@@ -399,6 +399,19 @@ def test_stage_configs_chain_teacher_into_student(tmp_path):
     assert cfgs["mocov2"].model.name == cfgs["s2bnn"].model.name
 
 
+def test_student_target_follows_the_teacher_model(tmp_path):
+    """The S2-BNN stage distils the teacher's last two stages, and its head's width is theirs,
+    for whichever teacher_model the demo trains; a network whose stages the library cannot
+    read falls back to its pooled features rather than stopping the demo."""
+    from s2bnn.demo import distill_target
+
+    cfg = stage_configs(DemoConfig(data="synthetic"), tmp_path)["s2bnn"].method
+    assert (cfg.teacher.stages, cfg.proj_dim) == (2, 96 + 192) == distill_target("resnet_small", 2)
+    wide = stage_configs(DemoConfig(data="synthetic", teacher_model="resnet18"), tmp_path)
+    assert (wide["s2bnn"].method.teacher.stages, wide["s2bnn"].method.proj_dim) == (2, 256 + 512)
+    assert distill_target("mobilenet_v3_small", 2) == (1, 576)
+
+
 def test_teachers_that_fit_the_share_the_first_one_left():
     from s2bnn.demo import teachers_that_fit
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from s2bnn.losses import (
+    block_soft_cross_entropy,
     dino_loss,
     info_nce,
-    multi_teacher_soft_cross_entropy,
     seed_loss,
     soft_cross_entropy,
 )
@@ -88,16 +88,31 @@ def test_multi_teacher_loss_is_the_mean_of_the_paper_loss_per_teacher() -> None:
     t = torch.cat([_unit(5, 7, seed=20 + k) for k in range(3)], 1)
     expected = sum(soft_cross_entropy(s[:, 7 * k:7 * (k + 1)], t[:, 7 * k:7 * (k + 1)], tau)
                    for k in range(3)) / 3
-    torch.testing.assert_close(multi_teacher_soft_cross_entropy(s, t, tau, 3), expected)
+    torch.testing.assert_close(block_soft_cross_entropy(s, t, tau, 3), expected)
     # One teacher: the paper's loss itself. Blocks are not one softmax over all 21 dims.
-    one = multi_teacher_soft_cross_entropy(s[:, :7], t[:, :7], tau, 1)
+    one = block_soft_cross_entropy(s[:, :7], t[:, :7], tau, 1)
     torch.testing.assert_close(one, soft_cross_entropy(s[:, :7], t[:, :7], tau))
-    assert abs(multi_teacher_soft_cross_entropy(s, t, tau, 3).item()
+    assert abs(block_soft_cross_entropy(s, t, tau, 3).item()
                - soft_cross_entropy(s, t, tau).item()) > 0.1
-    with pytest.raises(ValueError, match="do not split into 2 equal blocks"):
-        multi_teacher_soft_cross_entropy(s, t, tau, 2)
+    with pytest.raises(ValueError, match="do not split into blocks 2"):
+        block_soft_cross_entropy(s, t, tau, 2)
     with pytest.raises(ValueError, match="do not split"):
-        multi_teacher_soft_cross_entropy(s[:, :14], t, tau, 3)
+        block_soft_cross_entropy(s[:, :14], t, tau, 3)
+
+
+def test_block_loss_with_blocks_of_different_widths() -> None:
+    """Stages of one teacher (method.teacher.stages) are blocks of different widths, each its
+    own softmax, weighted equally whatever its width."""
+    tau = 0.2
+    s = torch.cat([_unit(5, 3, seed=1), _unit(5, 9, seed=2)], 1)
+    t = torch.cat([_unit(5, 3, seed=3), _unit(5, 9, seed=4)], 1)
+    expected = (soft_cross_entropy(s[:, :3], t[:, :3], tau)
+                + soft_cross_entropy(s[:, 3:], t[:, 3:], tau)) / 2
+    torch.testing.assert_close(block_soft_cross_entropy(s, t, tau, (3, 9)), expected)
+    torch.testing.assert_close(block_soft_cross_entropy(s, t, tau, [12]),
+                               soft_cross_entropy(s, t, tau))
+    with pytest.raises(ValueError, match=r"do not split into blocks \(3, 8\)"):
+        block_soft_cross_entropy(s, t, tau, (3, 8))
 
 
 def test_seed_loss_matches_formula() -> None:

@@ -728,3 +728,43 @@ def test_compiled_s2bnn_loss_has_a_gradient(weight: float, registry: None,
     assert torch.allclose(loss, eager, atol=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in method.head.parameters())
+
+
+def test_teacher_stages_one_head_block_per_stage(tmp_path: Path) -> None:
+    """method.teacher.stages=2: the targets are the teacher's last two stages (pooled, centred,
+    each unit length), the student's head has one block per stage, the loss is the mean of the
+    paper's loss over the blocks, and training brings the student closer to both."""
+    from s2bnn.losses import soft_cross_entropy
+    from s2bnn.models import build_model
+
+    torch.manual_seed(7)
+    net = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25)
+    torch.save(net.state_dict(), tmp_path / "small.pth")
+    tcfg = TeacherConfig(path=str(tmp_path / "small.pth"), arch="resnet_small", head="none",
+                         center=True, stages=2, kwargs={"width_mult": 0.25})
+    method = _build(_cfg("s2bnn", proj_dim=72, teacher=tcfg))
+    assert method.block_dims == (24, 48) and method.head[-1].out_features == 72
+    x = _data()[0][0]
+
+    def blocks() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        with torch.no_grad():
+            s, t = method._student(x), method.teacher(x)
+        torch.testing.assert_close(s[:, :24].norm(dim=1), torch.ones(len(x)))
+        return list(zip(s.split((24, 48), 1), t.split((24, 48), 1)))
+
+    method.eval()
+    loss, logs = method([x])
+    paper = [soft_cross_entropy(s, t, method.temperature) for s, t in blocks()]
+    torch.testing.assert_close(loss, torch.stack(paper).mean())
+    cosines = [(s * t).sum(1).mean() for s, t in blocks()]
+    torch.testing.assert_close(logs["cosine"], torch.stack(cosines).mean())
+    _epoch_losses(method, epochs=4)
+    method.eval()
+    after = [(s * t).sum(1).mean() for s, t in blocks()]
+    assert all(a > b for a, b in zip(after, cosines)), (cosines, after)
+    with pytest.raises(ConfigError, match="gives 72-d embeddings but method.proj_dim is 48"):
+        _build(_cfg("s2bnn", proj_dim=48, teacher=tcfg))
+    with pytest.raises(ConfigError, match="stages is for method s2bnn"):
+        _build(_cfg("seed", proj_dim=72, teacher=tcfg))
+    with pytest.raises(ConfigError, match="needs method.contrastive_weight 0"):
+        _build(_cfg("s2bnn", proj_dim=72, teacher=tcfg, contrastive_weight=1.0))

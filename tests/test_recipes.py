@@ -54,11 +54,12 @@ def test_fashion_mnist_recipe_loads(name: str) -> None:
         # Students distil from exactly the run dir the teacher recipe writes.
         assert cfg.method.teacher.path == teacher.output_dir
         assert cfg.method.teacher.arch == teacher.model.name
-        if cfg.method.teacher.head == "none":  # the target: the teacher's pooled features
+        if cfg.method.teacher.head == "none":  # the target: the teacher's pooled stages
             from s2bnn.models import build_model
+            from s2bnn.teachers import stage_widths
 
-            width = build_model(teacher.model.name, num_classes=0, in_chans=1).feature_dim
-            assert cfg.method.proj_dim == width
+            net = build_model(teacher.model.name, num_classes=0, in_chans=1)
+            assert cfg.method.proj_dim == sum(stage_widths(net, cfg.method.teacher.stages))
         else:
             assert cfg.method.proj_dim == teacher.method.proj_dim
 

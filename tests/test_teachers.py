@@ -425,3 +425,56 @@ def test_load_teacher_centres_on_request(registry: None, tmp_path: Path) -> None
     torch.testing.assert_close(centred(x), F.normalize(feats - feats.mean(0), dim=1))
     torch.testing.assert_close(plain(x), F.normalize(feats, dim=1))
     assert not plain.center
+
+
+def test_stage_features_of_our_backbones_and_torchvision_resnets(registry: None) -> None:
+    """A stage ends where the next block changes the map's shape; the last stage's pooled output
+    is the backbone's own pooled features."""
+    from s2bnn.models import build_model
+    from s2bnn.teachers import stage_features
+
+    torch.manual_seed(0)
+    small = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25,
+                        layers=(2, 1, 2, 1)).eval()
+    x = _images(3, chans=1, size=16)
+    with torch.no_grad():
+        feats = stage_features(small, x, None)
+        assert [f.shape[1] for f in feats] == [6, 12, 24, 48]  # two blocks in stages 1, 3
+        torch.testing.assert_close(feats[-1], small(x))
+        two = stage_features(small, x, 2)
+        torch.testing.assert_close(torch.cat(two, 1), torch.cat(feats[2:], 1))
+        tv = build_model("resnet18", num_classes=0, in_chans=1).eval()
+        tv_feats = stage_features(tv, _images(2, chans=1, size=32), None)
+        assert [f.shape[1] for f in tv_feats] == [64, 128, 256, 512]
+        torch.testing.assert_close(tv_feats[-1], tv(_images(2, chans=1, size=32)))
+    with pytest.raises(ConfigError, match="stages=5 but resnet_small has 4 stages"):
+        stage_features(small, x, 5, "resnet_small")
+    with pytest.raises(ConfigError, match="no stages this library can read"):
+        stage_features(TinyNet(in_chans=1), x, 2)
+
+
+def test_teacher_with_stages_gives_one_unit_block_per_stage(registry: None,
+                                                            tmp_path: Path) -> None:
+    from s2bnn.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25).eval()
+    path = tmp_path / "small.pth"
+    torch.save(net.state_dict(), path)
+    kw: dict[str, Any] = dict(head="none", center=True, in_chans=1, width_mult=0.25)
+    two = load_teacher(path, "resnet_small", stages=2, **kw)
+    one = load_teacher(path, "resnet_small", **kw)
+    assert two.block_dims == (24, 48) and two.embed_dim == 72 and one.block_dims == (48,)
+    x = _images(5, chans=1, size=16)
+    z = two(x)
+    assert z.shape == (5, 72)
+    torch.testing.assert_close(z[:, :24].norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(z[:, 24:], one(x))  # the last stage: the usual target
+    with torch.no_grad():
+        mid = net.blocks[:3](net.stem(x)).mean((2, 3))
+    torch.testing.assert_close(z[:, :24], F.normalize(mid - mid.mean(0), dim=1))
+    assert not any(p.requires_grad for p in two.parameters()) and not two.training
+    with pytest.raises(ConfigError, match="set method.teacher.head=none"):
+        Teacher(net, nn.Linear(48, 8), "resnet_small", stages=2)
+    with pytest.raises(ConfigError, match="stages must be >= 1, got 0"):
+        load_teacher(path, "resnet_small", stages=0, **kw)

@@ -122,6 +122,11 @@ class TeacherConfig:
     # the 128-d head output (docs/CENTRED_TARGET.md, round 14). A batch of one is left as it is.
     # Refused with kind: online.
     center: bool = False
+    # S2-BNN, offline, head none: distil the pooled outputs of the teacher backbone's last
+    # `stages` stages (each centred with `center` and normalised, one softmax block each; the
+    # student's head gets one block per stage) instead of its pooled features alone (not in the
+    # paper). method.proj_dim is then the sum of those stages' widths.
+    stages: int = 1
     # The file's layout. auto: detected (s2bnn, MoCo v2, SwAV, DINO, SimSiam, torchvision,
     # safetensors); any other value is checked against the detected one, so e.g. a SwAV file
     # given to a recipe written for the MoCo v2 teacher stops with one line naming both.

@@ -169,12 +169,17 @@ S2BNN_RECIPE: dict[str, Any] = {
     # batch, instead of its 128-d head output. The head output probes 1.6-2.1 points below the
     # backbone on small data and the student learns no more than it holds; uncentred, the
     # features scored -1.1 (a flat softmax), centred +1.8 / +2.5 / +0.8 on three seeds at the
-    # demo's steps (docs/CENTRED_TARGET.md, round 14). method.proj_dim is resnet_small's width;
-    # stage_configs sets that of DemoConfig.teacher_model.
+    # demo's steps (docs/CENTRED_TARGET.md, round 14). Since round 20 the teacher's last two
+    # stages, side by side (one softmax block each): they probe 1.3 points above its pooled
+    # features alone on five seeds (docs/TEACHER_STAGES.md), and the student learns what its
+    # target holds: in the demo (rows -r24-stages2 of docs/DEMO_BUDGET.md) the folder's mean
+    # margin over the untrained student rose from 15.27 to 15.83. method.proj_dim (96 + 192,
+    # resnet_small's last two widths) and the stages are set by stage_configs for
+    # DemoConfig.teacher_model (see distill_target).
     "method": {"name": "s2bnn", "temperature": 0.2, "distill_weight": 1.0,
-               "contrastive_weight": 0.0, "proj_dim": 192,
+               "contrastive_weight": 0.0, "proj_dim": 288,
                "teacher": {"kind": "offline", "arch": "resnet_small", "head": "none",
-                           "center": True}},
+                           "center": True, "stages": 2}},
     "optim": {"name": "adam", "lr": 3.0e-3, "weight_decay": 0.0, "schedule": "linear"},
 }
 MOCOV2_RECIPE: dict[str, Any] = {  # the enhanced baseline: S2-BNN's optimiser and augmentation
@@ -284,6 +289,7 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
     if "time_budget" in sizes["teacher"]:
         sizes["teacher"]["time_budget_max_epochs"] = teacher_epoch_cap(
             plan.teacher_max_epochs, num_train, sizes["teacher"]["batch_size"])
+    target = distill_target(plan.teacher_model, S2BNN_RECIPE["method"]["teacher"]["stages"])
     stages = {
         "teacher": deep_merge(TEACHER_RECIPE, {
             **common, "output_dir": str(teacher_dir(out, 1)), **sizes["teacher"],
@@ -291,8 +297,8 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
         "s2bnn": deep_merge(S2BNN_RECIPE, {
             **common, "output_dir": str(out / "runs" / "s2bnn"), **sizes["s2bnn"],
             "model": {"name": plan.student_model},
-            "method": {"proj_dim": feature_width(plan.teacher_model), "teacher": {
-                "path": str(teacher_dir(out, 1)), "arch": plan.teacher_model,
+            "method": {"proj_dim": target[1], "teacher": {
+                "stages": target[0], "path": str(teacher_dir(out, 1)), "arch": plan.teacher_model,
                 "extra_paths": [str(teacher_dir(out, k)) for k in range(2, teachers + 1)]}}}),
         "mocov2": deep_merge(MOCOV2_RECIPE, {
             **common, "output_dir": str(out / "runs" / "mocov2"), **sizes["mocov2"],
@@ -307,11 +313,25 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
 
 
 def feature_width(model: str) -> int:
-    """The pooled feature width of registered network ``model`` (the S2-BNN target's, since the
-    demo distils the teacher's backbone features)."""
+    """The pooled feature width of registered network ``model``."""
     from s2bnn.models import build_model
 
     return int(build_model(model, num_classes=0).feature_dim)
+
+
+def distill_target(model: str, stages: int) -> tuple[int, int]:
+    """``(stages, width)`` of the target the demo's S2-BNN student distils from a teacher of
+    registered network ``model``: its last ``stages`` stages side by side, or its pooled
+    features alone (``stages`` 1) for a network whose stages :func:`s2bnn.teachers.stage_features`
+    cannot read or that has fewer."""
+    from s2bnn.models import build_model
+    from s2bnn.teachers import stage_widths
+
+    net = build_model(model, num_classes=0)
+    try:
+        return stages, sum(stage_widths(net, stages, model))
+    except ConfigError:
+        return 1, int(net.feature_dim)
 
 
 def _budget_seconds(plan: DemoConfig) -> float:

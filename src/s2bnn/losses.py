@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "info_nce", "soft_cross_entropy", "multi_teacher_soft_cross_entropy", "seed_loss", "dino_loss",
+    "info_nce", "soft_cross_entropy", "block_soft_cross_entropy", "seed_loss", "dino_loss",
 ]
 
 
@@ -95,20 +95,28 @@ def soft_cross_entropy(
     return -(p_teacher * log_p_student).sum(dim=1).mean()
 
 
-def multi_teacher_soft_cross_entropy(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, members: int
+def block_soft_cross_entropy(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+    blocks: int | Sequence[int],
 ) -> torch.Tensor:
-    """:func:`soft_cross_entropy` averaged over ``members`` teachers.
+    """:func:`soft_cross_entropy` averaged over blocks of the embedding dimension.
 
-    ``teacher`` holds the teachers' unit embeddings side by side (N x members*D, as
-    :class:`s2bnn.teachers.TeacherEnsemble` gives them) and ``student`` one unit embedding per
-    teacher in the same layout; block k of the student matches teacher k. With one member
-    this is :func:`soft_cross_entropy` itself.
+    ``teacher`` holds several unit embeddings side by side (several teachers, as
+    :class:`s2bnn.teachers.TeacherEnsemble` gives them, or several stages of one teacher,
+    ``method.teacher.stages``) and ``student`` one unit embedding per block in the same layout;
+    block k of the student matches block k of the teacher, each with its own softmax.
+    ``blocks``: the number of equal blocks, or the block widths in order. With one block this is
+    :func:`soft_cross_entropy` itself.
     """
-    if student.shape != teacher.shape or student.shape[1] % members:
+    width = student.shape[-1]
+    if isinstance(blocks, int):
+        sizes = [width // blocks] * blocks if blocks > 0 and width % blocks == 0 else []
+    else:
+        sizes = [int(b) for b in blocks]
+    if student.shape != teacher.shape or student.dim() != 2 or sum(sizes) != width or not sizes:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
-                         f"embeddings do not split into {members} equal blocks")
-    pairs = zip(student.chunk(members, dim=1), teacher.chunk(members, dim=1))
+                         f"embeddings do not split into blocks {blocks}")
+    pairs = zip(student.split(sizes, dim=1), teacher.split(sizes, dim=1))
     return torch.stack([soft_cross_entropy(s, t, temperature) for s, t in pairs]).mean()
 
 

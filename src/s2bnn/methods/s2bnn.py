@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from s2bnn.errors import ConfigError
-from s2bnn.losses import multi_teacher_soft_cross_entropy
+from s2bnn.losses import block_soft_cross_entropy
 from s2bnn.methods.base import (
     Method,
     check_views,
@@ -92,6 +92,12 @@ class S2BNN(Method):
             # The contrastive term and the online teacher work on one proj_dim embedding.
             raise ConfigError("method.teacher.extra_paths (several offline teachers) needs "
                               "method.contrastive_weight 0 and method.teacher.kind=offline")
+        if cfg.teacher.stages < 1:
+            raise ConfigError(f"method.teacher.stages must be >= 1, got {cfg.teacher.stages}")
+        if cfg.teacher.stages != 1 and (cfg.teacher.kind == "online"
+                                        or cfg.contrastive_weight > 0):
+            raise ConfigError("method.teacher.stages > 1 (several stages of an offline teacher) "
+                              "needs method.contrastive_weight 0 and method.teacher.kind=offline")
         if cfg.teacher.center and cfg.teacher.kind == "online":
             # The online teacher's head output is what its own contrastive loss shapes; centring
             # the target it gives the student is untested, so it is refused, not ignored.
@@ -137,12 +143,15 @@ class S2BNN(Method):
         if mixup_alpha > 0 and (contrastive_weight > 0 or online_teacher is not None):
             raise ValueError("mixup_alpha needs contrastive_weight 0 and an offline teacher")
         self.mixup_alpha = mixup_alpha
-        # Several teachers (a TeacherEnsemble): one proj_dim block of the head's output each.
+        # Several teachers (a TeacherEnsemble) or several stages of one (method.teacher.stages):
+        # the head's output is cut into one unit-length block per teacher and stage.
         self.members = int(getattr(teacher, "members", 1))
-        if self.members > 1 and (contrastive_weight > 0 or online_teacher is not None):
-            raise ValueError("several teachers need contrastive_weight 0 and no online teacher")
+        self.block_dims = tuple(getattr(teacher, "block_dims", (proj_dim,) * self.members))
+        if len(self.block_dims) > 1 and (contrastive_weight > 0 or online_teacher is not None):
+            raise ValueError("several teachers or teacher stages need contrastive_weight 0 and "
+                             "no online teacher")
         feat = int(backbone.feature_dim)
-        self.head = mlp_head(feat, hidden_dim, proj_dim * self.members)
+        self.head = mlp_head(feat, hidden_dim, sum(self.block_dims))
         self.temperature = temperature
         self.distill_weight = distill_weight
         self.contrastive_weight = contrastive_weight
@@ -166,7 +175,9 @@ class S2BNN(Method):
         if self.moco is not None:
             return self.moco.query(self.backbone, self.head, x)
         z = self.head(self.backbone(x))
-        return F.normalize(z.unflatten(1, (self.members, -1)), dim=2).flatten(1)
+        if len(self.block_dims) == 1:
+            return F.normalize(z, dim=1)
+        return torch.cat([F.normalize(b, dim=1) for b in z.split(self.block_dims, dim=1)], dim=1)
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_views(views, self.name, 2 if self.moco or self.teacher_moco else 1)
@@ -187,9 +198,9 @@ class S2BNN(Method):
             targets = self.offline_targets(distilled)
         students = [self._student(v) for v in distilled]
         loss_distill, cosine = distill_over_views(
-            lambda s, t: multi_teacher_soft_cross_entropy(s, t, self.temperature, self.members),
+            lambda s, t: block_soft_cross_entropy(s, t, self.temperature, self.block_dims),
             students, targets)
-        cosine = cosine / self.members  # the mean over teachers of each block's cosine
+        cosine = cosine / len(self.block_dims)  # the mean over blocks of each block's cosine
         # Not `1.0 * loss_distill`: under torch.compile (inductor, torch 2.14 on CPU) that product
         # becomes an alias of loss_distill, and returned next to its detached copy in `logs` the
         # loss came back without a grad_fn ("element 0 of tensors does not require grad").
