@@ -49,7 +49,7 @@ NOTES: list[str] = [
     "- The probe is the demo's (the linear LR sweep and weighted kNN, k=200) on the folder's "
     "4,000 labelled training and 1,000 validation images; the features side by side are the "
     "stages' pooled outputs as they come (the student's target normalises each stage on its "
-    "own). Nothing is trained, so these rows take about a minute each.",
+    "own). Nothing is trained: a row takes under a minute.",
 ]
 
 
