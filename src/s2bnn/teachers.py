@@ -154,11 +154,12 @@ def stage_widths(backbone: nn.Module, stages: int | None,
     """The widths of :func:`stage_features` of ``backbone``, from one forward of a small blank
     batch in eval mode (so no BatchNorm statistics move)."""
     was_training = backbone.training
+    device = next(backbone.parameters()).device
     backbone.eval()
     try:
         with torch.no_grad():
-            feats = stage_features(
-                backbone, torch.zeros(2, model_in_chans(backbone) or 3, 64, 64), stages, arch)
+            blank = torch.zeros(2, model_in_chans(backbone) or 3, 64, 64, device=device)
+            feats = stage_features(backbone, blank, stages, arch)
     finally:
         backbone.train(was_training)
     return tuple(int(f.shape[1]) for f in feats)
@@ -172,7 +173,8 @@ def stage_features(backbone: nn.Module, x: torch.Tensor, stages: int | None,
     A stage ends where the next block changes the feature map's shape (or the network ends).
     Backbones: this library's (``stem`` + ``blocks``, e.g. ``resnet_small``) and torchvision's
     ResNets (``layer1``..``layer4``). On the demo's teacher the last two stages side by side
-    probe 1.3-1.7 points above its pooled features alone (benchmarks/teacher_stages.py).
+    probe 1.3 points above its pooled features alone, on average over five seeds
+    (benchmarks/teacher_stages.py, docs/TEACHER_STAGES.md).
     """
     if hasattr(backbone, "stem") and hasattr(backbone, "blocks"):
         h, blocks = backbone.stem(x), list(backbone.blocks)
