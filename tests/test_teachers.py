@@ -476,5 +476,8 @@ def test_teacher_with_stages_gives_one_unit_block_per_stage(registry: None,
     assert not any(p.requires_grad for p in two.parameters()) and not two.training
     with pytest.raises(ConfigError, match="set method.teacher.head=none"):
         Teacher(net, nn.Linear(48, 8), "resnet_small", stages=2)
+    _own_checkpoint(tmp_path / "with_head")  # a checkpoint whose head head=auto would take
+    with pytest.raises(ConfigError, match="not a projection head: set method.teacher.head=none"):
+        load_teacher(tmp_path / "with_head", "tiny_test_net", stages=2)
     with pytest.raises(ConfigError, match="stages must be >= 1, got 0"):
         load_teacher(path, "resnet_small", stages=0, **kw)

@@ -525,9 +525,6 @@ def load_teacher(
                 "head=none to distil from the pooled backbone features"
             )
         return Teacher(backbone, nn.Identity(), arch, precision, center, stages)
-    if stages != 1:
-        raise ConfigError(f"method.teacher.stages={stages} distils pooled backbone stages, not "
-                          f"the projection head {path} holds: set method.teacher.head=none")
     head_module = _build_head(head_sd, path)
     linears = [m for m in head_module.modules() if isinstance(m, nn.Linear)]
     if head == "mlp" and len(linears) < 2 or head == "linear" and len(linears) != 1:
@@ -541,4 +538,5 @@ def load_teacher(
             f"{path}: projection head takes {linears[0].in_features}-d input but the '{arch}' "
             f"backbone gives {feat}-d features; another architecture?"
         )
-    return Teacher(backbone, head_module, arch, precision, center)
+    # Teacher refuses stages > 1 on a projection head.
+    return Teacher(backbone, head_module, arch, precision, center, stages)
