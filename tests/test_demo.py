@@ -406,10 +406,15 @@ def test_student_target_follows_the_teacher_model(tmp_path):
     from s2bnn.demo import distill_target
 
     cfg = stage_configs(DemoConfig(data="synthetic"), tmp_path)["s2bnn"].method
-    assert (cfg.teacher.stages, cfg.proj_dim) == (2, 96 + 192) == distill_target("resnet_small", 2)
+    grid = S2BNN_RECIPE["method"]["teacher"]["grid"]
+    assert ((cfg.teacher.stages, cfg.teacher.grid, cfg.proj_dim)
+            == (2, grid, grid**2 * (96 + 192)) == distill_target("resnet_small", 2, grid))
     wide = stage_configs(DemoConfig(data="synthetic", teacher_model="resnet18"), tmp_path)
-    assert (wide["s2bnn"].method.teacher.stages, wide["s2bnn"].method.proj_dim) == (2, 256 + 512)
-    assert distill_target("mobilenet_v3_small", 2) == (1, 576)
+    wide_cfg = wide["s2bnn"].method
+    assert ((wide_cfg.teacher.stages, wide_cfg.teacher.grid, wide_cfg.proj_dim)
+            == (2, grid, grid**2 * (256 + 512)))
+    assert distill_target("resnet_small", 2, 2) == (2, 2, 4 * (96 + 192))
+    assert distill_target("mobilenet_v3_small", 2, 2) == (1, 1, 576)
 
 
 def test_teachers_that_fit_the_share_the_first_one_left():

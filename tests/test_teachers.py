@@ -18,7 +18,13 @@ from s2bnn.checkpoint import save_checkpoint, save_safetensors
 from s2bnn.errors import CheckpointError, ConfigError
 from s2bnn.models import list_models
 from s2bnn.models.registry import _REGISTRY
-from s2bnn.teachers import PROJECTION_HEAD_PREFIX, Teacher, center_batch, load_teacher
+from s2bnn.teachers import (
+    PROJECTION_HEAD_PREFIX,
+    Teacher,
+    center_batch,
+    load_teacher,
+    stage_features,
+)
 
 
 def _tv_builder(fn: Any, feat: int) -> Any:
@@ -451,6 +457,57 @@ def test_stage_features_of_our_backbones_and_torchvision_resnets(registry: None)
         stage_features(small, x, 5, "resnet_small")
     with pytest.raises(ConfigError, match="no stages this library can read"):
         stage_features(TinyNet(in_chans=1), x, 2)
+
+
+def test_stage_features_on_a_grid_are_the_maps_pooled_cell_by_cell(registry: None) -> None:
+    """grid=g: each stage average-pooled to g x g, one N x C block per cell, row by row and
+    stage by stage; the cells' mean is the stage's pooled output where g divides the map."""
+    from s2bnn.models import build_model
+    from s2bnn.teachers import stage_widths
+
+    torch.manual_seed(0)
+    net = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25).eval()
+    x = _images(3, chans=1, size=32)  # stage maps 16, 8, 4, 2
+    with torch.no_grad():
+        pooled = stage_features(net, x, 2)
+        cells = stage_features(net, x, 2, grid=2)
+        last = net.blocks(net.stem(x))
+    assert [c.shape for c in cells] == [(3, 24)] * 4 + [(3, 48)] * 4
+    assert stage_widths(net, 2, grid=2) == (24,) * 4 + (48,) * 4
+    torch.testing.assert_close(cells[4], last[:, :, 0, 0].float())  # a 2x2 map: cells are pixels
+    torch.testing.assert_close(cells[5], last[:, :, 0, 1].float())  # row by row
+    torch.testing.assert_close(cells[6], last[:, :, 1, 0].float())
+    for k, stage in enumerate(pooled):
+        torch.testing.assert_close(torch.stack(cells[4 * k:4 * k + 4]).mean(0), stage)
+    with torch.no_grad():  # adaptive pooling: a map the grid does not divide still works
+        odd = stage_features(net, _images(2, chans=1, size=28), 1, grid=3)
+    assert len(odd) == 9 and all(c.shape == (2, 48) for c in odd)
+
+
+def test_teacher_on_a_grid_gives_one_unit_block_per_cell(registry: None,
+                                                         tmp_path: Path) -> None:
+    from s2bnn.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25).eval()
+    path = tmp_path / "small.pth"
+    torch.save(net.state_dict(), path)
+    kw: dict[str, Any] = dict(head="none", center=True, in_chans=1, width_mult=0.25)
+    teacher = load_teacher(path, "resnet_small", stages=2, grid=2, **kw)
+    assert teacher.block_dims == (24,) * 4 + (48,) * 4 and teacher.embed_dim == 288
+    x = _images(5, chans=1, size=32)
+    z = teacher(x)
+    with torch.no_grad():
+        cells = stage_features(net, x, 2, grid=2)
+    for block, cell in zip(z.split(teacher.block_dims, 1), cells):
+        torch.testing.assert_close(block, F.normalize(cell - cell.mean(0), dim=1))
+    last = load_teacher(path, "resnet_small", grid=2, **kw)  # the last stage only
+    assert last.block_dims == (48,) * 4
+    torch.testing.assert_close(last(x), z[:, 96:])
+    with pytest.raises(ConfigError, match="grid=2 distils the backbone's feature maps"):
+        Teacher(net, nn.Linear(48, 8), "resnet_small", grid=2)
+    with pytest.raises(ConfigError, match="grid must be >= 1, got 0"):
+        load_teacher(path, "resnet_small", grid=0, **kw)
 
 
 def test_teacher_with_stages_gives_one_unit_block_per_stage(registry: None,

@@ -127,6 +127,11 @@ class TeacherConfig:
     # student's head gets one block per stage) instead of its pooled features alone (not in the
     # paper). method.proj_dim is then the sum of those stages' widths.
     stages: int = 1
+    # S2-BNN, offline, head none: pool each distilled stage to a `grid` x `grid` map instead of
+    # one value per channel, and distil every cell as its own block (centred, normalised, one
+    # softmax each): the target then says where in the image the teacher saw what. method.proj_dim
+    # is grid**2 times the sum of the stages' widths (not in the paper).
+    grid: int = 1
     # The file's layout. auto: detected (s2bnn, MoCo v2, SwAV, DINO, SimSiam, torchvision,
     # safetensors); any other value is checked against the detected one, so e.g. a SwAV file
     # given to a recipe written for the MoCo v2 teacher stops with one line naming both.

@@ -179,7 +179,7 @@ S2BNN_RECIPE: dict[str, Any] = {
     "method": {"name": "s2bnn", "temperature": 0.2, "distill_weight": 1.0,
                "contrastive_weight": 0.0, "proj_dim": 288,
                "teacher": {"kind": "offline", "arch": "resnet_small", "head": "none",
-                           "center": True, "stages": 2}},
+                           "center": True, "stages": 2, "grid": 1}},
     "optim": {"name": "adam", "lr": 3.0e-3, "weight_decay": 0.0, "schedule": "linear"},
 }
 MOCOV2_RECIPE: dict[str, Any] = {  # the enhanced baseline: S2-BNN's optimiser and augmentation
@@ -289,7 +289,9 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
     if "time_budget" in sizes["teacher"]:
         sizes["teacher"]["time_budget_max_epochs"] = teacher_epoch_cap(
             plan.teacher_max_epochs, num_train, sizes["teacher"]["batch_size"])
-    target = distill_target(plan.teacher_model, S2BNN_RECIPE["method"]["teacher"]["stages"])
+    recipe_teacher = S2BNN_RECIPE["method"]["teacher"]
+    t_stages, t_grid, t_width = distill_target(plan.teacher_model, recipe_teacher["stages"],
+                                               recipe_teacher["grid"])
     stages = {
         "teacher": deep_merge(TEACHER_RECIPE, {
             **common, "output_dir": str(teacher_dir(out, 1)), **sizes["teacher"],
@@ -297,8 +299,9 @@ def stage_configs(plan: DemoConfig, out: Path, force: bool = False,
         "s2bnn": deep_merge(S2BNN_RECIPE, {
             **common, "output_dir": str(out / "runs" / "s2bnn"), **sizes["s2bnn"],
             "model": {"name": plan.student_model},
-            "method": {"proj_dim": target[1], "teacher": {
-                "stages": target[0], "path": str(teacher_dir(out, 1)), "arch": plan.teacher_model,
+            "method": {"proj_dim": t_width, "teacher": {
+                "stages": t_stages, "grid": t_grid, "path": str(teacher_dir(out, 1)),
+                "arch": plan.teacher_model,
                 "extra_paths": [str(teacher_dir(out, k)) for k in range(2, teachers + 1)]}}}),
         "mocov2": deep_merge(MOCOV2_RECIPE, {
             **common, "output_dir": str(out / "runs" / "mocov2"), **sizes["mocov2"],
@@ -319,19 +322,19 @@ def feature_width(model: str) -> int:
     return int(build_model(model, num_classes=0).feature_dim)
 
 
-def distill_target(model: str, stages: int) -> tuple[int, int]:
-    """``(stages, width)`` of the target the demo's S2-BNN student distils from a teacher of
-    registered network ``model``: its last ``stages`` stages side by side, or its pooled
-    features alone (``stages`` 1) for a network whose stages :func:`s2bnn.teachers.stage_features`
-    cannot read or that has fewer."""
+def distill_target(model: str, stages: int, grid: int = 1) -> tuple[int, int, int]:
+    """``(stages, grid, width)`` of the target the demo's S2-BNN student distils from a teacher
+    of registered network ``model``: its last ``stages`` stages pooled to ``grid`` x ``grid``
+    cells, side by side, or its pooled features alone (``stages`` and ``grid`` 1) for a network
+    whose stages :func:`s2bnn.teachers.stage_features` cannot read or that has fewer."""
     from s2bnn.models import build_model
     from s2bnn.teachers import stage_widths
 
     net = build_model(model, num_classes=0)
     try:
-        return stages, sum(stage_widths(net, stages, model))
+        return stages, grid, sum(stage_widths(net, stages, model, grid))
     except ConfigError:
-        return 1, int(net.feature_dim)
+        return 1, 1, int(net.feature_dim)
 
 
 def _budget_seconds(plan: DemoConfig) -> float:

@@ -93,12 +93,14 @@ class Teacher(nn.Module):
     batch's mean output before normalising (see :func:`center_batch`). ``stages`` > 1 (with an
     identity head): the pooled outputs of the backbone's last ``stages`` stages instead of its
     pooled features (see :func:`stage_features`), each centred (with ``center``) and normalised
-    on its own and set side by side; ``block_dims`` holds their widths.
+    on its own and set side by side; ``block_dims`` holds their widths. ``grid`` > 1 (with an
+    identity head): each of those stages pooled to a ``grid`` x ``grid`` map, every cell its own
+    block (see :func:`stage_features`).
     """
 
     def __init__(
         self, backbone: nn.Module, head: nn.Module, arch: str, precision: str = "auto",
-        center: bool = False, stages: int = 1,
+        center: bool = False, stages: int = 1, grid: int = 1,
     ) -> None:
         super().__init__()
         if precision not in PRECISION_CHOICES:
@@ -111,23 +113,29 @@ class Teacher(nn.Module):
         self.precision = precision
         self.center = center
         self.stages = int(stages)
+        self.grid = int(grid)
         self.in_chans = model_in_chans(backbone)
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
         if self.stages < 1:
             raise ConfigError(f"method.teacher.stages must be >= 1, got {stages}")
+        if self.grid < 1:
+            raise ConfigError(f"method.teacher.grid must be >= 1, got {grid}")
         if self.stages > 1 and linears:
             raise ConfigError(f"method.teacher.stages={stages} distils pooled backbone stages, "
+                              "not a projection head: set method.teacher.head=none")
+        if self.grid > 1 and linears:
+            raise ConfigError(f"method.teacher.grid={grid} distils the backbone's feature maps, "
                               "not a projection head: set method.teacher.head=none")
         for p in self.parameters():
             p.requires_grad_(False)
         # Built in eval mode; a method that holds it keeps it there (Method.attach_offline_teacher
         # is the one place that enforces it, for any frozen module).
         self.eval()
-        if self.stages == 1:
+        if self.stages == self.grid == 1:
             self.block_dims: tuple[int, ...] = (
                 linears[-1].out_features if linears else int(backbone.feature_dim),)
         else:
-            self.block_dims = stage_widths(self.backbone, self.stages, arch)
+            self.block_dims = stage_widths(self.backbone, self.stages, arch, self.grid)
         self.embed_dim = sum(self.block_dims)
 
     def _autocast(self, x: torch.Tensor) -> Any:
@@ -141,16 +149,16 @@ class Teacher(nn.Module):
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self._autocast(x):
-            if self.stages == 1:
+            if self.stages == self.grid == 1:
                 zs = [self.head(self.backbone(x))]
             else:
-                zs = stage_features(self.backbone, x, self.stages, self.arch)
+                zs = stage_features(self.backbone, x, self.stages, self.arch, self.grid)
         zs = [center_batch(z.float()) if self.center else z.float() for z in zs]
         return torch.cat([F.normalize(z, dim=1) for z in zs], dim=1)
 
 
 def stage_widths(backbone: nn.Module, stages: int | None,
-                 arch: str = "the teacher") -> tuple[int, ...]:
+                 arch: str = "the teacher", grid: int = 1) -> tuple[int, ...]:
     """The widths of :func:`stage_features` of ``backbone``, from one forward of a small blank
     batch in eval mode (so no BatchNorm statistics move)."""
     was_training = backbone.training
@@ -159,16 +167,19 @@ def stage_widths(backbone: nn.Module, stages: int | None,
     try:
         with torch.no_grad():
             blank = torch.zeros(2, model_in_chans(backbone) or 3, 64, 64, device=device)
-            feats = stage_features(backbone, blank, stages, arch)
+            feats = stage_features(backbone, blank, stages, arch, grid)
     finally:
         backbone.train(was_training)
     return tuple(int(f.shape[1]) for f in feats)
 
 
 def stage_features(backbone: nn.Module, x: torch.Tensor, stages: int | None,
-                   arch: str = "the teacher") -> list[torch.Tensor]:
+                   arch: str = "the teacher", grid: int = 1) -> list[torch.Tensor]:
     """The globally average-pooled outputs of ``backbone``'s last ``stages`` stages (``None``:
     all), the shallowest first; the last is the backbone's own pooled features.
+
+    ``grid`` > 1: each stage average-pooled to a ``grid`` x ``grid`` map instead (adaptive
+    pooling, so any map size works), one ``N x C`` tensor per cell, row by row, stage by stage.
 
     A stage ends where the next block changes the feature map's shape (or the network ends).
     Backbones: this library's (``stem`` + ``blocks``, e.g. ``resnet_small``) and torchvision's
@@ -192,7 +203,11 @@ def stage_features(backbone: nn.Module, x: torch.Tensor, stages: int | None,
     ends = [o for o, nxt in zip(outs, outs[1:] + [None]) if nxt is None or nxt.shape != o.shape]
     if stages is not None and stages > len(ends):
         raise ConfigError(f"method.teacher.stages={stages} but {arch} has {len(ends)} stages")
-    return [o.float().mean((2, 3)) for o in ends[-(stages or len(ends)):]]
+    picked = ends[-(stages or len(ends)):]
+    if grid == 1:
+        return [o.float().mean((2, 3)) for o in picked]
+    cells = [F.adaptive_avg_pool2d(o.float(), grid).flatten(2) for o in picked]  # N x C x g*g
+    return [c[:, :, k] for c in cells for k in range(grid * grid)]
 
 
 def center_batch(z: torch.Tensor) -> torch.Tensor:
@@ -490,7 +505,8 @@ def _build_head(sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
 
 def load_teacher(
     path: str | Path, arch: str, *, head: str = "auto", precision: str = "auto",
-    fmt: str = "auto", center: bool = False, stages: int = 1, **model_kwargs: Any,
+    fmt: str = "auto", center: bool = False, stages: int = 1, grid: int = 1,
+    **model_kwargs: Any,
 ) -> Teacher:
     """Load a frozen teacher mapping images to L2-normalised embeddings.
 
@@ -502,7 +518,8 @@ def load_teacher(
     expected layout (:data:`FORMAT_CHOICES`; ``auto``: any), checked against :func:`detect_format`.
     ``center``: the embeddings are centred on each batch's mean before normalising.
     ``stages`` > 1 (needs ``head='none'``): the pooled outputs of that many last stages, side
-    by side (see :class:`Teacher`).
+    by side (see :class:`Teacher`); ``grid`` > 1 (needs ``head='none'``): each pooled to a
+    ``grid`` x ``grid`` map, one block per cell.
     Raises :class:`CheckpointError` for a missing file, another architecture, or missing,
     unexpected or mis-shaped keys.
     """
@@ -524,7 +541,7 @@ def load_teacher(
                 f"{path} holds no projection head but method.teacher.head={head}; use head=auto or "
                 "head=none to distil from the pooled backbone features"
             )
-        return Teacher(backbone, nn.Identity(), arch, precision, center, stages)
+        return Teacher(backbone, nn.Identity(), arch, precision, center, stages, grid)
     head_module = _build_head(head_sd, path)
     linears = [m for m in head_module.modules() if isinstance(m, nn.Linear)]
     if head == "mlp" and len(linears) < 2 or head == "linear" and len(linears) != 1:
@@ -538,5 +555,5 @@ def load_teacher(
             f"{path}: projection head takes {linears[0].in_features}-d input but the '{arch}' "
             f"backbone gives {feat}-d features; another architecture?"
         )
-    # Teacher refuses stages > 1 on a projection head.
-    return Teacher(backbone, head_module, arch, precision, center, stages)
+    # Teacher refuses stages > 1 or grid > 1 on a projection head.
+    return Teacher(backbone, head_module, arch, precision, center, stages, grid)

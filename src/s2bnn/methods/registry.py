@@ -118,9 +118,10 @@ def offline_teacher(tcfg: TeacherConfig, method: str, in_chans: int, proj_dim: i
     if tcfg.extra_paths and not ensemble:
         raise ConfigError(f"method '{method}' distils from one teacher; method.teacher."
                           "extra_paths is for method s2bnn (leave it empty)")
-    if tcfg.stages != 1 and not ensemble:
-        raise ConfigError(f"method '{method}' distils one embedding; method.teacher.stages is "
-                          "for method s2bnn (leave it 1)")
+    for key in ("stages", "grid"):
+        if getattr(tcfg, key) != 1 and not ensemble:
+            raise ConfigError(f"method '{method}' distils one embedding; method.teacher.{key} "
+                              "is for method s2bnn (leave it 1)")
     if not tcfg.path:
         raise ConfigError(
             f"method '{method}' needs a teacher: set method.teacher.path=RUN_DIR_OR_CHECKPOINT "
@@ -141,7 +142,7 @@ def _one_teacher(tcfg: TeacherConfig, path: str, in_chans: int, proj_dim: int) -
         )
     teacher = load_teacher(
         path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, fmt=tcfg.format,
-        center=tcfg.center, stages=tcfg.stages, **dict(tcfg.kwargs),
+        center=tcfg.center, stages=tcfg.stages, grid=tcfg.grid, **dict(tcfg.kwargs),
     )
     t_chans = getattr(teacher, "in_chans", None)
     if t_chans is not None and t_chans != in_chans:

@@ -92,12 +92,14 @@ class S2BNN(Method):
             # The contrastive term and the online teacher work on one proj_dim embedding.
             raise ConfigError("method.teacher.extra_paths (several offline teachers) needs "
                               "method.contrastive_weight 0 and method.teacher.kind=offline")
-        if cfg.teacher.stages < 1:
-            raise ConfigError(f"method.teacher.stages must be >= 1, got {cfg.teacher.stages}")
-        if cfg.teacher.stages != 1 and (cfg.teacher.kind == "online"
-                                        or cfg.contrastive_weight > 0):
-            raise ConfigError("method.teacher.stages > 1 (several stages of an offline teacher) "
-                              "needs method.contrastive_weight 0 and method.teacher.kind=offline")
+        for key, what in (("stages", "several stages of an offline teacher"),
+                          ("grid", "the cells of an offline teacher's maps")):
+            value = getattr(cfg.teacher, key)
+            if value < 1:
+                raise ConfigError(f"method.teacher.{key} must be >= 1, got {value}")
+            if value != 1 and (cfg.teacher.kind == "online" or cfg.contrastive_weight > 0):
+                raise ConfigError(f"method.teacher.{key} > 1 ({what}) needs "
+                                  "method.contrastive_weight 0 and method.teacher.kind=offline")
         if cfg.teacher.center and cfg.teacher.kind == "online":
             # The online teacher's head output is what its own contrastive loss shapes; centring
             # the target it gives the student is untested, so it is refused, not ignored.
