@@ -364,6 +364,33 @@ def test_bad_demo_budget_is_one_line_and_writes_nothing_old(tmp_path, capsys, ov
     assert not (out / "runs").exists()
 
 
+def test_claims_call_a_gap_within_the_sampling_error_a_tie():
+    """A claim's verdict follows the numbers; with the test set's size, a gap smaller than twice
+    one accuracy's binomial error is said to be within it, and the error itself is stated."""
+    from s2bnn.demo import _check_claims
+    from s2bnn.eval.features import accuracy_stderr
+
+    assert accuracy_stderr(83.0, 1000) == pytest.approx(1.188, abs=1e-3)
+    assert accuracy_stderr(83.0, 10000) == pytest.approx(0.3756, abs=1e-4)
+    assert accuracy_stderr(100.0, 50) == 0.0
+    with pytest.raises(ValueError):
+        accuracy_stderr(50.0, 0)
+    rows = {"pixels": {"linear_top1": 83.2}, "teacher": {"linear_top1": 84.0},
+            "random_init": {"linear_top1": 67.9}, "mocov2": {"linear_top1": 78.5},
+            "s2bnn": {"linear_top1": 83.9}}
+    plain = _check_claims(rows)
+    assert len(plain) == 3 and not any("sampling error" in line for line in plain)
+    assert plain[0].endswith("holds") and plain[2].endswith("holds")
+    sized = _check_claims(rows, 1000)
+    assert sized[0].endswith("holds")  # 5.4 points apart: beyond the error
+    assert "holds, but the gap (0.8) is within twice" in sized[2]  # teacher vs pixels
+    assert "(±1.2)" in sized[2] and "1,000 test images" in sized[2]
+    assert "±1.2 points" in sized[3]
+    assert _check_claims(rows, 100000)[2].endswith("holds")  # 0.8 apart, error 0.12
+    flipped = _check_claims({**rows, "mocov2": {"linear_top1": 84.5}}, 1000)
+    assert "does NOT hold, but the gap (0.6)" in flipped[0]
+
+
 def test_weak_results_name_the_cause_and_the_fix():
     rows = {"pixels": {"linear_top1": 84.0}, "teacher": {"linear_top1": 80.0},
             "random_init": {"linear_top1": 40.0}, "s2bnn": {"linear_top1": 42.0}}

@@ -734,26 +734,42 @@ def packed_forward_for(test_set: Any, device: str = "auto") -> Any:
     return functools.partial(packed_forward, sample=sample, device=device)
 
 
-def _check_claims(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """The paper's claims that this run can test, each stated with its numbers."""
+def _check_claims(rows: dict[str, dict[str, Any]], num_test: int | None = None) -> list[str]:
+    """The paper's claims that this run can test, each stated with its numbers; with
+    ``num_test`` (the probes' test images) a gap smaller than twice one accuracy's sampling
+    error (:func:`s2bnn.eval.features.accuracy_stderr`) is called what it is."""
+    from s2bnn.eval.features import accuracy_stderr
+
     def top1(name: str) -> float | None:
         return rows.get(name, {}).get("linear_top1")
+
+    def verdict(a: float, b: float, yes: str, no: str) -> str:
+        text = yes if a > b else no
+        if num_test:
+            err = max(accuracy_stderr(a, num_test), accuracy_stderr(b, num_test))
+            if abs(a - b) < 2 * err:
+                text += (f", but the gap ({abs(a - b):.1f}) is within twice one accuracy's "
+                         f"sampling error on {num_test:,} test images (±{err:.1f})")
+        return text
 
     lines = []
     s2, moco, rand, pix, teacher = (top1(n) for n in
                                     ("s2bnn", "mocov2", "random_init", "pixels", "teacher"))
     if s2 is not None and moco is not None:
-        verdict = "holds" if s2 > moco else "does NOT hold"
         lines.append(f"S2-BNN student > MoCo v2 student (linear top-1 {s2:.1f} vs {moco:.1f}): "
-                     f"{verdict}")
+                     + verdict(s2, moco, "holds", "does NOT hold"))
     if s2 is not None and rand is not None:
-        verdict = "holds" if s2 > rand else "does NOT hold"
         lines.append(f"S2-BNN student > untrained student ({s2:.1f} vs {rand:.1f} mean over "
-                     f"seeds): {verdict}")
+                     "seeds): " + verdict(s2, rand, "holds", "does NOT hold"))
     if teacher is not None and pix is not None:
-        verdict = "above" if teacher > pix else "NOT above"
-        lines.append(f"teacher {teacher:.1f} is {verdict} raw pixels {pix:.1f} (a teacher below "
-                     "pixels is too weak to teach much)")
+        lines.append(f"teacher above raw pixels ({teacher:.1f} vs {pix:.1f}; a teacher below "
+                     "pixels is too weak to teach much): "
+                     + verdict(teacher, pix, "holds", "does NOT hold"))
+    if num_test and s2 is not None:
+        lines.append(f"the linear top-1 of one network on these {num_test:,} test images moves "
+                     f"by about ±{accuracy_stderr(s2, num_test):.1f} points with the draw of the "
+                     "images (binomial standard error): read gaps smaller than twice that as "
+                     "ties")
     return lines
 
 
@@ -941,7 +957,7 @@ def run_demo(plan: DemoConfig, out: str | Path, force: bool = False) -> dict[str
 
     _header(6, total, "report")
     order = ["pixels", "teacher", "random_init", "mocov2", "s2bnn"]
-    claims = _check_claims(results)
+    claims = _check_claims(results, len(ds["test"]))
     warnings = weak_results(results, stages, format_duration(budget))
     wall = time.perf_counter() - t0
     packed = [n for n in order if results[n].get("features_by") == "packed"]

@@ -21,6 +21,7 @@ __all__ = [
     "extract_pixels",
     "standardize",
     "topk_accuracy",
+    "accuracy_stderr",
     "num_classes_of",
     "supervised_epoch",
     "cache_dataset",
@@ -127,6 +128,16 @@ def standardize(
     mean = train.mean(0, keepdim=True)
     std = train.std(0, keepdim=True, unbiased=False).clamp_min(eps)
     return tuple((t - mean) / std for t in (train, *others))
+
+
+def accuracy_stderr(accuracy: float, n: int) -> float:
+    """The binomial standard error, in points, of an ``accuracy`` in percent measured on ``n``
+    test items: how far another draw of as many items would typically move it (about 1.2 points
+    at 83 % on 1,000 images, 0.4 on 10,000)."""
+    if n <= 0:
+        raise ValueError(f"accuracy_stderr needs n >= 1, got {n}")
+    p = min(max(accuracy / 100.0, 0.0), 1.0)
+    return 100.0 * (p * (1.0 - p) / n) ** 0.5
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
