@@ -484,15 +484,21 @@ def test_stage_features_on_a_grid_are_the_maps_pooled_cell_by_cell(registry: Non
     assert len(odd) == 9 and all(c.shape == (2, 48) for c in odd)
 
 
-def test_teacher_on_a_grid_gives_one_unit_block_per_cell(registry: None,
-                                                         tmp_path: Path) -> None:
+def _small_resnet_file(tmp_path: Path) -> tuple[nn.Module, Path, dict[str, Any]]:
+    """A seeded quarter-width resnet_small saved as a bare state dict, and the load_teacher
+    keywords that read its pooled stages."""
     from s2bnn.models import build_model
 
     torch.manual_seed(0)
     net = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25).eval()
     path = tmp_path / "small.pth"
     torch.save(net.state_dict(), path)
-    kw: dict[str, Any] = dict(head="none", center=True, in_chans=1, width_mult=0.25)
+    return net, path, dict(head="none", center=True, in_chans=1, width_mult=0.25)
+
+
+def test_teacher_on_a_grid_gives_one_unit_block_per_cell(registry: None,
+                                                         tmp_path: Path) -> None:
+    net, path, kw = _small_resnet_file(tmp_path)
     teacher = load_teacher(path, "resnet_small", stages=2, grid=2, **kw)
     assert teacher.block_dims == (24,) * 4 + (48,) * 4 and teacher.embed_dim == 288
     x = _images(5, chans=1, size=32)
@@ -512,13 +518,7 @@ def test_teacher_on_a_grid_gives_one_unit_block_per_cell(registry: None,
 
 def test_teacher_with_stages_gives_one_unit_block_per_stage(registry: None,
                                                             tmp_path: Path) -> None:
-    from s2bnn.models import build_model
-
-    torch.manual_seed(0)
-    net = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25).eval()
-    path = tmp_path / "small.pth"
-    torch.save(net.state_dict(), path)
-    kw: dict[str, Any] = dict(head="none", center=True, in_chans=1, width_mult=0.25)
+    net, path, kw = _small_resnet_file(tmp_path)
     two = load_teacher(path, "resnet_small", stages=2, **kw)
     one = load_teacher(path, "resnet_small", **kw)
     assert two.block_dims == (24, 48) and two.embed_dim == 72 and one.block_dims == (48,)
