@@ -96,8 +96,6 @@ class TailAverages(Callback):
 
 
 def _train_row(row: str, work: Path, fractions: list[float]) -> tuple[Path, dict[float, Path]]:
-    import torch
-
     from s2bnn.checkpoint import load_checkpoint, save_checkpoint
     from s2bnn.config import load_config
     from s2bnn.engine import train
@@ -109,7 +107,6 @@ def _train_row(row: str, work: Path, fractions: list[float]) -> tuple[Path, dict
         f"output_dir={run}", "force=true", "resume=never", "time_budget=null",
         "time_budget_max_epochs=null", "progress=false", f"steps={steps}", "epochs=null"])
     averages = TailAverages(fractions)
-    torch.set_num_threads(2)
     train(cfg, callbacks=[averages])
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     dirs = {}
