@@ -768,7 +768,7 @@ def test_teacher_stages_one_head_block_per_stage(tmp_path: Path) -> None:
 
 def test_teacher_grid_one_head_block_per_cell(tmp_path: Path) -> None:
     """method.teacher.grid=2: every cell of the stages' 2x2 maps is a block of the target and of
-    the student's head, and training brings the student closer to each."""
+    the student's head, and training brings the student closer to them on average."""
     from s2bnn.models import build_model
 
     torch.manual_seed(7)
