@@ -120,8 +120,6 @@ def retrain_study_main(doc: str, rows: list[str], variants: list[str], default: 
                        report: Callable[[Any], None]) -> None:
     """The command line of a study that retrains demo_budget rows' stages (``--rows``,
     ``--variants``, ``--work``; ``--report`` only rewrites the doc from ``results``)."""
-    import json
-
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=rows)
     parser.add_argument("--variants", nargs="+", choices=variants, default=default)
@@ -129,11 +127,18 @@ def retrain_study_main(doc: str, rows: list[str], variants: list[str], default: 
     parser.add_argument("--report", action="store_true", help="only rewrite the doc")
     args = parser.parse_args()
     if args.report:
-        if not results.is_file():
-            raise SystemExit(f"{results} not found: run the benchmark first")
-        report(json.loads(results.read_text()))
+        report_from(results, report)
         return
     report(run(args.rows, args.variants, Path(args.work)))
+
+
+def report_from(results: Path, report: Callable[[Any], None]) -> None:
+    """``--report``: rewrite a study's doc from its JSON ``results`` alone."""
+    import json
+
+    if not results.is_file():
+        raise SystemExit(f"{results} not found: run the benchmark first")
+    report(json.loads(results.read_text()))
 
 
 def machine() -> str:

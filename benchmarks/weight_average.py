@@ -34,7 +34,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run_all import demo_eval_splits, demo_probe, demo_row, machine, write_markdown  # noqa: E402
+from run_all import (  # noqa: E402
+    demo_eval_splits,
+    demo_probe,
+    demo_row,
+    machine,
+    report_from,
+    write_markdown,
+)
 
 from s2bnn.engine import Callback  # noqa: E402
 
@@ -77,10 +84,11 @@ class TailAverages(Callback):
         import torch
 
         step, total = trainer.progress.step, trainer.total_steps
+        active = [f for f in self.fractions if step > total * (1 - f)]
+        if not active:  # most of the run: nothing to read from the weights
+            return
         state = trainer.method.backbone.state_dict()
-        for f in self.fractions:
-            if step <= total * (1 - f):
-                continue
+        for f in active:
             acc = self.sums.setdefault(f, {})
             for k, v in state.items():
                 if torch.is_floating_point(v):
@@ -196,9 +204,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the doc")
     args = parser.parse_args()
     if args.report:
-        if not JSON.is_file():
-            raise SystemExit(f"{JSON} not found: run the benchmark first")
-        report(json.loads(JSON.read_text()))
+        report_from(JSON, report)
         return
     report(run_rows(args.rows, args.fractions, Path(args.work)))
 

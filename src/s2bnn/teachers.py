@@ -116,16 +116,13 @@ class Teacher(nn.Module):
         self.grid = int(grid)
         self.in_chans = model_in_chans(backbone)
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-        if self.stages < 1:
-            raise ConfigError(f"method.teacher.stages must be >= 1, got {stages}")
-        if self.grid < 1:
-            raise ConfigError(f"method.teacher.grid must be >= 1, got {grid}")
-        if self.stages > 1 and linears:
-            raise ConfigError(f"method.teacher.stages={stages} distils pooled backbone stages, "
-                              "not a projection head: set method.teacher.head=none")
-        if self.grid > 1 and linears:
-            raise ConfigError(f"method.teacher.grid={grid} distils the backbone's feature maps, "
-                              "not a projection head: set method.teacher.head=none")
+        for key, value, what in (("stages", self.stages, "pooled backbone stages"),
+                                 ("grid", self.grid, "the backbone's feature maps")):
+            if value < 1:
+                raise ConfigError(f"method.teacher.{key} must be >= 1, got {value}")
+            if value > 1 and linears:
+                raise ConfigError(f"method.teacher.{key}={value} distils {what}, not a "
+                                  "projection head: set method.teacher.head=none")
         for p in self.parameters():
             p.requires_grad_(False)
         # Built in eval mode; a method that holds it keeps it there (Method.attach_offline_teacher
@@ -193,9 +190,9 @@ def stage_features(backbone: nn.Module, x: torch.Tensor, stages: int | None,
         h = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
         blocks = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
     else:
-        raise ConfigError(f"method.teacher.stages > 1: {arch} has no stages this library can "
-                          "read (a stem + blocks backbone or a torchvision ResNet); set "
-                          "method.teacher.stages=1")
+        raise ConfigError(f"method.teacher.stages > 1 or grid > 1: {arch} has no stages this "
+                          "library can read (a stem + blocks backbone or a torchvision ResNet); "
+                          "set method.teacher.stages=1 and method.teacher.grid=1")
     outs = []
     for block in blocks:
         h = block(h)
