@@ -170,10 +170,12 @@ def report(done: dict[str, Any]) -> None:
         "it; `last` is the network it ends with, `avg f` the uniform average of its backbone's",
         "weights and BatchNorm statistics over the last f of those steps, from the same run.",
         "Linear (kNN) top-1 % with the demo's probe; the margin is over the untrained student.",
+        "`spread`: the standard deviation of the linear (kNN) top-1 over that row's networks,",
+        "`last` and the averages: how far the probe moves between nearly identical networks.",
         "",
         "| row | seed | steps | demo's student | last | " + " | ".join(
-            f"avg {f}" for f in fracs) + " |",
-        "|" + "---|" * (5 + len(fracs)),
+            f"avg {f}" for f in fracs) + " | spread |",
+        "|" + "---|" * (6 + len(fracs)),
     ]
     gains: dict[str, list[float]] = {f: [] for f in fracs}
     for row, e in done.items():
@@ -183,8 +185,12 @@ def report(done: dict[str, Any]) -> None:
             p = e["averages"][f]
             gains[f].append(p["linear_top1"] - base)
             cells.append(f"{p['linear_top1']:.1f} ({p['knn_top1']:.1f})")
+        nets = [e["last"], *e["averages"].values()]
+        sd_lin, sd_knn = (statistics.pstdev(n[k] for n in nets)
+                          for k in ("linear_top1", "knn_top1"))
         lines.append(f"| {row} | {e['seed']} | {e['steps']} | {e['demo']:.1f} | "
-                     f"{base:.1f} ({e['last']['knn_top1']:.1f}) | " + " | ".join(cells) + " |")
+                     f"{base:.1f} ({e['last']['knn_top1']:.1f}) | " + " | ".join(cells)
+                     + f" | {sd_lin:.2f} ({sd_knn:.2f}) |")
     if done:
         lines += ["", "Mean Δ linear against `last`: " + ", ".join(
             f"avg {f} {statistics.mean(g):+.2f}" for f, g in gains.items()) + "."]
