@@ -50,13 +50,14 @@ from run_all import machine  # noqa: E402
 
 
 def folder_seeds(name: str, teachers: int = 1, seeds: tuple[int, ...] = (0, 1, 2),
-                 extra: tuple[str, ...] = ()) -> dict[str, dict[str, object]]:
-    """Rows ``name`` (seed 0), ``name-seed1``, ``name-seed2``, ...: the 4,000-image folder's
-    demo in bf16 with ``teachers`` teachers and the demo keys ``extra``, at each of ``seeds``
-    (every stage's seed)."""
+                 extra: tuple[str, ...] = (), folder: tuple[int, int] = (4000, 1000)
+                 ) -> dict[str, dict[str, object]]:
+    """Rows ``name`` (seed 0), ``name-seed1``, ``name-seed2``, ...: the demo on the folder of
+    ``folder`` (training, validation) images in bf16 with ``teachers`` teachers and the demo
+    keys ``extra``, at each of ``seeds`` (every stage's seed)."""
     base = [f"max_teachers={teachers}", "precision=bf16", *extra]
     return {f"{name}-seed{k}" if k else name:
-            {"folder": (4000, 1000), "overrides": [*base, *([f"seed={k}"] if k else [])]}
+            {"folder": folder, "overrides": [*base, *([f"seed={k}"] if k else [])]}
             for k in seeds}
 
 ROWS: dict[str, dict[str, object]] = {
@@ -185,6 +186,9 @@ ROWS: dict[str, dict[str, object]] = {
     # method.teacher.stages=2; cap 40 as in -r22-cap40, the same teachers).
     **folder_seeds("folder-4k-r24-stages2", seeds=(0, 1, 2, 3, 4)),
     "fmnist-60k-r24": {"overrides": ["max_teachers=1", "precision=bf16"]},
+    # Round 22: the shipped recipe (that of -r24-stages2) on the 2,000-image folder, the other
+    # "few-thousand-image folder" of the issue's goal, last run with round 9's recipes.
+    **folder_seeds("folder-2k-r25", seeds=(0, 1), folder=(2000, 1000)),
 }
 
 

@@ -39,8 +39,11 @@ STRATEGIES: dict[str, tuple[str, list[str], str]] = {
     "s2bnn_contrastive": ("s2bnn_contrastive.yaml", [], "② MoCo v2 + distillation"),
     "s2bnn": ("s2bnn.yaml", [], "③ S2-BNN: distillation only"),
     # The online teacher learns by MoCo v2, which needs two views (and so two epochs for the
-    # same wall time as the one-view offline distillation).
+    # same wall time as the one-view offline distillation). Its target is the paper's: its own
+    # 128-d head output, not the frozen teacher's pooled stages that s2bnn.yaml distils.
     "s2bnn_online": ("s2bnn.yaml", ["method.teacher.kind=online", "method.teacher.path=null",
+                                    "method.teacher.head=auto", "method.teacher.center=false",
+                                    "method.teacher.stages=1", "method.proj_dim=128",
                                     "data.augment.num_views=2", "epochs=2"],
                      "③ with an online teacher"),
     "seed": ("seed.yaml", [], "SEED"),
