@@ -245,7 +245,7 @@ def main() -> int:
         # A gap inside the seeds' own spread is a tie, whichever way it points.
         spread = max(_mean_std(acc(a))[1], _mean_std(acc(b))[1])
         if spread and abs(ma - mb) < spread:
-            verdict += f", within the seeds' spread (± {spread:.1f}): a tie"
+            verdict = f"a tie: the gap is inside the seeds' spread (± {spread:.1f})"
         lines.append(f"- {text}: {ma:.1f} vs {mb:.1f} — {verdict}")
 
     claim("strategy 3 > strategy 2", "s2bnn", "s2bnn_contrastive")

@@ -232,7 +232,8 @@ class Config:
     max_steps: Optional[int] = None  # stop after this many optimiser steps (dry runs)
     batch_size: int = 256  # global batch, split across ranks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPUs that support it) | fp32 | bf16
+    # auto: bf16 autocast on GPUs with bf16 and on CPUs with AVX512-BF16 or AMX, else fp32
+    precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = False
     deterministic: bool = False
     sync_bn: bool = False
