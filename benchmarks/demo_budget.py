@@ -502,6 +502,13 @@ NOTES: list[str] = [
     "scored 83.1 (teacher 84.43, 2,922 steps), against 83.49 in `fmnist-60k-r21` (3,149 steps) "
     "and 83.1-83.9 in five fresh-clone runs with the old target: one run, within that spread; "
     "that teacher's last two stages probe 85.5 against 84.4 for its pooled features.",
+    "- Round 22, rows `-r25` (machine C): the shipped recipe (that of `-r24-stages2`) on the "
+    "2,000-image folder, last run there with round 9's recipes (`folder-2k-bf16*`: margins "
+    "16.0 / 14.7 / 15.4). The teacher stops at its 40-epoch cap after 600 steps (76 s) and the "
+    "students get 511 s side by side: S2-BNN 4,333 and 4,352 steps (about 280 epochs), "
+    "79.8 and 79.6 against the untrained network's 64.07, margins 15.73 and 15.53, 1.1 and 1.3 "
+    "below raw pixels (80.9); MoCo v2 73.3 and 75.4. Both folder goals are met on both seeds; "
+    "the teachers (79.8, 81.0) are at raw pixels, not above them.",
 ]
 
 

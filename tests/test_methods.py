@@ -766,6 +766,27 @@ def test_teacher_stages_one_head_block_per_stage(tmp_path: Path) -> None:
         _build(_cfg("s2bnn", proj_dim=72, teacher=tcfg, contrastive_weight=1.0))
 
 
+def test_teacher_whiten_distils_the_whitened_stages(tmp_path: Path) -> None:
+    """method.teacher.whiten=true: each stage's block of the target is its centred features
+    softly whitened on the batch, then normalised, and distillation works on it as on the
+    centred target."""
+    from s2bnn.models import build_model
+    from s2bnn.teachers import stage_features, whiten_batch
+
+    torch.manual_seed(7)
+    net = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25).eval()
+    torch.save(net.state_dict(), tmp_path / "small.pth")
+    tcfg = TeacherConfig(path=str(tmp_path / "small.pth"), arch="resnet_small", head="none",
+                         center=True, stages=2, whiten=True, kwargs={"width_mult": 0.25})
+    method = _build(_cfg("s2bnn", proj_dim=72, teacher=tcfg))
+    x = _data()[0][0]
+    with torch.no_grad():
+        want = torch.cat([F.normalize(whiten_batch(z.float()), dim=1)
+                          for z in stage_features(net, x, 2)], 1)
+        torch.testing.assert_close(method.teacher(x), want, atol=1e-4, rtol=1e-4)
+    _check_block_distillation(method, x, (24, 48))
+
+
 def test_teacher_grid_one_head_block_per_cell(tmp_path: Path) -> None:
     """method.teacher.grid=2: every cell of the stages' 2x2 maps is a block of the target and of
     the student's head, and training brings the student closer to them on average."""

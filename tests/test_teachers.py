@@ -24,6 +24,7 @@ from s2bnn.teachers import (
     center_batch,
     load_teacher,
     stage_features,
+    whiten_batch,
 )
 
 
@@ -418,6 +419,26 @@ def test_center_batch_subtracts_the_batch_mean_and_leaves_one_image_alone() -> N
     assert torch.equal(center_batch(z[:1]), z[:1])  # nothing to centre on: unchanged
 
 
+def test_whiten_batch_evens_out_the_spectrum_and_keeps_its_directions() -> None:
+    """Each principal direction of variance e comes out with variance e / (e + m), m the mean
+    variance, along the same direction; one image is left alone."""
+    torch.manual_seed(0)
+    z = torch.randn(64, 8, dtype=torch.float64) * torch.tensor([8.0, 4, 2, 1, 0.5, 0.2, 0.1,
+                                                                0.05], dtype=torch.float64)
+    z = z @ torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0] + 3.0
+    w = whiten_batch(z)
+    torch.testing.assert_close(w.mean(0), torch.zeros(8, dtype=torch.float64))
+    zc = z - z.mean(0)
+    e, v = torch.linalg.eigh(zc.T @ zc / 64)
+    out = v.T @ (w.T @ w / 64) @ v  # the output covariance in the input's principal axes
+    torch.testing.assert_close(out, torch.diag(e / (e + e.mean())))
+    share = lambda a: float(torch.linalg.eigvalsh(a.T @ a)[-1] / torch.trace(a.T @ a))  # noqa
+    assert share(w) < share(zc) - 0.2  # the top direction holds less of the whole
+    assert torch.equal(whiten_batch(z[:1]), z[:1])
+    # One image three times: centred, only rounding is left, and it is not blown up.
+    assert whiten_batch(z[:1].repeat(3, 1)).abs().max() < 1e-6
+
+
 def test_load_teacher_centres_on_request(registry: None, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = TinyNet(in_chans=1).eval()
@@ -431,6 +452,9 @@ def test_load_teacher_centres_on_request(registry: None, tmp_path: Path) -> None
     torch.testing.assert_close(centred(x), F.normalize(feats - feats.mean(0), dim=1))
     torch.testing.assert_close(plain(x), F.normalize(feats, dim=1))
     assert not plain.center
+    white = load_teacher(path, "tiny_test_net", head="none", center=True, whiten=True,
+                         in_chans=1)
+    torch.testing.assert_close(white(x), F.normalize(whiten_batch(feats), dim=1))
 
 
 def test_stage_features_of_our_backbones_and_torchvision_resnets(registry: None) -> None:

@@ -122,6 +122,10 @@ class TeacherConfig:
     # the 128-d head output (docs/CENTRED_TARGET.md, round 14). A batch of one is left as it is.
     # Refused with kind: online.
     center: bool = False
+    # Offline, with center: also whiten the centred outputs softly on each batch (see
+    # s2bnn.teachers.whiten_batch), so that the few directions that hold most of their variance
+    # do not make up most of the target (not in the paper).
+    whiten: bool = False
     # S2-BNN, offline, head none: distil the pooled outputs of the teacher backbone's last
     # `stages` stages (each centred with `center` and normalised, one softmax block each; the
     # student's head gets one block per stage) instead of its pooled features alone (not in the

@@ -56,7 +56,8 @@ from s2bnn.models.common import model_in_chans
 
 __all__ = [
     "PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "PRECISION_CHOICES", "FORMAT_CHOICES", "Teacher",
-    "TeacherEnsemble", "load_teacher", "detect_format", "center_batch", "stage_features",
+    "TeacherEnsemble", "load_teacher", "detect_format", "center_batch", "whiten_batch",
+    "stage_features",
     "stage_widths",
 ]
 
@@ -100,7 +101,7 @@ class Teacher(nn.Module):
 
     def __init__(
         self, backbone: nn.Module, head: nn.Module, arch: str, precision: str = "auto",
-        center: bool = False, stages: int = 1, grid: int = 1,
+        center: bool = False, stages: int = 1, grid: int = 1, whiten: bool = False,
     ) -> None:
         super().__init__()
         if precision not in PRECISION_CHOICES:
@@ -112,6 +113,7 @@ class Teacher(nn.Module):
         self.arch = arch
         self.precision = precision
         self.center = center
+        self.whiten = whiten
         self.stages = int(stages)
         self.grid = int(grid)
         self.in_chans = model_in_chans(backbone)
@@ -150,7 +152,10 @@ class Teacher(nn.Module):
                 zs = [self.head(self.backbone(x))]
             else:
                 zs = stage_features(self.backbone, x, self.stages, self.arch, self.grid)
-        zs = [center_batch(z.float()) if self.center else z.float() for z in zs]
+        if self.whiten:
+            zs = [whiten_batch(z.float()) for z in zs]
+        else:
+            zs = [center_batch(z.float()) if self.center else z.float() for z in zs]
         return torch.cat([F.normalize(z, dim=1) for z in zs], dim=1)
 
 
@@ -214,6 +219,30 @@ def center_batch(z: torch.Tensor) -> torch.Tensor:
     the paper's tau is nearly flat. Centred, each dimension says how much more of a feature
     this view has than the batch does, and the softmax over them is a sharper target."""
     return z - z.mean(0, keepdim=True) if z.shape[0] > 1 else z
+
+
+def whiten_batch(z: torch.Tensor) -> torch.Tensor:
+    """``z`` centred on the batch and softly whitened: its batch covariance ``C`` (D x D) turned
+    into ``C (C + m I)^-1``, ``m`` the mean variance per dimension; a batch of one is returned
+    as it is.
+
+    Centred pooled features are dominated by a few directions (the demo's two-stage target on
+    the 4,000-image folder keeps half its variance in 3-4 of its 288 principal directions and
+    90 % in 25-28; docs/TARGET_SPECTRUM.md), and a cosine-like loss on them is mostly a loss on
+    those few. Here each direction of variance ``e`` keeps variance
+    ``e / (e + m)``: the dominant ones come out near 1, the weak ones (mostly noise) stay weak,
+    so the middle of the spectrum counts as much as the top in the target."""
+    if z.shape[0] < 2:
+        return z
+    zc = z - z.mean(0, keepdim=True)
+    cov = zc.T @ zc / zc.shape[0]
+    e, v = torch.linalg.eigh(cov.double())
+    e = e.clamp_min(0)  # rounding can leave the null directions a little below 0
+    # The floor keeps a batch of (nearly) identical images from blowing rounding noise up to
+    # unit size; against real features' spread it is nothing.
+    m = torch.maximum(e.mean(), 1e-6 * z.double().pow(2).mean() + 1e-30)
+    w = (v * (e + m).rsqrt()) @ v.T
+    return zc @ w.to(zc.dtype)
 
 
 class TeacherEnsemble(nn.Module):
@@ -503,7 +532,7 @@ def _build_head(sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
 def load_teacher(
     path: str | Path, arch: str, *, head: str = "auto", precision: str = "auto",
     fmt: str = "auto", center: bool = False, stages: int = 1, grid: int = 1,
-    **model_kwargs: Any,
+    whiten: bool = False, **model_kwargs: Any,
 ) -> Teacher:
     """Load a frozen teacher mapping images to L2-normalised embeddings.
 
@@ -538,7 +567,7 @@ def load_teacher(
                 f"{path} holds no projection head but method.teacher.head={head}; use head=auto or "
                 "head=none to distil from the pooled backbone features"
             )
-        return Teacher(backbone, nn.Identity(), arch, precision, center, stages, grid)
+        return Teacher(backbone, nn.Identity(), arch, precision, center, stages, grid, whiten)
     head_module = _build_head(head_sd, path)
     linears = [m for m in head_module.modules() if isinstance(m, nn.Linear)]
     if head == "mlp" and len(linears) < 2 or head == "linear" and len(linears) != 1:
@@ -553,4 +582,4 @@ def load_teacher(
             f"backbone gives {feat}-d features; another architecture?"
         )
     # Teacher refuses stages > 1 or grid > 1 on a projection head.
-    return Teacher(backbone, head_module, arch, precision, center, stages, grid)
+    return Teacher(backbone, head_module, arch, precision, center, stages, grid, whiten)

@@ -81,6 +81,10 @@ def check_method_config(cfg: MethodConfig, num_views: int | None = None) -> None
     if cfg.proj_hidden_dim is not None and cfg.proj_hidden_dim < 0:
         raise ConfigError(f"method.proj_hidden_dim must be >= 0 (0: a linear head), got "
                           f"{cfg.proj_hidden_dim}")
+    if cfg.teacher.whiten and not cfg.teacher.center:
+        # Any method that distils a frozen teacher (S2-BNN, SEED) builds it the same way.
+        raise ConfigError("method.teacher.whiten whitens the centred target; set "
+                          "method.teacher.center=true with it")
     cls.check_config(cfg)
     need = cls.views_needed(cfg)
     if num_views is not None and num_views < need:
@@ -142,7 +146,8 @@ def _one_teacher(tcfg: TeacherConfig, path: str, in_chans: int, proj_dim: int) -
         )
     teacher = load_teacher(
         path, tcfg.arch, head=tcfg.head, precision=tcfg.precision, fmt=tcfg.format,
-        center=tcfg.center, stages=tcfg.stages, grid=tcfg.grid, **dict(tcfg.kwargs),
+        center=tcfg.center, stages=tcfg.stages, grid=tcfg.grid, whiten=tcfg.whiten,
+        **dict(tcfg.kwargs),
     )
     t_chans = getattr(teacher, "in_chans", None)
     if t_chans is not None and t_chans != in_chans:
