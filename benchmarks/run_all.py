@@ -132,6 +132,37 @@ def retrain_study_main(doc: str, rows: list[str], variants: list[str], default: 
     report(run(args.rows, args.variants, Path(args.work)))
 
 
+def row_study_main(doc: str, rows: list[str], results: Path,
+                   compute: Callable[[str], dict[str, Any]], report: Callable[[Any], None],
+                   reuse: Callable[[dict[str, Any]], bool] = lambda entry: False) -> None:
+    """The command line of a study that measures demo_budget rows without training: ``--rows``
+    (default ``rows``) are computed with ``compute`` into ``results`` (JSON, one entry a row,
+    written after each; an entry for which ``reuse`` says so is kept), then ``report`` gets
+    them all, ``rows`` first; ``--report`` only rewrites the doc."""
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=rows)
+    parser.add_argument("--report", action="store_true", help="only rewrite the doc")
+    args = parser.parse_args()
+
+    def ordered(done: dict[str, Any]) -> None:
+        report({r: done[r] for r in [*rows, *done] if r in done})
+
+    if args.report:
+        report_from(results, ordered)
+        return
+    done: dict[str, Any] = json.loads(results.read_text()) if results.is_file() else {}
+    for row in args.rows:
+        if row in done and reuse(done[row]):
+            continue
+        print(f"== {row}", flush=True)
+        done[row] = compute(row)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(done, indent=2) + "\n")
+    ordered(done)
+
+
 def report_from(results: Path, report: Callable[[Any], None]) -> None:
     """``--report``: rewrite a study's doc from its JSON ``results`` alone."""
     import json

@@ -16,8 +16,6 @@ Results accumulate in docs/results/teacher_stages.json; a row already there is r
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +24,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run_all import demo_eval_splits, demo_row, machine, write_markdown  # noqa: E402
+from run_all import (  # noqa: E402
+    demo_eval_splits,
+    demo_row,
+    machine,
+    row_study_main,
+    write_markdown,
+)
 
 DEMOS = ROOT / "runs" / "demo_budget"
 JSON = ROOT / "docs" / "results" / "teacher_stages.json"
@@ -152,20 +156,8 @@ def report(done: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=ROWS)
-    parser.add_argument("--report", action="store_true", help="only rewrite the doc")
-    args = parser.parse_args()
-    done: dict[str, Any] = json.loads(JSON.read_text()) if JSON.is_file() else {}
-    if not args.report:
-        for row in args.rows:
-            if row in done and "last two stages, 2x2 cells" in done[row]["probes"]:
-                continue
-            print(f"== {row}", flush=True)
-            done[row] = probe_row(row)
-            JSON.parent.mkdir(parents=True, exist_ok=True)
-            JSON.write_text(json.dumps(done, indent=2) + "\n")
-    report({r: done[r] for r in [*ROWS, *done] if r in done} if done else done)
+    row_study_main(__doc__, ROWS, JSON, probe_row, report,
+                   reuse=lambda e: "last two stages, 2x2 cells" in e["probes"])
 
 
 if __name__ == "__main__":
