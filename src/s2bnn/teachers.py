@@ -57,8 +57,7 @@ from s2bnn.models.common import model_in_chans
 __all__ = [
     "PROJECTION_HEAD_PREFIX", "HEAD_CHOICES", "PRECISION_CHOICES", "FORMAT_CHOICES", "Teacher",
     "TeacherEnsemble", "load_teacher", "detect_format", "center_batch", "whiten_batch",
-    "stage_features",
-    "stage_widths",
+    "stage_features", "stage_widths",
 ]
 
 # Key prefix of the student's projection head in every method's state_dict (see module docstring).
@@ -91,7 +90,8 @@ class Teacher(nn.Module):
     ``fp32`` / ``bf16`` always in that precision. A frozen teacher only supplies targets, so
     bf16 is a cheap speed-up where the device computes it natively (CPUs with AVX512-BF16/AMX,
     recent GPUs); the embeddings come back as float32 either way. ``center``: subtract the
-    batch's mean output before normalising (see :func:`center_batch`). ``stages`` > 1 (with an
+    batch's mean output before normalising (see :func:`center_batch`); ``whiten``: centre and
+    softly whiten it instead (see :func:`whiten_batch`). ``stages`` > 1 (with an
     identity head): the pooled outputs of the backbone's last ``stages`` stages instead of its
     pooled features (see :func:`stage_features`), each centred (with ``center``) and normalised
     on its own and set side by side; ``block_dims`` holds their widths. ``grid`` > 1 (with an
@@ -542,7 +542,8 @@ def load_teacher(
     ``mlp``/``linear`` require that kind of head in the checkpoint, ``none`` ignores any head.
     ``precision`` is the teacher's forward precision (see :class:`Teacher`). ``fmt`` is the
     expected layout (:data:`FORMAT_CHOICES`; ``auto``: any), checked against :func:`detect_format`.
-    ``center``: the embeddings are centred on each batch's mean before normalising.
+    ``center``: the embeddings are centred on each batch's mean before normalising;
+    ``whiten``: centred and softly whitened on each batch (:func:`whiten_batch`).
     ``stages`` > 1 (needs ``head='none'``): the pooled outputs of that many last stages, side
     by side (see :class:`Teacher`); ``grid`` > 1 (needs ``head='none'``): each pooled to a
     ``grid`` x ``grid`` map, one block per cell.
