@@ -133,17 +133,22 @@ def retrain_study_main(doc: str, rows: list[str], variants: list[str], default: 
 
 
 def row_study_main(doc: str, rows: list[str], results: Path,
-                   compute: Callable[[str], dict[str, Any]], report: Callable[[Any], None],
-                   reuse: Callable[[dict[str, Any]], bool] = lambda entry: False) -> None:
-    """The command line of a study that measures demo_budget rows without training: ``--rows``
-    (default ``rows``) are computed with ``compute`` into ``results`` (JSON, one entry a row,
+                   compute: Callable[[str, argparse.Namespace], dict[str, Any]],
+                   report: Callable[[Any], None],
+                   reuse: Callable[[dict[str, Any]], bool] = lambda entry: False,
+                   options: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """The command line of a study with one entry per demo_budget row: ``--rows`` (default
+    ``rows``) are computed with ``compute(row, args)`` into ``results`` (JSON, one entry a row,
     written after each; an entry for which ``reuse`` says so is kept), then ``report`` gets
-    them all, ``rows`` first; ``--report`` only rewrites the doc."""
+    them all, ``rows`` first; ``--report`` only rewrites the doc. ``options`` adds the study's
+    own arguments to the parser."""
     import json
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=rows)
     parser.add_argument("--report", action="store_true", help="only rewrite the doc")
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
 
     def ordered(done: dict[str, Any]) -> None:
@@ -157,7 +162,7 @@ def row_study_main(doc: str, rows: list[str], results: Path,
         if row in done and reuse(done[row]):
             continue
         print(f"== {row}", flush=True)
-        done[row] = compute(row)
+        done[row] = compute(row, args)
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(done, indent=2) + "\n")
     ordered(done)

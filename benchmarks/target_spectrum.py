@@ -206,7 +206,7 @@ def report(done: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    row_study_main(__doc__, ROWS, JSON, spectrum_row, report)
+    row_study_main(__doc__, ROWS, JSON, lambda row, _: spectrum_row(row), report)
 
 
 if __name__ == "__main__":

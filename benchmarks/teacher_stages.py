@@ -156,7 +156,7 @@ def report(done: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    row_study_main(__doc__, ROWS, JSON, probe_row, report,
+    row_study_main(__doc__, ROWS, JSON, lambda row, _: probe_row(row), report,
                    reuse=lambda e: "last two stages, 2x2 cells" in e["probes"])
 
 

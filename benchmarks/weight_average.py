@@ -23,7 +23,6 @@ Results accumulate in docs/results/weight_average.json; a row already there is r
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -39,7 +38,7 @@ from run_all import (  # noqa: E402
     demo_probe,
     demo_row,
     machine,
-    report_from,
+    row_study_main,
     write_markdown,
 )
 
@@ -131,30 +130,24 @@ def _train_row(row: str, work: Path, fractions: list[float]) -> tuple[Path, dict
     return run, dirs
 
 
-def run_rows(rows: list[str], fractions: list[float], work: Path) -> dict[str, Any]:
-    done: dict[str, Any] = json.loads(JSON.read_text()) if JSON.is_file() else {}
-    for row in rows:
-        if row in done:
-            continue
-        print(f"== {row}", flush=True)
-        t0 = time.perf_counter()
-        last, dirs = _train_row(row, work, fractions)
-        _, results = demo_row(DEMOS, row)
-        ds = demo_eval_splits(results["config"]["data"])
-        scores = {r["name"]: r for r in results["runs"]}
-        entry = {"seed": results["config"]["seed"],
-                 "steps": int(results["stages"]["s2bnn"]["steps"]),
-                 "untrained": round(scores["random_init"]["linear_top1"], 2),
-                 "demo": scores["s2bnn"]["linear_top1"],
-                 "train_s": round(time.perf_counter() - t0, 1),
-                 "last": demo_probe(ds, last),
-                 "averages": {f"{f:g}": demo_probe(ds, d) for f, d in dirs.items()},
-                 "machine": machine()}
-        print(f"   {entry}", flush=True)
-        done[row] = entry
-        JSON.parent.mkdir(parents=True, exist_ok=True)
-        JSON.write_text(json.dumps(done, indent=2) + "\n")
-    return done
+def average_row(row: str, fractions: list[float], work: Path) -> dict[str, Any]:
+    """Retrain row ``row``'s student once; the demo's probe of its last weights and of the
+    averages over the last ``fractions`` of its steps."""
+    t0 = time.perf_counter()
+    last, dirs = _train_row(row, work, fractions)
+    _, results = demo_row(DEMOS, row)
+    ds = demo_eval_splits(results["config"]["data"])
+    scores = {r["name"]: r for r in results["runs"]}
+    entry = {"seed": results["config"]["seed"],
+             "steps": int(results["stages"]["s2bnn"]["steps"]),
+             "untrained": round(scores["random_init"]["linear_top1"], 2),
+             "demo": scores["s2bnn"]["linear_top1"],
+             "train_s": round(time.perf_counter() - t0, 1),
+             "last": demo_probe(ds, last),
+             "averages": {f"{f:g}": demo_probe(ds, d) for f, d in dirs.items()},
+             "machine": machine()}
+    print(f"   {entry}", flush=True)
+    return entry
 
 
 def report(done: dict[str, Any]) -> None:
@@ -203,16 +196,13 @@ def report(done: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=ROWS)
-    parser.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
-    parser.add_argument("--work", default=str(DEMOS / "weight_average"))
-    parser.add_argument("--report", action="store_true", help="only rewrite the doc")
-    args = parser.parse_args()
-    if args.report:
-        report_from(JSON, report)
-        return
-    report(run_rows(args.rows, args.fractions, Path(args.work)))
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
+        parser.add_argument("--work", default=str(DEMOS / "weight_average"))
+
+    row_study_main(__doc__, ROWS, JSON,
+                   lambda row, args: average_row(row, args.fractions, Path(args.work)),
+                   report, reuse=lambda entry: True, options=options)
 
 
 if __name__ == "__main__":
