@@ -810,3 +810,59 @@ def test_teacher_grid_one_head_block_per_cell(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="grid > 1 .*needs method.contrastive_weight 0"):
         _build(_cfg("s2bnn", proj_dim=192, teacher=replace(tcfg, stages=1),
                     contrastive_weight=1.0))
+
+
+def test_deep_supervision_adds_the_earlier_stages_losses(tmp_path: Path) -> None:
+    """method.student_stages=3: the student's two stages before its last each get a head that
+    predicts the same target; the loss is the last stage's plus stage_weight times their mean
+    (logged as loss_stages), and training lowers it."""
+    from s2bnn.losses import soft_cross_entropy
+    from s2bnn.methods.registry import check_method_config
+    from s2bnn.models import build_model
+    from s2bnn.teachers import stage_features
+
+    torch.manual_seed(7)
+    teacher = build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25)
+    torch.save(teacher.state_dict(), tmp_path / "small.pth")
+    tcfg = TeacherConfig(path=str(tmp_path / "small.pth"), arch="resnet_small", head="none",
+                         center=True, kwargs={"width_mult": 0.25})
+    cfg = _cfg("s2bnn", proj_dim=48, teacher=tcfg, student_stages=3, stage_weight=0.5)
+
+    def student() -> nn.Module:
+        return build_model("resnet_small", num_classes=0, in_chans=1, width_mult=0.25)
+
+    torch.manual_seed(0)
+    method = build_method(cfg, student(), num_train=N_IMAGES, total_steps=100, in_chans=1)
+    # resnet_small x0.25 ends its stages at 6, 12, 24 and 48 channels.
+    assert [h[0].in_features for h in method.stage_heads] == [12, 24]
+    assert method.head[0].in_features == 48
+    x = _data()[0][0]
+    method.eval()
+    loss, logs = method([x])
+    with torch.no_grad():
+        t = method.teacher(x)
+        feats = stage_features(method.backbone, x, 3)
+        s = [F.normalize(h(f), dim=1)
+             for h, f in zip([*method.stage_heads, method.head], feats)]
+    last = soft_cross_entropy(s[2], t, method.temperature)
+    earlier = (soft_cross_entropy(s[0], t, method.temperature)
+               + soft_cross_entropy(s[1], t, method.temperature)) / 2
+    torch.testing.assert_close(logs["loss_distill"], last)
+    torch.testing.assert_close(logs["loss_stages"], earlier)
+    torch.testing.assert_close(loss, last + 0.5 * earlier)
+    torch.testing.assert_close(method._student(x), s[2])
+    losses = _epoch_losses(method, epochs=4)
+    assert losses[-1] < losses[0], losses
+
+    for bad, match in ((replace(cfg, student_stages=0), "method.student_stages must be >= 1"),
+                       (replace(cfg, stage_weight=-1.0), "method.stage_weight"),
+                       (replace(cfg, contrastive_weight=1.0),
+                        "student_stages > 1 .*needs method.contrastive_weight 0")):
+        with pytest.raises(ConfigError, match=match):
+            check_method_config(bad)
+    with pytest.raises(ConfigError, match="method.student_stages=5 but the student has 4"):
+        build_method(replace(cfg, student_stages=5), student(), num_train=N_IMAGES,
+                     total_steps=100, in_chans=1)
+    with pytest.raises(ConfigError, match="method.student_stages=2: the student has no stages"):
+        build_method(replace(cfg, student_stages=2), TinyNet(), num_train=N_IMAGES,
+                     total_steps=100, in_chans=1)

@@ -176,6 +176,12 @@ class MethodConfig:
     # student see it (mixup, weight ~ Beta(a, a) per image; 0: off, as the reference). The
     # teacher labels any input, so mixing adds new inputs to distil on (Beyer et al. 2022).
     mixup_alpha: float = 0.0
+    # > 1: deep supervision. Each of the student's last student_stages stages (pooled) gets its
+    # own MLP head that predicts the whole target too; the earlier stages' losses, averaged, are
+    # added with weight stage_weight to the last stage's. Only the last stage's head is the
+    # method's (and is dropped after training like it). 1: off, as the paper.
+    student_stages: int = 1
+    stage_weight: float = 1.0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # SEED
     # The official SEED code's defaults (jacobswan1/SEED tools/opts.py: --temp 0.2 for the

@@ -159,8 +159,8 @@ class Teacher(nn.Module):
         return torch.cat([F.normalize(z, dim=1) for z in zs], dim=1)
 
 
-def stage_widths(backbone: nn.Module, stages: int | None,
-                 arch: str = "the teacher", grid: int = 1) -> tuple[int, ...]:
+def stage_widths(backbone: nn.Module, stages: int | None, arch: str = "the teacher",
+                 grid: int = 1, key: str | None = None) -> tuple[int, ...]:
     """The widths of :func:`stage_features` of ``backbone``, from one forward of a small blank
     batch in eval mode (so no BatchNorm statistics move)."""
     was_training = backbone.training
@@ -169,14 +169,15 @@ def stage_widths(backbone: nn.Module, stages: int | None,
     try:
         with torch.no_grad():
             blank = torch.zeros(2, model_in_chans(backbone) or 3, 64, 64, device=device)
-            feats = stage_features(backbone, blank, stages, arch, grid)
+            feats = stage_features(backbone, blank, stages, arch, grid, key)
     finally:
         backbone.train(was_training)
     return tuple(int(f.shape[1]) for f in feats)
 
 
 def stage_features(backbone: nn.Module, x: torch.Tensor, stages: int | None,
-                   arch: str = "the teacher", grid: int = 1) -> list[torch.Tensor]:
+                   arch: str = "the teacher", grid: int = 1,
+                   key: str | None = None) -> list[torch.Tensor]:
     """The globally average-pooled outputs of ``backbone``'s last ``stages`` stages (``None``:
     all), the shallowest first; the last is the backbone's own pooled features.
 
@@ -187,7 +188,8 @@ def stage_features(backbone: nn.Module, x: torch.Tensor, stages: int | None,
     Backbones: this library's (``stem`` + ``blocks``, e.g. ``resnet_small``) and torchvision's
     ResNets (``layer1``..``layer4``). On the demo's teacher the last two stages side by side
     probe 1.3 points above its pooled features alone, on average over five seeds
-    (benchmarks/teacher_stages.py, docs/TEACHER_STAGES.md).
+    (benchmarks/teacher_stages.py, docs/TEACHER_STAGES.md). ``key``: the config key that asked
+    for the stages, named in the errors (default: the teacher's ``stages`` and ``grid``).
     """
     if hasattr(backbone, "stem") and hasattr(backbone, "blocks"):
         h, blocks = backbone.stem(x), list(backbone.blocks)
@@ -195,16 +197,19 @@ def stage_features(backbone: nn.Module, x: torch.Tensor, stages: int | None,
         h = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
         blocks = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
     else:
-        raise ConfigError(f"method.teacher.stages > 1 or grid > 1: {arch} has no stages this "
-                          "library can read (a stem + blocks backbone or a torchvision ResNet); "
-                          "set method.teacher.stages=1 and method.teacher.grid=1")
+        asked, fix = ((f"{key}={stages}", f"{key}=1") if key else (
+            "method.teacher.stages > 1 or grid > 1",
+            "method.teacher.stages=1 and method.teacher.grid=1"))
+        raise ConfigError(f"{asked}: {arch} has no stages this library can read (a stem + "
+                          f"blocks backbone or a torchvision ResNet); set {fix}")
     outs = []
     for block in blocks:
         h = block(h)
         outs.append(h)
     ends = [o for o, nxt in zip(outs, outs[1:] + [None]) if nxt is None or nxt.shape != o.shape]
     if stages is not None and stages > len(ends):
-        raise ConfigError(f"method.teacher.stages={stages} but {arch} has {len(ends)} stages")
+        raise ConfigError(f"{key or 'method.teacher.stages'}={stages} but {arch} has "
+                          f"{len(ends)} stages")
     picked = ends[-(stages or len(ends)):]
     if grid == 1:
         return [o.float().mean((2, 3)) for o in picked]

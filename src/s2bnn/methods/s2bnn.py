@@ -23,6 +23,13 @@ in the reference, off by default). The contrastive term, built only
 when ``contrastive_weight > 0``, is MoCo v2's (:mod:`.mocov2`) on the same student head; it needs
 two views and always uses the first view's student embedding as its query.
 
+Deep supervision (``student_stages`` = S > 1, not in the reference, off by default): the pooled
+outputs of the student's S - 1 stages before its last each get their own MLP head that predicts
+the same targets, and ``stage_weight * mean_s L_distill(stage s)`` joins the distillation term
+(``loss_stages`` in the logs), so early blocks get a gradient that has not passed every sign
+estimator above them. On the demo's 4,000-image folder it did not lift the student
+(docs/STUDENT_LEVERS.md, variant ``sstages2``).
+
 Teachers. ``offline`` (the paper): a :class:`s2bnn.teachers.Teacher` loaded from a checkpoint,
 frozen and never wrapped by DDP. ``online`` (the other scheme the paper discusses): a real-valued
 ``teacher_backbone`` + ``teacher_head`` trained by MoCo v2 in the same run (its loss is added
@@ -56,6 +63,7 @@ from s2bnn.methods.registry import (
     online_teacher,
     register_method,
 )
+from s2bnn.teachers import stage_features, stage_widths
 
 if TYPE_CHECKING:
     from s2bnn.config import MethodConfig
@@ -80,6 +88,13 @@ class S2BNN(Method):
         check_range(cfg, "distill_weight", 0.0)
         check_range(cfg, "contrastive_weight", 0.0)
         check_range(cfg, "mixup_alpha", 0.0)
+        check_range(cfg, "stage_weight", 0.0)
+        if cfg.student_stages < 1:
+            raise ConfigError(f"method.student_stages must be >= 1, got {cfg.student_stages}")
+        if cfg.student_stages > 1 and cfg.contrastive_weight > 0:
+            # The contrastive term queries one head on the pooled features.
+            raise ConfigError("method.student_stages > 1 (deep supervision) needs "
+                              "method.contrastive_weight 0")
         if cfg.mixup_alpha > 0 and (cfg.contrastive_weight > 0 or cfg.teacher.kind == "online"):
             # Both would learn contrastively from the mixed views, whose positives no longer
             # match: mixup is for the distillation-only recipe.
@@ -110,6 +125,7 @@ class S2BNN(Method):
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module, ctx: BuildContext) -> S2BNN:
         kw = dict(distill_weight=cfg.distill_weight, contrastive_weight=cfg.contrastive_weight,
                   distill_views=cfg.distill_views, mixup_alpha=cfg.mixup_alpha,
+                  student_stages=cfg.student_stages, stage_weight=cfg.stage_weight,
                   **moco_kwargs(cfg, ctx.num_train))
         if cfg.teacher.kind == "online":
             return cls(backbone, online_teacher=online_teacher(cfg.teacher, ctx.in_chans,
@@ -135,6 +151,8 @@ class S2BNN(Method):
         groups: int = 2,
         distill_views: str = "all",
         mixup_alpha: float = 0.0,
+        student_stages: int = 1,
+        stage_weight: float = 1.0,
     ) -> None:
         super().__init__(backbone)
         if (teacher is None) == (online_teacher is None):
@@ -154,6 +172,15 @@ class S2BNN(Method):
                              "no online teacher")
         feat = int(backbone.feature_dim)
         self.head = mlp_head(feat, hidden_dim, sum(self.block_dims))
+        if student_stages < 1 or (student_stages > 1 and contrastive_weight > 0):
+            raise ValueError("student_stages must be >= 1, and 1 with a contrastive term")
+        self.student_stages = int(student_stages)
+        self.stage_weight = stage_weight
+        # Heads for the stages before the last (the last stage's is self.head).
+        widths = (stage_widths(backbone, student_stages, "the student",
+                               key="method.student_stages") if student_stages > 1 else (feat,))
+        self.stage_heads = nn.ModuleList(
+            mlp_head(w, hidden_dim, sum(self.block_dims)) for w in widths[:-1])
         self.temperature = temperature
         self.distill_weight = distill_weight
         self.contrastive_weight = contrastive_weight
@@ -173,13 +200,26 @@ class S2BNN(Method):
                 self.teacher_backbone, self.teacher_head, **moco_kw)
             self._ddp_ignored.append("teacher_moco")
 
-    def _student(self, x: torch.Tensor) -> torch.Tensor:
-        if self.moco is not None:
-            return self.moco.query(self.backbone, self.head, x)
-        z = self.head(self.backbone(x))
+    def _unit_blocks(self, z: torch.Tensor) -> torch.Tensor:
         if len(self.block_dims) == 1:
             return F.normalize(z, dim=1)
         return torch.cat([F.normalize(b, dim=1) for b in z.split(self.block_dims, dim=1)], dim=1)
+
+    def _student(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's embedding of ``x`` (its head on the pooled features)."""
+        return self._student_stages(x)[-1]
+
+    def _student_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The student's embeddings of ``x``: the deep-supervision stages' first, the last's
+        (the method's own head on the pooled features) last."""
+        if self.moco is not None:
+            return [self.moco.query(self.backbone, self.head, x)]
+        if not self.stage_heads:
+            return [self._unit_blocks(self.head(self.backbone(x)))]
+        feats = stage_features(self.backbone, x, self.student_stages, "the student",
+                               key="method.student_stages")
+        heads = [*self.stage_heads, self.head]
+        return [self._unit_blocks(h(f)) for h, f in zip(heads, feats)]
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_views(views, self.name, 2 if self.moco or self.teacher_moco else 1)
@@ -198,15 +238,27 @@ class S2BNN(Method):
             logs["loss_teacher"] = loss_teacher.detach()
         else:
             targets = self.offline_targets(distilled)
-        students = [self._student(v) for v in distilled]
-        loss_distill, cosine = distill_over_views(
-            lambda s, t: block_soft_cross_entropy(s, t, self.temperature, self.block_dims),
-            students, targets)
+        stages = [self._student_stages(v) for v in distilled]  # per view: one embedding per stage
+        students = [per_view[-1] for per_view in stages]
+
+        def distill(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return block_soft_cross_entropy(s, t, self.temperature, self.block_dims)
+
+        loss_distill, cosine = distill_over_views(distill, students, targets)
+        if self.stage_heads:
+            loss_stages = torch.stack([
+                distill_over_views(distill, [per_view[i] for per_view in stages], targets)[0]
+                for i in range(len(self.stage_heads))]).mean()
+            logs["loss_stages"] = loss_stages.detach()
+            distilled_loss = loss_distill + self.stage_weight * loss_stages
+        else:
+            distilled_loss = loss_distill
         cosine = cosine / len(self.block_dims)  # the mean over blocks of each block's cosine
-        # Not `1.0 * loss_distill`: under torch.compile (inductor, torch 2.14 on CPU) that product
-        # becomes an alias of loss_distill, and returned next to its detached copy in `logs` the
+        # Not `1.0 * distilled_loss`: under torch.compile (inductor, torch 2.14 on CPU) that
+        # product becomes an alias of it, and returned next to its detached copy in `logs` the
         # loss came back without a grad_fn ("element 0 of tensors does not require grad").
-        loss = loss_distill if self.distill_weight == 1 else self.distill_weight * loss_distill
+        loss = (distilled_loss if self.distill_weight == 1
+                else self.distill_weight * distilled_loss)
         logs["loss_distill"] = loss_distill.detach()
         if self.moco is not None:
             k = self.moco.keys(views[1], self.backbone, self.head)
