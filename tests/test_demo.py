@@ -383,12 +383,16 @@ def test_claims_call_a_gap_within_the_sampling_error_a_tie():
     assert plain[0].endswith("holds") and plain[2].endswith("holds")
     sized = _check_claims(rows, 1000)
     assert sized[0].endswith("holds")  # 5.4 points apart: beyond the error
-    assert "holds, but the gap (0.8) is within twice" in sized[2]  # teacher vs pixels
-    assert "(±1.2)" in sized[2] and "1,000 test images" in sized[2]
+    assert "holds, but the gap (0.80) is within twice" in sized[2]  # teacher vs pixels
+    assert "(2 x 1.18 = 2.36)" in sized[2] and "1,000 test images" in sized[2]
+    # A gap that rounds to twice the rounded error: both shown to two decimals.
+    edge = _check_claims({**rows, "teacher": {"linear_top1": 84.7},
+                          "pixels": {"linear_top1": 82.3}}, 1000)
+    assert "the gap (2.40) is within" in edge[2] and "(2 x 1.21 = 2.41)" in edge[2]
     assert "±1.2 points" in sized[3]
     assert _check_claims(rows, 100000)[2].endswith("holds")  # 0.8 apart, error 0.12
     flipped = _check_claims({**rows, "mocov2": {"linear_top1": 84.5}}, 1000)
-    assert "does NOT hold, but the gap (0.6)" in flipped[0]
+    assert "does NOT hold, but the gap (0.60)" in flipped[0]
 
 
 def test_weak_results_name_the_cause_and_the_fix():

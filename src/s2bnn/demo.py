@@ -748,8 +748,11 @@ def _check_claims(rows: dict[str, dict[str, Any]], num_test: int | None = None) 
         if num_test:
             err = max(accuracy_stderr(a, num_test), accuracy_stderr(b, num_test))
             if abs(a - b) < 2 * err:
-                text += (f", but the gap ({abs(a - b):.1f}) is within twice one accuracy's "
-                         f"sampling error on {num_test:,} test images (±{err:.1f})")
+                # Two decimals: at one, a gap of 2.4 against an error of ±1.2 read as a
+                # contradiction where the unrounded gap 2.40 was below 2 x 1.207.
+                text += (f", but the gap ({abs(a - b):.2f}) is within twice one accuracy's "
+                         f"sampling error on {num_test:,} test images "
+                         f"(2 x {err:.2f} = {2 * err:.2f})")
         return text
 
     lines = []
