@@ -239,7 +239,7 @@ def whiten_batch(z: torch.Tensor) -> torch.Tensor:
     so the middle of the spectrum counts as much as the top in the target."""
     if z.shape[0] < 2:
         return z
-    zc = z - z.mean(0, keepdim=True)
+    zc = center_batch(z)
     cov = zc.T @ zc / zc.shape[0]
     e, v = torch.linalg.eigh(cov.double())
     e = e.clamp_min(0)  # rounding can leave the null directions a little below 0
