@@ -154,6 +154,8 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
      ("method.teacher.grid > 1", "method.teacher.kind=offline")),
     ("no student stages", _train(*S2BNN, "method.student_stages=0"),
      ("method.student_stages must be >= 1, got 0",)),
+    ("negative deep-supervision weight", _train(*S2BNN, "method.stage_weight=-1"),
+     ("method.stage_weight must be >= 0, got -1",)),
     ("deep supervision with a contrastive term",
      _train(*S2BNN, "method.student_stages=2", "method.contrastive_weight=1"),
      ("method.student_stages > 1", "method.contrastive_weight 0")),
