@@ -93,6 +93,49 @@ def test_demo_end_to_end_on_tiny_imagefolder(tmp_path, capsys):
     assert (out / "results.json").read_bytes() == before
 
 
+def _colour_tree(root: Path, size: int, classes: int = 2, per_class: int = 10) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", per_class // 2)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                img[:, :, c] = 250  # class = the dominant channel
+                Image.fromarray(img, mode="RGB").save(d / f"{i}.png")
+    return root
+
+
+def test_demo_brings_large_images_down_to_what_a_cpu_budget_affords(tmp_path):
+    """Images above 64 px (which training would take to 224) are trained and probed at
+    CPU_MAX_IMAGE_SIZE on a CPU, with a line saying so; smaller images and an explicit
+    image_size are left alone."""
+    from s2bnn.demo import CPU_MAX_IMAGE_SIZE, demo_image_size
+
+    big = str(_colour_tree(tmp_path / "big", 80))
+    small = str(_colour_tree(tmp_path / "small", 40))
+    size, note = demo_image_size(DemoConfig(data=big, device="cpu"), 80)
+    assert size == CPU_MAX_IMAGE_SIZE == 64
+    assert "80 px" in note and "at 64 px" in note and "image_size=80" in note
+    assert demo_image_size(DemoConfig(data=small, device="cpu"), 40) == (40, None)
+    assert demo_image_size(DemoConfig(data=big, device="cpu", image_size=96), 80) == (96, None)
+    assert demo_image_size(DemoConfig(device="cpu"), 28) == (28, None)
+
+
+@pytest.mark.slow
+def test_demo_trains_and_probes_large_images_at_the_cpu_size(tmp_path, capsys):
+    data = _colour_tree(tmp_path / "data", 80)
+    out = tmp_path / "out"
+    tiny = [t for t in TINY if not t.startswith("mocov2_epochs")] + ["mocov2_steps=2"]
+    assert main(["demo", "--data", str(data), "--out", str(out), "device=cpu", *tiny]) == 0
+    printed = capsys.readouterr().out
+    assert "3x64x64" in printed and "the images are 80 px" in printed
+    for stage in ("teacher", "s2bnn", "mocov2"):
+        assert load_config(out / "runs" / stage / "config.yaml").data.image_size == 64, stage
+    assert json.loads((out / "demo_config.json").read_text())["image_size"] == 64
+    assert "the images are 80 px" in (out / "report.md").read_text()
+
+
 def test_missing_data_path_is_one_line_error(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
@@ -379,18 +422,23 @@ def test_claims_call_a_gap_within_the_sampling_error_a_tie():
             "random_init": {"linear_top1": 67.9}, "mocov2": {"linear_top1": 78.5},
             "s2bnn": {"linear_top1": 83.9}}
     plain = _check_claims(rows)
-    assert len(plain) == 3 and not any("sampling error" in line for line in plain)
-    assert plain[0].endswith("holds") and plain[2].endswith("holds")
+    assert len(plain) == 4 and not any("sampling error" in line for line in plain)
+    assert plain[0].endswith("holds") and plain[3].endswith("holds")
+    assert plain[2] == "MoCo v2 student > untrained student (78.5 vs 67.9): holds"
     sized = _check_claims(rows, 1000)
     assert sized[0].endswith("holds")  # 5.4 points apart: beyond the error
-    assert "holds, but the gap (0.80) is within twice" in sized[2]  # teacher vs pixels
-    assert "(2 x 1.18 = 2.36)" in sized[2] and "1,000 test images" in sized[2]
+    assert "holds, but the gap (0.80) is within twice" in sized[3]  # teacher vs pixels
+    assert "(2 x 1.18 = 2.36)" in sized[3] and "1,000 test images" in sized[3]
     # A gap that rounds to twice the rounded error: both shown to two decimals.
     edge = _check_claims({**rows, "teacher": {"linear_top1": 84.7},
                           "pixels": {"linear_top1": 82.3}}, 1000)
-    assert "the gap (2.40) is within" in edge[2] and "(2 x 1.21 = 2.41)" in edge[2]
-    assert "±1.2 points" in sized[3]
-    assert _check_claims(rows, 100000)[2].endswith("holds")  # 0.8 apart, error 0.12
+    assert "the gap (2.40) is within" in edge[3] and "(2 x 1.21 = 2.41)" in edge[3]
+    assert "±1.2 points" in sized[4]
+    assert _check_claims(rows, 100000)[3].endswith("holds")  # 0.8 apart, error 0.12
+    # The paper's ordering ends with MoCo v2 above the untrained network; below it, it fails.
+    below = _check_claims({**rows, "mocov2": {"linear_top1": 21.7},
+                           "random_init": {"linear_top1": 26.9}}, 600)
+    assert below[2] == "MoCo v2 student > untrained student (21.7 vs 26.9): does NOT hold"
     flipped = _check_claims({**rows, "mocov2": {"linear_top1": 84.5}}, 1000)
     assert "does NOT hold, but the gap (0.60)" in flipped[0]
 
@@ -404,11 +452,18 @@ def test_weak_results_name_the_cause_and_the_fix():
     assert "teacher stage trained only 45 optimiser steps (3 epochs)" in warnings[0]
     assert "not above raw pixels" in warnings[1] and "stronger teacher" in warnings[1]
     assert "barely above the untrained" in warnings[2]
+    below = weak_results({**rows, "s2bnn": {"linear_top1": 38.0}}, {}, "10m")
+    assert "S2-BNN student (38.0) is not above the untrained network (40.0)" in below[1]
     good = {"pixels": {"linear_top1": 84.0}, "teacher": {"linear_top1": 86.0},
             "random_init": {"linear_top1": 40.0}, "s2bnn": {"linear_top1": 82.0}}
     assert weak_results(good, {"s2bnn": {"steps": 5000, "epochs": 20.0}}, "10m") == []
     far = {**good, "s2bnn": {"linear_top1": 60.0}}
     assert "points below its teacher" in weak_results(far, {}, "10m")[0]
+    # A MoCo v2 student at or below the untrained network is named, with its likely causes.
+    moco = weak_results({**good, "mocov2": {"linear_top1": 38.5}}, {}, "10m")
+    assert len(moco) == 1 and "MoCo v2 student (38.5) is not above the untrained" in moco[0]
+    assert "colour" in moco[0] and "budget=30m" in moco[0]
+    assert weak_results({**good, "mocov2": {"linear_top1": 55.0}}, {}, "10m") == []
     # A teacher that stopped at its epoch cap is short of data, not of time: no "more time".
     small = {**good, "teacher": {"linear_top1": 79.0}}
     capped = weak_results(small, {"teacher": {"steps": 300, "epochs": 20.0, "epoch_cap": 20}},
