@@ -28,7 +28,8 @@ TINY = ["teacher_steps=3", "s2bnn_steps=3", "mocov2_epochs=1", "batch_size=16", 
         "student_model=reactnet_small"]
 
 
-def _tree(root: Path, classes: int = 3, per_class: int = 12, size: int = 16) -> Path:
+def _tree(root: Path, classes: int = 3, per_class: int = 12, size: int = 16,
+          colour: bool = False) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("val", per_class // 3)):
         for c in range(classes):
@@ -38,7 +39,9 @@ def _tree(root: Path, classes: int = 3, per_class: int = 12, size: int = 16) -> 
                 base = np.zeros((size, size), np.float32)
                 base[:, c * size // classes:(c + 1) * size // classes] = 200  # class = stripe
                 img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img, mode="L").save(d / f"{i}.png")
+                if colour:  # RGB, the stripe in a colour of its own
+                    img = np.stack([img if k != c % 3 else img // 2 for k in range(3)], axis=-1)
+                Image.fromarray(img, mode="RGB" if colour else "L").save(d / f"{i}.png")
     return root
 
 
@@ -93,27 +96,14 @@ def test_demo_end_to_end_on_tiny_imagefolder(tmp_path, capsys):
     assert (out / "results.json").read_bytes() == before
 
 
-def _colour_tree(root: Path, size: int, classes: int = 2, per_class: int = 10) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", per_class // 2)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-                img[:, :, c] = 250  # class = the dominant channel
-                Image.fromarray(img, mode="RGB").save(d / f"{i}.png")
-    return root
-
-
 def test_demo_brings_large_images_down_to_what_a_cpu_budget_affords(tmp_path):
     """Images above 64 px (which training would take to 224) are trained and probed at
     CPU_MAX_IMAGE_SIZE on a CPU, with a line saying so; smaller images and an explicit
     image_size are left alone."""
     from s2bnn.demo import CPU_MAX_IMAGE_SIZE, demo_image_size
 
-    big = str(_colour_tree(tmp_path / "big", 80))
-    small = str(_colour_tree(tmp_path / "small", 40))
+    big = str(_tree(tmp_path / "big", size=80, colour=True))
+    small = str(_tree(tmp_path / "small", size=40, colour=True))
     size, note = demo_image_size(DemoConfig(data=big, device="cpu"), 80)
     assert size == CPU_MAX_IMAGE_SIZE == 64
     assert "80 px" in note and "at 64 px" in note and "image_size=80" in note
@@ -124,7 +114,7 @@ def test_demo_brings_large_images_down_to_what_a_cpu_budget_affords(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_and_probes_large_images_at_the_cpu_size(tmp_path, capsys):
-    data = _colour_tree(tmp_path / "data", 80)
+    data = _tree(tmp_path / "data", size=80, colour=True)
     out = tmp_path / "out"
     tiny = [t for t in TINY if not t.startswith("mocov2_epochs")] + ["mocov2_steps=2"]
     assert main(["demo", "--data", str(data), "--out", str(out), "device=cpu", *tiny]) == 0
