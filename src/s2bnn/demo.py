@@ -868,15 +868,16 @@ def weak_results(rows: dict[str, dict[str, Any]], stages: dict[str, dict[str, An
                    f"ones: {more}")
     moco = top1("mocov2")
     if moco is not None and rand is not None and moco <= rand:
-        # Seen on a 3,000-image colour folder (10 min: MoCo v2 21.7, untrained 26.9, S2-BNN
-        # 66.8). Instance discrimination can rest on any cue both views share (SimCLR's colour
-        # histograms), whether or not it says anything about the classes.
+        # Seen on colour folders (docs/DEMO_BUDGET.md, rows colour-3k and colour96-3k: MoCo v2
+        # 21.3 and 13.7 against 25.2 and 20.7 untrained). Instance discrimination can rest on
+        # any cue both views share (SimCLR's colour histograms), whether or not it says
+        # anything about the classes.
         out.append(f"the MoCo v2 student ({moco:.1f}) is not above the untrained network "
                    f"({rand:.1f}): contrastive learning alone gave this binary network no "
-                   "features the labels use (the paper's finding, strongest on small data: a "
-                   "binary student learns from a teacher, not from instance discrimination), "
-                   "or it learnt a cue the augmentation leaves in both views, such as colour. "
-                   f"Use the S2-BNN student; for a fairer MoCo v2 baseline {more}")
+                   "features the labels use (the paper's finding: a binary network learns far "
+                   "less from instance discrimination than from a teacher), or it learnt a cue "
+                   "the augmentation leaves in both views, such as colour. Use the S2-BNN "
+                   f"student; for a fairer MoCo v2 baseline {more}")
     return out
 
 
