@@ -869,9 +869,9 @@ def weak_results(rows: dict[str, dict[str, Any]], stages: dict[str, dict[str, An
     moco = top1("mocov2")
     if moco is not None and rand is not None and moco <= rand:
         # Seen on colour folders (docs/DEMO_BUDGET.md, rows colour-3k and colour96-3k: MoCo v2
-        # 21.3 and 13.7 against 25.2 and 20.7 untrained). Instance discrimination can rest on
-        # any cue both views share (SimCLR's colour histograms), whether or not it says
-        # anything about the classes.
+        # 21.3 and 13.7 against 25.2 and 20.7 untrained; 42.0 against 33.5 on the same images
+        # in grey). Instance discrimination can rest on any cue both views share (SimCLR's
+        # colour histograms), whether or not it says anything about the classes.
         out.append(f"the MoCo v2 student ({moco:.1f}) is not above the untrained network "
                    f"({rand:.1f}): contrastive learning alone gave this binary network no "
                    "features the labels use (the paper's finding: a binary network learns far "
