@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -577,6 +578,21 @@ NOTES: list[str] = [
 ]
 
 
+def balanced_split(labels: Sequence[int], n_train: int,
+                   n_val: int) -> Iterator[tuple[int, int, str]]:
+    """``(index, class, split)`` for the first ``n_train // 10`` images of each of the 10 classes
+    of ``labels`` (``"train"``) and the ``n_val // 10`` after them (``"val"``), in order."""
+    per_class = {"train": n_train // 10, "val": n_val // 10}
+    seen: dict[int, int] = {}
+    for i in range(len(labels)):
+        c = int(labels[i])
+        k = seen.get(c, 0)
+        if k >= per_class["train"] + per_class["val"]:
+            continue
+        seen[c] = k + 1
+        yield i, c, "train" if k < per_class["train"] else "val"
+
+
 def write_folder(root: Path, n_train: int, n_val: int) -> Path:
     """PNGs from Fashion-MNIST's test split, class-balanced, in ``train/`` and ``val/``."""
     from PIL import Image
@@ -587,15 +603,7 @@ def write_folder(root: Path, n_train: int, n_val: int) -> Path:
         return root
     test = build_dataset("fashion-mnist", "test")
     images, labels = test.images, test.targets  # type: ignore[attr-defined]
-    per_class = {"train": n_train // 10, "val": n_val // 10}
-    seen: dict[int, int] = {}
-    for i in range(len(labels)):
-        c = int(labels[i])
-        k = seen.get(c, 0)
-        seen[c] = k + 1
-        split = "train" if k < per_class["train"] else "val"
-        if k >= per_class["train"] + per_class["val"]:
-            continue
+    for i, c, split in balanced_split(labels, n_train, n_val):
         d = root / split / f"class_{c}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i].squeeze().numpy(), mode="L").save(d / f"{i}.png")
@@ -664,18 +672,10 @@ def write_colour_folder(root: Path, n_train: int, n_val: int, seed: int = 0,
     source = build_dataset("fashion-mnist", "train")
     images, labels = source.images, source.targets  # type: ignore[attr-defined]
     rng = np.random.default_rng(seed)
-    per_class = {"train": n_train // 10, "val": n_val // 10}
-    seen: dict[int, int] = {}
-    for i in range(len(labels)):
-        c = int(labels[i])
-        k = seen.get(c, 0)
-        if k >= per_class["train"] + per_class["val"]:
-            continue
-        seen[c] = k + 1
-        split = "train" if k < per_class["train"] else "val"
-        grey = Image.fromarray(images[i].squeeze().numpy(), mode="L").resize((side, side),
-                                                                            Image.BILINEAR)
-        g = np.asarray(grey, dtype=np.float32)[..., None] / 255
+    for i, c, split in balanced_split(labels, n_train, n_val):
+        garment = Image.fromarray(images[i].squeeze().numpy(), mode="L").resize(
+            (side, side), Image.BILINEAR)
+        g = np.asarray(garment, dtype=np.float32)[..., None] / 255
         fg, bg = rng.uniform(0.2, 1.0, 3), rng.uniform(0.0, 0.6, 3)
         rgb = g * fg + (1 - g) * bg + rng.normal(0, 0.08, (side, side, 3))
         d = root / split / f"class_{c}"
@@ -712,9 +712,9 @@ def run_row(name: str, spec: dict[str, object], budget: str, work: Path,
         source = str(spec.get("source", "fashion-mnist"))
         writer = {"glyphs": write_glyph_folder, "colour": write_colour_folder}.get(source,
                                                                                  write_folder)
-        sized = {k: spec[k] for k in ("side", "grey") if k in spec}
-        data = writer(work / f"{name}-data", n_train, n_val, **sized)  # type: ignore[operator]
-        if source in ("glyphs", "colour") and not sized:
+        options = {k: spec[k] for k in ("side", "grey") if k in spec}
+        data = writer(work / f"{name}-data", n_train, n_val, **options)  # type: ignore[operator]
+        if source in ("glyphs", "colour") and not options:  # the rows' own look, once
             grid = "glyph_samples.png" if source == "glyphs" else "colour_samples.png"
             sample_grid(data, ROOT / "docs" / "results" / grid)
         cmd += ["--data", str(data)]
