@@ -397,6 +397,25 @@ def test_bad_demo_budget_is_one_line_and_writes_nothing_old(tmp_path, capsys, ov
     assert not (out / "runs").exists()
 
 
+def test_large_images_on_a_missing_device_are_one_line_and_write_nothing(tmp_path, capsys):
+    """Choosing the size of images above 64 px asks which device the demo runs on, before any
+    work: a device that is not there is the usual one-line error."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    data = _tree(tmp_path / "data", size=80, colour=True)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    code = main(["demo", "--data", str(data), "--out", str(out), *TINY[4:], "device=cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("s2bnn: error:") and err.count("\n") == 1, err
+    assert "device=cuda but no CUDA device is visible" in err, err
+    assert (out / "keep.txt").read_text() == "earlier work"
+    assert not (out / "runs").exists() and not (out / "demo_config.json").exists()
+
+
 def test_claims_call_a_gap_within_the_sampling_error_a_tie():
     """A claim's verdict follows the numbers; with the test set's size, a gap smaller than twice
     one accuracy's binomial error is said to be within it, and the error itself is stated."""
