@@ -809,11 +809,11 @@ def seed_summary(rows: dict[str, dict[str, object]], least: int = 3) -> list[str
             continue
         student = [s for s, _ in got]
         margins = [s - u for s, u in got]
+        low, high = mean_interval(margins)
         lines.append(
             f"| {base} | {len(got)} | {statistics.mean(student):.2f} ± "
             f"{statistics.stdev(student):.2f} | {statistics.mean(margins):.2f} | "
-            "{:.2f} to {:.2f} | ".format(*mean_interval(margins)) +
-            f"{min(margins):.2f}-{max(margins):.2f} | "
+            f"{low:.2f} to {high:.2f} | {min(margins):.2f}-{max(margins):.2f} | "
             f"{sum(m >= FOLDER_GOAL for m in margins)} of {len(got)} |")
     return lines if len(lines) > 2 else []
 

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from demo_budget import FOLDER_GOAL, mean_interval, seed_summary  # noqa: E402
+# As tests/test_recipes.py does: benchmarks/ is on the path only while the module is imported,
+# so its script names cannot shadow anything for the tests that run after.
+_BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+sys.path.insert(0, _BENCHMARKS)
+try:
+    from demo_budget import FOLDER_GOAL, mean_interval, seed_summary
+finally:
+    sys.path.remove(_BENCHMARKS)
 
 
 def test_mean_interval_is_students_t() -> None:
